@@ -400,6 +400,7 @@ class RunFields:
     distributed: Literal["ddp", "fsdp"] = _help("Under torchrun: ddp or fsdp (FSDP2 fully_shard)", default="ddp")
     text_column: str | None = _help("Column holding the text (auto-detected when None)", default=None)
     max_seq_len: int | None = _help("Training sequence length (None = the model's max_seq_len)", default=None)
+    val_fraction: float = _help("Share of documents (by content hash) held out for validation", default=0.02)
 
 
 def _validate_schedule(cfg: Any) -> None:
