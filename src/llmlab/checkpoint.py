@@ -1,0 +1,229 @@
+"""Checkpoint folders. A checkpoint describes itself:
+
+    model.safetensors       weights (base weights when LoRA was used; tied lm_head stored once)
+    config.json             the ModelConfig
+    llmlab.json             format version, kind (pretrain/sft/rlhf/merged/imported), step, metrics
+    training_config.json    the stage config that produced it (optional)
+    trainer_state.json      step, data position, best metric, RNG seeds... (optional, JSON)
+    trainer_state.pt        optimizer / scheduler / RNG tensors, loaded with torch.load(weights_only=True)
+    adapter/                PEFT adapter (adapter_config.json + adapter_model.safetensors) when LoRA was used
+    tokenizer/              the tokenizer, loadable with AutoTokenizer
+
+Writes are atomic (`atomic_dir`): a crash leaves a `.name.tmp-*` folder, never a half checkpoint under
+the real name. Loading never unpickles: safetensors and JSON, and `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmlab.atomic import atomic_dir
+from llmlab.config import FORMAT_VERSION, ModelConfig
+from llmlab.errors import CheckpointError, ConfigError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "llmlab.json"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers (PEFT wrappers are kept)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def base_transformer(model: nn.Module) -> nn.Module:
+    """The LLM-Lab Transformer under any wrapper (DDP, compile, PEFT)."""
+    model = unwrap_model(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain model's state dict, contiguous, with a tied lm_head stored once (under embed_tokens)."""
+    model = unwrap_model(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept an LLM-Lab checkpoint folder, or the spec's `.../best_model.pt` naming, which maps to the
+    `best/` folder beside it. Pickle files are never loaded."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if p.name.endswith(".pt") or p.name.endswith(".bin"):
+        stem = p.name.rsplit(".", 1)[0]
+        for candidate in (p.parent / stem, p.parent / stem.replace("_model", ""), p.parent / "best"):
+            if (candidate / "config.json").is_file():
+                return candidate
+        if p.is_file():
+            raise CheckpointError(
+                f"{p}: LLM-Lab checkpoints are folders (model.safetensors + config.json); pickle files "
+                f"are not loaded for safety. Convert the weights to safetensors or pass a checkpoint folder")
+    if p.is_dir():
+        for sub in ("best", "latest", "final"):
+            if (p / sub / "config.json").is_file():
+                return p / sub
+        raise CheckpointError(f"{p}: not a checkpoint folder (no config.json); pass a folder such as "
+                              f"checkpoints/best")
+    raise CheckpointError(f"checkpoint {p} not found; pass a checkpoint folder such as checkpoints/best")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    kind: str = "pretrain",
+    train_config: Any = None,
+    trainer_state: dict[str, Any] | None = None,
+    trainer_tensors: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    metrics: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically. `state_dict` overrides the model's own (FSDP gathers it,
+    LoRA passes base weights); `write_extra(tmp_dir)` adds files (e.g. the PEFT adapter) before the
+    folder becomes visible."""
+    cfg: ModelConfig = base_transformer(model).config
+    state = state_dict if state_dict is not None else model_state_for_saving(model)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / MODEL_FILE),
+                  metadata={"format": "pt", "llmlab_format_version": str(FORMAT_VERSION)})
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if train_config is not None:
+            (tmp / "training_config.json").write_text(
+                json.dumps({"stage": type(train_config).__name__, **train_config.to_dict()}, indent=2) + "\n")
+        if trainer_state is not None:
+            (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=2, default=str) + "\n")
+        if trainer_tensors is not None:
+            torch.save(trainer_tensors, tmp / STATE_TENSORS)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if write_extra is not None:
+            write_extra(tmp)
+        meta = {"format_version": FORMAT_VERSION, "kind": kind, "metrics": metrics or {},
+                "step": (trainer_state or {}).get("step"), "has_adapter": (tmp / "adapter").is_dir()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, read without building anything."""
+
+    path: Path
+    model_config: ModelConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.path / "adapter" / "adapter_config.json").is_file()
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / "tokenizer"
+        return p if p.is_dir() else None
+
+    def training_config(self) -> dict[str, Any] | None:
+        p = self.path / "training_config.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        p = self.path / STATE_JSON
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def trainer_tensors(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        p = self.path / STATE_TENSORS
+        if not p.is_file():
+            return None
+        try:
+            return torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling refusal or corruption
+            raise CheckpointError(f"{p}: cannot be read safely ({type(e).__name__}); resume with "
+                                  f"--no-optimizer-state or from another checkpoint") from None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        p = self.path / MODEL_FILE
+        if not p.is_file():
+            raise CheckpointError(f"{self.path}: {MODEL_FILE} is missing; the checkpoint is incomplete")
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({e}); use another "
+                                  f"checkpoint (e.g. latest/ or best/)") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    p = resolve_checkpoint(path)
+    try:
+        cfg = ModelConfig.load(p / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: invalid model config ({e})") from None
+    meta = {}
+    if (p / META_FILE).is_file():
+        meta = json.loads((p / META_FILE).read_text())
+        if meta.get("format_version", 1) > FORMAT_VERSION:
+            raise CheckpointError(f"{p}: checkpoint format {meta['format_version']} is newer than this "
+                                  f"LLM-Lab understands ({FORMAT_VERSION}); upgrade llmlab")
+    return Checkpoint(p, cfg, meta)
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Strict load with messages that name the offending tensor."""
+    own = model.state_dict()
+    tied = getattr(model.config, "tie_embeddings", False)
+    missing = [k for k in own if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing ({len(missing)} missing); the "
+                              f"weights do not match config.json")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected); "
+                              f"the weights do not match config.json")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)} but config.json implies "
+                                  f"{tuple(own[k].shape)}; the config and weights disagree")
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               *, with_adapter: bool = True) -> nn.Module:
+    """Any checkpoint folder LLM-Lab writes -> a model in eval mode (config at `model.config`).
+
+    A checkpoint holding a LoRA adapter returns the base with the adapter merged (no PEFT wrapper);
+    pass with_adapter=False for the base weights alone.
+    """
+    from llmlab.model import build_model
+
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt.model_config)
+    load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
+    if with_adapter and ckpt.has_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(ckpt.path / "adapter")).merge_and_unload()
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -1,0 +1,92 @@
+"""Causal self-attention with MHA / GQA / MQA, optional sliding window, ALiBi bias and a KV cache.
+
+Uses `torch.nn.functional.scaled_dot_product_attention`. The mask is built once per forward pass by
+`AttentionMask` (shared by all layers); when plain causal attention suffices it passes no mask at all so
+that fused kernels run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.config import ModelConfig
+from llmlab.model.cache import KVCache
+from llmlab.model.positions import PositionScheme
+
+
+@dataclass
+class MaskSpec:
+    """What every layer passes to SDPA: an additive/boolean mask, or `is_causal`."""
+
+    mask: torch.Tensor | None  # bool (B|1, 1, Tq, Tk) or float (B|1, H|1, Tq, Tk)
+    is_causal: bool
+
+
+class AttentionMask:
+    """Builds the attention mask. Resolved at build time: whether a window or a score bias forces an
+    explicit mask; at run time: whether padding or cached context does."""
+
+    def __init__(self, cfg: ModelConfig, positions: PositionScheme) -> None:
+        self.window = cfg.sliding_window
+        self.positions = positions
+        self.always_explicit = cfg.sliding_window is not None or positions.has_score_bias
+
+    def __call__(self, q_len: int, past: int, key_padding: torch.Tensor | None, device) -> MaskSpec:
+        k_len = past + q_len
+        if not self.always_explicit and key_padding is None:
+            if past == 0:
+                return MaskSpec(None, is_causal=q_len > 1)
+            if q_len == 1:
+                return MaskSpec(None, is_causal=False)
+        q_slots = torch.arange(past, k_len, device=device)
+        k_slots = torch.arange(k_len, device=device)
+        allowed = k_slots[None, :] <= q_slots[:, None]  # (Tq, Tk)
+        if self.window is not None:
+            allowed = allowed & (q_slots[:, None] - k_slots[None, :] < self.window)
+        allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+        if key_padding is not None:
+            allowed = allowed & key_padding[:, None, None, :k_len].bool()
+            # a padding query would see nothing (NaN softmax): let every query see its own slot
+            allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None, None]
+        bias = self.positions.score_bias(q_slots, k_slots)
+        if bias is None:
+            return MaskSpec(allowed, is_causal=False)
+        neg = torch.finfo(torch.float32).min
+        return MaskSpec(bias[None].masked_fill(~allowed, neg), is_causal=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, positions: PositionScheme) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.positions = positions
+        self.dropout = cfg.dropout
+        self.sdpa_kwargs = {"enable_gqa": True} if cfg.n_kv_heads != cfg.n_heads else {}
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: MaskSpec,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.positions.rotate(q, k, position_ids)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
+        attn_mask = mask.mask
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
+            dropout_p=self.dropout if self.training else 0.0, **self.sdpa_kwargs,
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

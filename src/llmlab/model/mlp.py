@@ -1,0 +1,43 @@
+"""Feed-forward blocks. SwiGLU is gated (gate_proj, up_proj, down_proj, as in Llama); the other
+activations use up_proj -> activation -> down_proj."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.config import ModelConfig
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """down(act(up(x)))."""
+
+    def __init__(self, d_model: int, d_ff: int, act: nn.Module) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.act = act
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+def build_mlp(cfg: ModelConfig) -> nn.Module:
+    plain = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+    if cfg.activation == "swiglu":
+        return GatedMLP(cfg.d_model, cfg.d_ff)
+    return MLP(cfg.d_model, cfg.d_ff, plain[cfg.activation]())

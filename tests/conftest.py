@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny deterministic models on CPU, one torch thread per pytest worker."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+from llmlab.config import ModelConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=128, max_seq_len=64)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
