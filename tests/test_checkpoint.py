@@ -1,0 +1,77 @@
+"""Checkpoint folders: exact round trip, atomic writes, clear errors, no unpickling."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from llmlab import load_model
+from llmlab.checkpoint import read_checkpoint, resolve_checkpoint, save_checkpoint
+from llmlab.errors import CheckpointError
+from llmlab.model import build_model
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_is_exact(tmp_path, tied):
+    m = build_model(tiny_config(tie_embeddings=tied, positional_encoding="alibi"))
+    save_checkpoint(tmp_path / "ck", m, trainer_state={"step": 7})
+    loaded = load_model(tmp_path / "ck")
+    assert not loaded.training and loaded.config == m.config
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    if tied:
+        assert loaded.lm_head.weight.data_ptr() == loaded.embed_tokens.weight.data_ptr()
+    meta = json.loads((tmp_path / "ck" / "llmlab.json").read_text())
+    assert meta["format_version"] == 1 and meta["step"] == 7
+
+
+def test_truncated_safetensors_gives_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "ck", build_model(tiny_config()))
+    f = tmp_path / "ck" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path / "ck")
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    save_checkpoint(tmp_path / "ck", build_model(tiny_config()))
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["d_ff"] = 96
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.\w+_proj\.weight has shape"):
+        load_model(tmp_path / "ck")
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    m = build_model(tiny_config())
+    save_checkpoint(tmp_path / "ck", m, trainer_state={"step": 1})
+
+    def boom(_tmp):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ck", m, trainer_state={"step": 2}, write_extra=boom)
+    assert read_checkpoint(tmp_path / "ck").trainer_state()["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+
+
+def test_spec_best_model_pt_maps_to_best_folder_and_pickles_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints" / "best", build_model(tiny_config()))
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "best_model.pt") == tmp_path / "checkpoints" / "best"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(bad)
+    # a crafted trainer_state.pt inside a checkpoint folder is refused too
+    torch.save({"x": Evil()}, tmp_path / "checkpoints" / "best" / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        read_checkpoint(tmp_path / "checkpoints" / "best").trainer_tensors()
+    assert not marker.exists()

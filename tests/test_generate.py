@@ -1,0 +1,66 @@
+"""Generation: cached greedy equals uncached greedy; batched equals one at a time; samplers."""
+
+import pytest
+import torch
+
+from llmlab.generate import generate, generate_tokens, sample_next, top_k_filter, top_p_filter
+from llmlab.model import build_model
+from tests.conftest import tiny_config
+
+
+def _m(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("init_std", 0.2)
+    return build_model(tiny_config(**kw)).eval()
+
+
+@pytest.mark.parametrize("pe,window", [("rope", None), ("sinusoidal", None), ("alibi", None),
+                                       ("yarn", None), ("rope", 4), ("alibi", 5)])
+def test_cached_greedy_equals_uncached(pe, window):
+    m = _m(positional_encoding=pe, sliding_window=window, rope_scaling_factor=2.0 if pe == "yarn" else 1.0)
+    prompt = torch.randint(0, 128, (1, 7))
+    a = generate(m, prompt, max_new_tokens=20, temperature=0)
+    b = generate(m, prompt, max_new_tokens=20, temperature=0, use_cache=False)
+    assert a.shape == (1, 27)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pe,window", [("rope", None), ("sinusoidal", None), ("alibi", 4)])
+def test_batched_left_padded_equals_one_at_a_time(pe, window):
+    m = _m(positional_encoding=pe, sliding_window=window)
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4], [11, 12, 13, 14]]
+    batched = generate_tokens(m, prompts, max_new_tokens=12, temperature=0).responses
+    single = [generate_tokens(m, [p], max_new_tokens=12, temperature=0).responses[0] for p in prompts]
+    assert batched == single
+    uncached = generate_tokens(m, prompts, max_new_tokens=12, temperature=0, use_cache=False).responses
+    assert uncached == single
+
+
+def test_stop_per_sequence_and_bounds():
+    m = _m()
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    free = generate_tokens(m, prompts, max_new_tokens=10, temperature=0).responses
+    eos = free[0][2]  # make sequence 0 stop at its third token
+    out = generate_tokens(m, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos, pad_token_id=0)
+    r = out.responses
+    assert r[0] == free[0][:3]
+    assert r[1] == (free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1])
+    assert out.response_mask[0].sum() == 3
+    # bounded by max_seq_len (64): a 60-token prompt leaves room for 4 new tokens
+    long = generate(m, torch.randint(0, 128, (1, 60)), max_new_tokens=50, temperature=0)
+    assert long.shape[1] == 64
+
+
+def test_samplers():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    p = logits.softmax(-1)[0]  # sorted probs: .665, .245, .090, .033
+    kept = ~torch.isinf(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert (~torch.isinf(top_p_filter(logits, float(p[1]) - 1e-3))).sum() == 1
+    assert sample_next(logits, temperature=0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(400)])
+    assert set(draws.flatten().tolist()) == {1, 2}
+    frac = (draws == 1).float().mean().item()
+    assert abs(frac - 1 / (1 + torch.e**-1)) < 0.08  # p(1) = e^3 / (e^3 + e^2)

@@ -1,0 +1,180 @@
+"""The transformer: causality, windows, positions, parameter counts, gradients, config validation."""
+
+import itertools
+
+import pytest
+import torch
+
+from llmlab.config import ModelConfig
+from llmlab.errors import ConfigError
+from llmlab.model import build_model
+from llmlab.model.estimate import count_parameters, estimate_memory
+from llmlab.model.positions import alibi_slopes
+from tests.conftest import tiny_config
+
+PES = ["sinusoidal", "rope", "alibi", "yarn"]
+ATTN = ["mha", "mqa", "gqa"]
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("init_std", 0.3)  # large weights make every dependency visible well above float noise
+    return build_model(tiny_config(**kw)).eval()
+
+
+@pytest.mark.parametrize("pe,attn,window", list(itertools.product(PES, ATTN, [None, 3])))
+def test_causal_for_every_position_attention_and_window(pe, attn, window):
+    m = _model(positional_encoding=pe, attention_type=attn, sliding_window=window,
+               rope_scaling_factor=2.0 if pe == "yarn" else 1.0)
+    x = torch.randint(0, 128, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=0)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("norm,act", list(itertools.product(["layernorm", "rmsnorm"],
+                                                             ["relu", "gelu", "silu", "leaky_relu", "swiglu"])))
+def test_causal_and_counted_for_every_norm_and_activation(norm, act):
+    cfg = tiny_config(norm_type=norm, activation=act, attention_bias=True, init_std=0.3)
+    m = build_model(cfg).eval()
+    assert sum(p.numel() for p in m.parameters()) == count_parameters(cfg)
+    x = torch.randint(0, 128, (1, 10))
+    y = x.clone()
+    y[0, 6] = (y[0, 6] + 1) % 128
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[:, :6], m(y)[:, :6], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pe", PES)
+def test_sliding_window_hides_tokens_beyond_it(pe):
+    w = 4
+    m = _model(positional_encoding=pe, sliding_window=w, n_layers=1)
+    x = torch.randint(0, 128, (1, 12))
+    y = x.clone()
+    y[0, 12 - 1 - w] = (y[0, 12 - 1 - w] + 5) % 128  # one step outside the last token's window
+    z = x.clone()
+    z[0, 12 - w] = (z[0, 12 - w] + 5) % 128  # the oldest token inside the window
+    with torch.no_grad():
+        base, outside, inside = m(x)[0, -1], m(y)[0, -1], m(z)[0, -1]
+    torch.testing.assert_close(base, outside, atol=1e-5, rtol=0)
+    assert (base - inside).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pe", PES)
+def test_position_encoding_makes_order_matter(pe):
+    m = _model(positional_encoding=pe, rope_scaling_factor=2.0 if pe == "yarn" else 1.0, n_layers=1)
+    x = torch.randint(0, 128, (1, 10))
+    perm = torch.cat([torch.randperm(9), torch.tensor([9])])
+    with torch.no_grad():
+        a, b = m(x)[0, -1], m(x[:, perm])[0, -1]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_no_position_signal_would_be_order_blind():
+    """Control for the test above: one causal attention layer without positions is blind to the order of
+    the tokens before the last one, so the test above measures the encodings themselves."""
+    m = _model(positional_encoding="rope", n_layers=1)
+    for layer in m.layers:
+        layer.self_attn.positions.inv_freq.zero_()  # RoPE with zero frequencies = no positions
+    x = torch.randint(0, 128, (1, 10))
+    perm = torch.cat([torch.randperm(9), torch.tensor([9])])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0, -1], m(x[:, perm])[0, -1], atol=1e-5, rtol=0)
+
+
+def test_yarn_with_factor_one_is_rope_and_differs_otherwise():
+    torch.manual_seed(0)
+    rope = build_model(tiny_config(positional_encoding="rope", init_std=0.3))
+    yarn1 = build_model(tiny_config(positional_encoding="yarn", rope_scaling_factor=1.0, init_std=0.3))
+    yarn4 = build_model(tiny_config(positional_encoding="yarn", rope_scaling_factor=4.0, original_max_seq_len=16,
+                                    init_std=0.3))
+    yarn1.load_state_dict(rope.state_dict())
+    yarn4.load_state_dict(rope.state_dict())
+    x = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(rope(x), yarn1(x))
+        assert (rope(x) - yarn4(x)).abs().max() > 1e-3
+    # YaRN keeps high frequencies and stretches low ones by the factor
+    f_rope, f_yarn = rope.positions.inv_freq, yarn4.positions.inv_freq
+    assert torch.isclose(f_yarn[0], f_rope[0])
+    assert torch.isclose(f_yarn[-1], f_rope[-1] / 4)
+    assert yarn4.positions.attn_factor == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1)
+
+
+def test_alibi_slopes_match_the_paper():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2 ** -(i + 1) for i in range(8)]))
+    s = alibi_slopes(6)  # not a power of two: 4 from the 4-head set + 2 interleaved from the 8-head set
+    torch.testing.assert_close(s[:4], alibi_slopes(4))
+    torch.testing.assert_close(s[4:], alibi_slopes(8)[0::2][:2])
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"tie_embeddings": True}, {"attention_type": "mha"}, {"attention_type": "mqa"},
+    {"activation": "gelu", "norm_type": "layernorm"}, {"attention_bias": True},
+])
+def test_every_parameter_gets_a_gradient_and_count_is_exact(kw):
+    cfg = tiny_config(**kw)
+    m = build_model(cfg)
+    assert sum(p.numel() for p in m.parameters()) == count_parameters(cfg)
+    x = torch.randint(0, 128, (2, 9))
+    logits = m(x)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1)).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_spec_default_config_counts_without_building():
+    cfg = ModelConfig()
+    n = count_parameters(cfg)
+    assert 400e6 < n < 700e6  # Qwen2.5-0.5B-like shape with untied head
+    est = estimate_memory(cfg, batch_size=1, optimizer="adamw")
+    lora = estimate_memory(cfg, batch_size=1, optimizer="adamw", lora_preset="minimal")
+    assert est.optimizer_gb == pytest.approx(n * 8 / 1024**3)
+    assert lora.trainable < n / 100 and lora.total_gb < est.total_gb
+    assert estimate_memory(cfg, optimizer="lion").optimizer_gb == pytest.approx(est.optimizer_gb / 2)
+    assert estimate_memory(cfg, dtype="bf16").activations_gb < est.activations_gb
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    m = build_model(tiny_config())
+    x = torch.randint(0, 128, (2, 9))
+    m(x).sum().backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    m(x).sum().backward()
+    for a, p in zip(g1, m.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    ({"d_model": 30}, "d_model"),
+    ({"n_kv_heads": 3}, "n_kv_heads"),
+    ({"positional_encoding": "learned"}, "positional_encoding"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"n_layers": 0}, "n_layers"),
+    ({"sliding_window": 0}, "sliding_window"),
+    ({"d_model": "big"}, "d_model"),
+])
+def test_config_errors_name_the_field(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment) as e:
+        tiny_config(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_mha_and_mqa_fix_kv_heads_and_json_round_trip(tmp_path):
+    assert tiny_config(attention_type="mha").n_kv_heads == 4
+    assert tiny_config(attention_type="mqa").n_kv_heads == 1
+    cfg = tiny_config(positional_encoding="alibi", sliding_window=8)
+    cfg.save(tmp_path / "m.json")
+    assert ModelConfig.load(tmp_path / "m.json") == cfg
+    (tmp_path / "bad.json").write_text('{"d_model": 32, "n_head": 4}')
+    with pytest.raises(ConfigError, match="unknown key"):
+        ModelConfig.load(tmp_path / "bad.json")
+    assert cfg.with_overrides(["n_layers=3", "sliding_window=null"]).n_layers == 3
+    with pytest.raises(ConfigError, match="nlayers"):
+        cfg.with_overrides(["nlayers=3"])
