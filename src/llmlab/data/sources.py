@@ -1,0 +1,460 @@
+"""Dataset specs, loading and weighted mixing: the one place where records enter LLM-Lab.
+
+    specs = parse_dataset_specs(["HuggingFaceFW/fineweb-2 | fra_Latn | 1.0", "data/*.jsonl | | 2.0"])
+    ds = load_sources(specs, seed=42)            # datasets.IterableDataset of {"text", "source"}
+
+Spec lines (spec "Dataset Configuration"): `name | subset | weight`, subset and weight optional
+(weight defaults to 1.0), plus optional `key=value` fields `column=...`, `split=...`. `name | | 2.0`
+gives a weight without a subset; a lone second field that is a number (`name | 2.0`) is also read as the
+weight. In config JSON an item is such a line or an object `{name, subset, weight, column, split}`; a
+multi-line string is several lines; blank lines and `#` comments are skipped.
+
+A name is one of:
+- `bundled:<name>` — data shipped with LLM-Lab (see `llmlab.data.bundled`), written once as jsonl;
+- a local file, folder or glob of `.jsonl/.json/.parquet/.txt/.md` files;
+- otherwise a Hugging Face Hub id, streamed: `load_dataset(name, subset, split="train", streaming=True)`.
+Every kind goes through `datasets.load_dataset` (local files via the `json`/`parquet`/`text` builders), so
+they behave alike. Local files load into an Arrow table and get a fresh permutation each epoch; hub
+streams are read in their stored order (a shuffle buffer would make resuming inexact).
+
+Each source is normalised to one schema before mixing, so sources with different columns and types can
+be combined: `{"text": str, "source": int}` for pretraining (the text column is named with `column=`, or
+detected: `text`, `content`, ...) or `{"record": <canonical JSON>, "source": int}` for structured data
+(SFT, preference, prompts), decoded again by the consumer. Several sources are interleaved with
+`datasets.interleave_datasets(probabilities=normalised weights, seed=..., stopping_strategy="all_exhausted")`:
+every draw picks a source with probability weight / sum(weights); a source that runs out restarts while
+the others continue.
+
+Validation split: a document belongs to validation iff the first 8 bytes of blake2b(text), read as an
+integer and divided by 2**64, fall below `val_fraction` (for structured records the hash is over the
+canonical JSON). The split depends only on the content, never on the seed, order, rank or source, so
+training and validation never share a document (identical duplicates land on the same side).
+
+Determinism and resuming: everything is a function of (seed, epoch). `RecordStream` is the infinite,
+rank-split, split-filtered stream the batch iterators build on; its `state_dict()` holds the epoch, the
+number of rows read and the `datasets` iterator state, so a resumed stream continues exactly.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+from llmlab.errors import DataError
+
+TEXT_COLUMNS = ("text", "content", "document", "body", "raw_content", "markdown", "article", "story", "passage")
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+SPEC_KEYS = ("name", "subset", "weight", "column", "split")
+Split = Literal["train", "val"]
+
+TEXT_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("int32")})
+RECORD_FEATURES = datasets.Features({"record": datasets.Value("string"), "source": datasets.Value("int32")})
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset line: where the data is, which subset, its relative weight and text column."""
+
+    name: str
+    subset: str | None = None
+    weight: float = 1.0
+    column: str | None = None
+    split: str = "train"
+
+    def line(self) -> str:
+        """The spec line that parses back to this spec."""
+        parts = [self.name, self.subset or "", f"{self.weight:g}"]
+        if self.column:
+            parts.append(f"column={self.column}")
+        if self.split != "train":
+            parts.append(f"split={self.split}")
+        return " | ".join(parts)
+
+
+def _weight(where: str, raw: Any, example: str) -> float:
+    try:
+        w = float(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: weight {raw!r} is not a number; write {example}") from None
+    if not math.isfinite(w) or w <= 0:
+        raise DataError(f"{where}: weight must be a positive number, got {raw!r}; write {example}")
+    return w
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_line(where: str, line: str) -> DatasetSpec:
+    parts = [p.strip() for p in line.split("|")]
+    name = parts[0]
+    example = f'"{name or "name"} | subset | 2.0"'
+    if not name:
+        raise DataError(f"{where}: missing dataset name in {line.strip()!r}; write {example}")
+    fields: dict[str, Any] = {"name": name}
+    positional = []
+    for p in parts[1:]:
+        if "=" in p:
+            key, value = (s.strip() for s in p.split("=", 1))
+            if key not in SPEC_KEYS[1:]:
+                raise DataError(f"{where}: unknown field {key!r} in {line.strip()!r}; allowed: "
+                                f"{', '.join(SPEC_KEYS[1:])}")
+            fields[key] = value or None
+        else:
+            positional.append(p)
+    if len(positional) > 2:
+        raise DataError(f"{where}: too many fields in {line.strip()!r}; write {example} "
+                        f"(extra options as column=...)")
+    if len(positional) == 1 and _is_number(positional[0]) and "weight" not in fields:
+        positional = ["", positional[0]]  # "name | 2.0": a weight, not a subset
+    if positional and positional[0] and "subset" not in fields:
+        fields["subset"] = positional[0]
+    if len(positional) == 2 and positional[1] and "weight" not in fields:
+        fields["weight"] = positional[1]
+    return _make_spec(where, fields, example)
+
+
+def _make_spec(where: str, fields: dict[str, Any], example: str) -> DatasetSpec:
+    name = fields.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{where}: 'name' must be a non-empty string; write {example}")
+    weight = _weight(where, fields["weight"], example) if fields.get("weight") is not None else 1.0
+    for key in ("subset", "column", "split"):
+        v = fields.get(key)
+        if v is not None and not isinstance(v, str):
+            raise DataError(f"{where}: {key} must be a string, got {v!r}")
+    return DatasetSpec(
+        name=name.strip(),
+        subset=(fields.get("subset") or None),
+        weight=weight,
+        column=(fields.get("column") or None),
+        split=(fields.get("split") or "train"),
+    )
+
+
+def parse_dataset_specs(items: Any, *, field: str = "datasets") -> list[DatasetSpec]:
+    """Parse config `datasets` (a string, a list of lines/objects, or DatasetSpecs) into DatasetSpecs.
+
+    Errors name the item (`datasets[1]`) and show a line that would work.
+    """
+    if isinstance(items, (str, DatasetSpec, dict)):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise DataError(f"{field}: expected a list of dataset lines, got {type(items).__name__}")
+    specs: list[DatasetSpec] = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        if isinstance(item, DatasetSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            for line in item.splitlines():
+                if line.strip() and not line.strip().startswith("#"):
+                    specs.append(_parse_line(where, line))
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - set(SPEC_KEYS))
+            if unknown:
+                raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SPEC_KEYS)}")
+            specs.append(_make_spec(where, dict(item), '{"name": "...", "subset": null, "weight": 1.0}'))
+        else:
+            raise DataError(f"{where}: expected a line \"name | subset | weight\" or an object, got {item!r}")
+    if not specs:
+        raise DataError(f"{field}: no dataset given; write at least one line \"name | subset | weight\"")
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving names and loading one source
+# --------------------------------------------------------------------------------------------------
+
+
+def _looks_local(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or any(c in name for c in "*?[")
+            or Path(name).suffix.lower() in LOCAL_BUILDERS or os.path.exists(name))
+
+
+def local_files(where: str, name: str) -> list[str]:
+    """Files behind a local file, folder or glob (sorted), or a DataError saying what was not found."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        files = [str(p) for p in sorted(Path(path).rglob("*"))
+                 if p.is_file() and p.suffix.lower() in LOCAL_BUILDERS and not p.name.startswith(".")]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(f for f in globlib.glob(path, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise DataError(f"{where}: no data files at {name!r}; give a .jsonl/.json/.parquet/.txt/.md file, "
+                        f"a folder or glob of them, a hub id, or a bundled:<name> dataset")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    unknown = suffixes - set(LOCAL_BUILDERS)
+    if unknown:
+        raise DataError(f"{where}: unsupported file type(s) {', '.join(sorted(unknown))} at {name!r}; "
+                        f"use {', '.join(LOCAL_BUILDERS)}")
+    builders = {LOCAL_BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"{where}: {name!r} mixes file types ({', '.join(sorted(suffixes))}); "
+                        f"give each type as its own dataset line")
+    return files
+
+
+def resolve(spec: DatasetSpec, where: str = "datasets") -> tuple[str, dict[str, Any], bool]:
+    """Map a spec to `load_dataset` arguments: (path, kwargs, is_local)."""
+    name = spec.name
+    if name.startswith("bundled:"):
+        from llmlab.data import bundled
+
+        name = str(bundled.materialize(name[len("bundled:"):], spec.subset, where=where))
+        return "json", {"data_files": [name], "split": "train"}, True
+    if _looks_local(name):
+        files = local_files(where, name)
+        builder = LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
+        return builder, {"data_files": files, "split": "train"}, True
+    return name, {"name": spec.subset, "split": spec.split}, False
+
+
+@lru_cache(maxsize=32)
+def _load_local(builder: str, files: tuple[str, ...], stamps: tuple[float, ...]) -> datasets.Dataset:
+    # `stamps` (mtimes) makes an edited file load again; the cache spares re-reading per epoch.
+    return datasets.load_dataset(builder, data_files=list(files), split="train")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_one(spec: DatasetSpec, *, streaming: bool | None = None, where: str = "datasets"):
+    """Load one source through `datasets.load_dataset`: a `Dataset` (local, in memory) or `IterableDataset`.
+
+    `streaming=None` streams hub datasets and loads local files; True/False force either way.
+    """
+    path, kwargs, is_local = resolve(spec, where)
+    stream = (not is_local) if streaming is None else streaming
+    try:
+        if is_local and not stream:
+            files = tuple(kwargs["data_files"])
+            return _load_local(path, files, tuple(os.path.getmtime(f) for f in files))
+        return datasets.load_dataset(path, **kwargs, streaming=stream)
+    except DataError:
+        raise
+    except Exception as e:  # hub unreachable, unknown name, bad subset, unreadable file
+        if is_local:
+            raise DataError(f"{where}: cannot read {spec.name!r} ({_first_line(e)}); check the file format") from None
+        raise DataError(f"{where}: cannot load {spec.name!r} from the Hugging Face Hub ({_first_line(e)}); "
+                        f"check the name, subset and network, or use a local file or a bundled:<name> dataset"
+                        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalising and mixing
+# --------------------------------------------------------------------------------------------------
+
+
+def detect_text_column(record: dict[str, Any]) -> str | None:
+    """The text column of a record: a known name (`text`, `content`, ...) or its only string field."""
+    for c in TEXT_COLUMNS:
+        if isinstance(record.get(c), str):
+            return c
+    strings = [k for k, v in record.items() if isinstance(v, str)]
+    return strings[0] if len(strings) == 1 else None
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _to_text(index: int, spec: DatasetSpec, column: str | None, where: str):
+    def fn(record: dict[str, Any]) -> dict[str, Any]:
+        col = column or detect_text_column(record)
+        value = record.get(col) if col else None
+        if value is None:
+            if col:
+                raise DataError(f"{where}: {spec.name!r} has no column {col!r} (keys: {', '.join(record)}); "
+                                f"name the text column: \"{spec.name} | | {spec.weight:g} | column=...\"")
+            raise DataError(f"{where}: cannot tell the text column of {spec.name!r} (keys: {', '.join(record)}); "
+                            f"name it: \"{spec.name} | | {spec.weight:g} | column=...\"")
+        return {"text": value if isinstance(value, str) else str(value), "source": index}
+
+    return fn
+
+
+def _to_record(index: int):
+    def fn(record: dict[str, Any]) -> dict[str, Any]:
+        return {"record": canonical_json(record), "source": index}
+
+    return fn
+
+
+def load_sources(
+    specs: list[DatasetSpec] | Any,
+    *,
+    seed: int = 42,
+    epoch: int = 0,
+    streaming: bool | None = None,
+    as_text: bool = True,
+    text_column: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    stopping_strategy: str = "all_exhausted",
+) -> datasets.IterableDataset:
+    """Load, normalise and interleave the sources by weight; one `datasets.IterableDataset`.
+
+    Rows are `{"text", "source"}` (as_text) or `{"record", "source"}`; `source` is the spec's index.
+    Deterministic for (seed, epoch). With world_size > 1 each rank gets a disjoint part of every source
+    (`datasets.distributed.split_dataset_by_node`).
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    if not isinstance(specs, list) or not all(isinstance(s, DatasetSpec) for s in specs):
+        specs = parse_dataset_specs(specs)
+    parts = []
+    for i, spec in enumerate(specs):
+        where = f"datasets[{i}]"
+        ds = load_one(spec, streaming=streaming, where=where)
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{where}: {spec.name!r} has several splits; name one with split=...")
+        if isinstance(ds, datasets.Dataset):
+            if len(ds) == 0:
+                raise DataError(f"{where}: {spec.name!r} is empty")
+            ds = ds.shuffle(seed=seed + 1000 * epoch + i).to_iterable_dataset()
+        if as_text:
+            ds = ds.map(_to_text(i, spec, spec.column or text_column, where), features=TEXT_FEATURES)
+            ds = ds.select_columns(["text", "source"])
+        else:
+            ds = ds.map(_to_record(i), features=RECORD_FEATURES).select_columns(["record", "source"])
+        if world_size > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        parts.append(ds)
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(s.weight for s in specs)
+    return datasets.interleave_datasets(
+        parts, probabilities=[s.weight / total for s in specs], seed=seed + epoch,
+        stopping_strategy=stopping_strategy,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation split and the resumable stream
+# --------------------------------------------------------------------------------------------------
+
+
+def hash_fraction(text: str) -> float:
+    """A number in [0, 1) fixed by the content: blake2b's first 8 bytes / 2**64."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def in_split(text: str, split: Split, val_fraction: float) -> bool:
+    """True iff the document with this content belongs to `split` (see the module docstring)."""
+    is_val = hash_fraction(text) < val_fraction
+    return is_val if split == "val" else not is_val
+
+
+def check_split_args(split: str, val_fraction: float, rank: int, world_size: int) -> None:
+    if split not in ("train", "val"):
+        raise DataError(f"split: {split!r} is not one of 'train', 'val'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction}")
+    if split == "val" and val_fraction == 0.0:
+        raise DataError("val_fraction: 0 leaves no validation documents; set it above 0 (e.g. 0.02)")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank: {rank} is not in [0, world_size={world_size})")
+
+
+class RecordStream:
+    """Infinite stream of one split's rows for one rank; starts a new epoch (new seed) when sources end.
+
+    Yields `(key, row)` where key is the text (`as_text`) or the canonical record JSON. `state_dict()`
+    taken between two rows resumes exactly after the last row yielded.
+    """
+
+    def __init__(self, specs: Any, *, seed: int = 42, split: Split = "train", val_fraction: float = 0.02,
+                 rank: int = 0, world_size: int = 1, as_text: bool = True, text_column: str | None = None,
+                 streaming: bool | None = None) -> None:
+        check_split_args(split, val_fraction, rank, world_size)
+        self.specs = specs if isinstance(specs, list) and all(isinstance(s, DatasetSpec) for s in specs) \
+            else parse_dataset_specs(specs)
+        self.seed, self.split, self.val_fraction = seed, split, val_fraction
+        self.rank, self.world_size = rank, world_size
+        self.as_text, self.text_column, self.streaming = as_text, text_column, streaming
+        self.epoch = 0
+        self.rows_read = 0  # rows of the mixed stream read in this epoch (before the split filter)
+        self._ds: datasets.IterableDataset | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _dataset(self) -> datasets.IterableDataset:
+        return load_sources(self.specs, seed=self.seed, epoch=self.epoch, streaming=self.streaming,
+                            as_text=self.as_text, text_column=self.text_column, rank=self.rank,
+                            world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        key_name = "text" if self.as_text else "record"
+        while True:
+            ds = self._dataset()
+            skip = 0
+            fresh = self._pending is None
+            if self._pending is not None:
+                try:
+                    ds.load_state_dict(self._pending["source"])
+                except Exception:  # a state from another datasets version: replay instead
+                    skip = self.rows_read
+                self._pending = None
+            self._ds = ds
+            kept = 0
+            for row in ds:
+                if skip:
+                    skip -= 1
+                    continue
+                self.rows_read += 1
+                key = row[key_name]
+                if in_split(key, self.split, self.val_fraction):
+                    kept += 1
+                    yield key, row
+            if kept == 0 and fresh:
+                raise DataError(f"datasets: the {self.split} split is empty "
+                                f"(val_fraction={self.val_fraction}); add data or change val_fraction")
+            self.epoch += 1
+            self.rows_read = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        source = self._ds.state_dict() if self._ds is not None else (self._pending or {}).get("source")
+        return {"epoch": self.epoch, "rows_read": self.rows_read, "source": source}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume; takes effect when iteration (re)starts."""
+        self.epoch = int(state["epoch"])
+        self.rows_read = int(state["rows_read"])
+        self._ds = None
+        self._pending = {"source": state["source"]} if state.get("source") is not None else None
+
+
+def iter_texts(specs: Any, *, seed: int = 42, split: Split = "train", val_fraction: float = 0.02,
+               text_column: str | None = None, max_docs: int | None = None) -> Iterable[str]:
+    """One pass (one epoch) over the documents of a split, for tokenizer training and shard writing."""
+    n = 0
+    for row in load_sources(specs, seed=seed, text_column=text_column):
+        if max_docs is not None and n >= max_docs:
+            return
+        if in_split(row["text"], split, val_fraction):
+            n += 1
+            yield row["text"]

@@ -1,0 +1,166 @@
+"""Tokenizers: load one (hub id, folder, tokenizer.json) or train a byte-level BPE with chat tokens.
+
+    llm-lab tokenizer train --datasets "bundled:shakespeare" --vocab-size 512 --out runs/tok
+
+A trained tokenizer has the special tokens chat needs from pretraining on — `<|endoftext|>` (end of a
+document, the eos), `<|im_start|>`, `<|im_end|>` (ChatML turns) and `<|pad|>` — so SFT never adds
+embedding rows that were never trained. It is saved with a ChatML chat template (Qwen style,
+`<|im_start|>role\\ncontent<|im_end|>\\n`, with `add_generation_prompt`), so
+`AutoTokenizer.from_pretrained(out_dir)` loads it and `apply_chat_template` works.
+
+The model's `vocab_size` is `model_vocab_size(tokenizer)`: `len(tokenizer)`, added tokens included,
+optionally rounded up to a multiple (64 is friendly to matrix kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from llmlab.errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, PAD_TOKEN]
+
+# ChatML as Qwen renders it, without a default system message. Used for trained tokenizers and for any
+# tokenizer that has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _ensure_pad(tok: Any, source: str) -> Any:
+    """Give the tokenizer a pad token from its own vocabulary (pad, else eos); never add a row."""
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif EOS_TOKEN in tok.get_vocab():
+            tok.eos_token = EOS_TOKEN
+            tok.pad_token = EOS_TOKEN
+        else:
+            raise DataError(f"tokenizer_name: {source!r} has neither a pad nor an eos token; "
+                            f"train one with `llm-lab tokenizer train`")
+    if tok.eos_token is None and EOS_TOKEN in tok.get_vocab():
+        tok.eos_token = EOS_TOKEN
+    return tok
+
+
+def load_tokenizer(name_or_path: str):
+    """Load a tokenizer from a hub id, a local folder, or a `tokenizer.json` file.
+
+    The result always has a pad token (its own, else its eos). A hub id that cannot be fetched gives a
+    one-line DataError suggesting a local path or `llm-lab tokenizer train`.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) == "tokenizer.json" and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return load_tokenizer(folder)
+        try:
+            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        except Exception as e:
+            raise DataError(f"tokenizer_name: {path} is not a valid tokenizer.json ({_first_line(e)})") from None
+        vocab = tok.get_vocab()
+        tok.add_special_tokens({k: v for k, v in (("eos_token", EOS_TOKEN), ("pad_token", PAD_TOKEN))
+                                if v in vocab})  # names existing tokens only; adds no rows
+        return _ensure_pad(tok, path)
+    if os.path.isdir(path):
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise DataError(f"tokenizer_name: cannot load a tokenizer from folder {path} ({_first_line(e)}); "
+                            f"it needs tokenizer.json or the files save_pretrained writes") from None
+        return _ensure_pad(tok, path)
+    if path.startswith((".", "/", "~")) or path.endswith(".json"):
+        raise DataError(f"tokenizer_name: {name_or_path!r} does not exist; give a hub id, a folder or a "
+                        f"tokenizer.json, or train one with `llm-lab tokenizer train`")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # OSError when offline or unknown, ValueError for odd repos
+        raise DataError(
+            f"tokenizer_name: cannot load {name_or_path!r} from the Hugging Face Hub ({_first_line(e)}); "
+            f"check the name and network, or use a local folder / tokenizer.json, or train one with "
+            f"`llm-lab tokenizer train --datasets bundled:shakespeare --vocab-size 4096 --out DIR`"
+        ) from None
+    return _ensure_pad(tok, name_or_path)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def train_tokenizer(datasets: Any, vocab_size: int, out_dir: str | os.PathLike, *, text_column: str | None = None,
+                    max_docs: int | None = None, seed: int = 42, val_fraction: float = 0.02):
+    """Train a byte-level BPE on the training split of `datasets` and save it to `out_dir`.
+
+    Returns the tokenizer loaded back from `out_dir` (what every later stage will see). Validation
+    documents are left out so evaluation text stays unseen.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmlab.atomic import atomic_dir
+    from llmlab.data.sources import iter_texts
+
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise DataError(f"vocab_size: {vocab_size} is too small for a byte-level BPE; use at least {minimum}")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    docs = iter_texts(datasets, seed=seed, split="train", val_fraction=val_fraction, text_column=text_column,
+                      max_docs=max_docs)
+    count = [0]
+
+    def counted():
+        for d in docs:
+            count[0] += 1
+            yield d
+
+    core.train_from_iterator(counted(), trainer=trainer)
+    if count[0] == 0:
+        raise DataError("datasets: no training documents to train the tokenizer on")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                  additional_special_tokens=[IM_START, IM_END], model_max_length=1_000_000)
+    tok.chat_template = CHATML_TEMPLATE
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(str(tmp))
+    return load_tokenizer(str(out))
+
+
+def model_vocab_size(tokenizer: Any, multiple_of: int | None = None) -> int:
+    """Embedding rows the model needs: `len(tokenizer)` (added tokens included), optionally rounded up."""
+    n = len(tokenizer)
+    if multiple_of:
+        n = -(-n // multiple_of) * multiple_of
+    return n
+
+
+def chat_template_of(tokenizer: Any) -> str:
+    """The tokenizer's own chat template, or the built-in ChatML one when it has none."""
+    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a generated reply: eos and, when the vocabulary has it, `<|im_end|>`."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
