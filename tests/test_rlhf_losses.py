@@ -315,3 +315,11 @@ def test_grpo_loss_clipping_and_empty_sequences():
     loss, stats = grpo_loss(logp, old, old, adv, mask, clip_range=0.2, kl_coef=0.0)
     close(loss, -(1.15 - 1.15) / 2)
     close(stats["clipfrac"], 2 / 4)
+
+
+def test_ppo_approx_kl_is_k3_of_old_against_new():
+    # ratio new/old = 2 on one token: k3 = r - log r - 1 = 1 - ln 2
+    _, stats = ppo_policy_loss(
+        torch.tensor([[LN2]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2
+    )
+    close(stats["approx_kl"], 1 - LN2)
