@@ -458,3 +458,97 @@ def iter_texts(specs: Any, *, seed: int = 42, split: Split = "train", val_fracti
         if in_split(row["text"], split, val_fraction):
             n += 1
             yield row["text"]
+
+
+class RecordIterator:
+    """Infinite, resumable iterator of decoded records (dicts) of one split and rank, for structured data.
+
+    `where` names the record in error messages: the source line and the row number in this epoch.
+    """
+
+    def __init__(self, specs: Any, *, seed: int = 42, split: Split = "train", val_fraction: float = 0.02,
+                 rank: int = 0, world_size: int = 1, streaming: bool | None = None) -> None:
+        self.stream = RecordStream(specs, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
+                                   world_size=world_size, as_text=False, streaming=streaming)
+        self._rows: Iterator | None = None
+        self.where = "record"
+
+    def __iter__(self) -> RecordIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._rows is None:
+            self._rows = iter(self.stream)
+        key, row = next(self._rows)
+        spec = self.stream.specs[row["source"]]
+        self.where = f"{spec.name}: record {self.stream.rows_read - 1} of the mixed stream, epoch {self.stream.epoch}"
+        return json.loads(key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._rows = None
+
+
+class RecordBatches:
+    """Shared life cycle of the structured-data batch iterators (SFT, preference, prompts).
+
+    Subclasses implement `encode(record, where)` (an example, or None when the record is valid but has
+    nothing to train on) and `collate(examples)`. Records in no known format raise their DataError, or
+    with `skip_invalid=True` are skipped and counted in `skipped_invalid`; None results are counted in
+    `skipped_empty`. The state (source position and counters) resumes exactly.
+    """
+
+    def __init__(self, datasets: Any, batch_size: int, *, seed: int = 42, split: Split = "train",
+                 val_fraction: float = 0.02, rank: int = 0, world_size: int = 1, skip_invalid: bool = False,
+                 streaming: bool | None = None) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.skip_invalid = batch_size, skip_invalid
+        self.records = RecordIterator(datasets, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
+                                      world_size=world_size, streaming=streaming)
+        self.skipped_invalid = 0
+        self.skipped_empty = 0
+        self.batches_yielded = 0
+
+    def encode(self, record: dict[str, Any], where: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def collate(self, examples: list[Any]) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __iter__(self) -> RecordBatches:
+        return self
+
+    def next_example(self) -> Any:
+        """The next usable example, skipping (and counting) what cannot be trained on."""
+        while True:
+            record = next(self.records)
+            try:
+                example = self.encode(record, self.records.where)
+            except DataError:
+                if not self.skip_invalid:
+                    raise
+                self.skipped_invalid += 1
+                continue
+            if example is None:
+                self.skipped_empty += 1
+                continue
+            return example
+
+    def __next__(self) -> Any:
+        batch = self.collate([self.next_example() for _ in range(self.batch_size)])
+        self.batches_yielded += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records.state_dict(), "batches": self.batches_yielded,
+                "skipped_invalid": self.skipped_invalid, "skipped_empty": self.skipped_empty}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records.load_state_dict(state["records"])
+        self.batches_yielded = int(state.get("batches", 0))
+        self.skipped_invalid = int(state.get("skipped_invalid", 0))
+        self.skipped_empty = int(state.get("skipped_empty", 0))

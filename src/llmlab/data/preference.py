@@ -1,0 +1,132 @@
+"""DPO preference data: a prompt and two answers, rendered so the answers are what the model would say.
+
+    batches = PreferenceBatches(["bundled:preference"], tokenizer, seq_len=256, batch_size=8)
+    batch = next(batches)   # chosen_/rejected_ input_ids, labels, attention_mask: (B, T), right-padded
+
+Formats (spec "DPO Dataset Requirements"):
+- `prompt` / `chosen` / `rejected` as strings, or as message lists (TRL's conversational layout; a
+  chosen list may also hold the whole conversation, whose last assistant message is the answer);
+- the Anthropic HH layout: `chosen` and `rejected` are whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...";
+  the prompt is the shared conversation up to and including the last "\\n\\nAssistant:", every earlier
+  turn kept (as user/assistant messages), and the answers are what follows.
+
+The prompt is rendered with the chat template and its generation prompt; each answer is the text the
+template puts after it for an assistant message, ending with the end-of-turn token (`<|im_end|>`).
+Labels are -100 on the prompt and on padding. Too long examples lose prompt tokens from the left first
+(the prompt keeps at least half of `max_len`), then answer tokens from the right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmlab.data.chat import (
+    IGNORE_INDEX,
+    check_messages,
+    is_hh,
+    render,
+    right_pad,
+    split_hh,
+)
+from llmlab.data.sources import RecordBatches, Split
+from llmlab.errors import DataError
+
+PREFERENCE_FORMATS = ("'prompt' + 'chosen' + 'rejected' (strings or message lists), or HH transcripts in "
+                      "'chosen' + 'rejected'")
+
+
+def _answer(value: Any, where: str, name: str) -> tuple[list[dict[str, str]] | None, str]:
+    """(conversation before the answer or None, answer text) of a chosen/rejected value."""
+    if isinstance(value, str):
+        return None, value
+    messages = check_messages(value, f"{where} {name}")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: {name} must end with an assistant message")
+    return messages[:-1] or None, messages[-1]["content"]
+
+
+def preference_parts(record: dict[str, Any], where: str = "record") -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen answer, rejected answer) of a record in any supported layout."""
+    if "chosen" not in record or "rejected" not in record:
+        raise DataError(f"{where}: no known preference format (keys: {', '.join(sorted(record)) or 'none'}); "
+                        f"expected {PREFERENCE_FORMATS}")
+    if is_hh(record):
+        return split_hh(record["chosen"], record["rejected"], where)
+    before, chosen = _answer(record["chosen"], where, "chosen")
+    _, rejected = _answer(record["rejected"], where, "rejected")
+    prompt = record.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt:
+        messages = check_messages(prompt, f"{where} prompt")
+    elif before:
+        messages = before
+    else:
+        raise DataError(f"{where}: no prompt (keys: {', '.join(sorted(record))}); expected {PREFERENCE_FORMATS}")
+    return messages, chosen, rejected
+
+
+def answer_text(tokenizer: Any, prompt_messages: list[dict[str, str]], answer: str) -> tuple[str, str]:
+    """(rendered prompt with generation prompt, the template's text for the answer incl. end-of-turn)."""
+    prompt = render(tokenizer, prompt_messages, add_generation_prompt=True)
+    full = render(tokenizer, [*prompt_messages, {"role": "assistant", "content": answer}]).rstrip()
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    from llmlab.data.tokenizer import CHATML_TEMPLATE, IM_END  # template renders inconsistently: ChatML
+
+    return render(tokenizer, prompt_messages, add_generation_prompt=True, template=CHATML_TEMPLATE), answer + IM_END
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_preference_example(record: dict[str, Any], tokenizer: Any, max_len: int | None = None,
+                              where: str = "record") -> dict[str, list[int]]:
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; prompt + answer fits in `max_len` tokens."""
+    messages, chosen, rejected = preference_parts(record, where)
+    prompt, chosen_text = answer_text(tokenizer, messages, chosen)
+    _, rejected_text = answer_text(tokenizer, messages, rejected)
+    p, c, r = _ids(tokenizer, prompt), _ids(tokenizer, chosen_text), _ids(tokenizer, rejected_text)
+    if max_len is not None and len(p) + max(len(c), len(r)) > max_len:
+        keep = max(max_len - max(len(c), len(r)), max_len // 2)
+        p = p[-keep:] if keep > 0 else []
+        c, r = c[:max_len - len(p)], r[:max_len - len(p)]
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+
+class PreferenceBatches(RecordBatches):
+    """Infinite, resumable iterator of DPO batches for one split and rank.
+
+    Yields `chosen_input_ids`, `chosen_labels`, `chosen_attention_mask` and the same for `rejected`, all
+    padded to one length T, plus `prompt_lengths` (B,). Invalid records raise, or with
+    `skip_invalid=True` are skipped and counted in `skipped_invalid`; pairs with an empty answer are
+    skipped and counted in `skipped_empty`.
+    """
+
+    def __init__(self, datasets: Any, tokenizer: Any, seq_len: int, batch_size: int, *, seed: int = 42,
+                 split: Split = "train", val_fraction: float = 0.02, rank: int = 0, world_size: int = 1,
+                 skip_invalid: bool = False, streaming: bool | None = None) -> None:
+        if seq_len < 2:
+            raise DataError(f"seq_len must be >= 2, got {seq_len}")
+        super().__init__(datasets, batch_size, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
+                         world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+
+    def encode(self, record: dict[str, Any], where: str) -> dict[str, list[int]] | None:
+        ex = encode_preference_example(record, self.tokenizer, self.seq_len, where=where)
+        return ex if ex["chosen_ids"] and ex["rejected_ids"] else None
+
+    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+        batch: dict[str, torch.Tensor] = {}
+        for side in ("chosen", "rejected"):
+            ids = [e["prompt_ids"] + e[f"{side}_ids"] for e in examples]
+            labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_ids"] for e in examples]
+            batch[f"{side}_input_ids"] = right_pad(ids, self.tokenizer.pad_token_id, length)
+            batch[f"{side}_labels"] = right_pad(labels, IGNORE_INDEX, length)
+            batch[f"{side}_attention_mask"] = right_pad([[1] * len(x) for x in ids], 0, length)
+        batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples], dtype=torch.long)
+        return batch

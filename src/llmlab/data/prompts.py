@@ -1,0 +1,75 @@
+"""PPO/GRPO prompts: any supported record reduced to the conversation the policy must answer.
+
+    prompts = PromptBatches(["bundled:prompts"], tokenizer, batch_size=8, max_prompt_len=128)
+    batch = next(prompts)   # [{"prompt": rendered text, "prompt_ids": [...], "answer": "7", ...}, ...]
+
+Reductions: `prompt` (string or message list) or `question` as the user turn; `instruction` (+ `input`);
+`messages` without the final assistant answer(s); HH transcripts (`chosen`) up to the last
+"\\n\\nAssistant:". The prompt is rendered with the chat template and its generation prompt. Every other
+column of the record (a reference `answer`, a `task` name, ...) is passed on unchanged for reward
+functions. Prompts longer than `max_prompt_len` tokens lose tokens from the left (the generation prompt
+at the end is kept), and `prompt` is then the decoded kept tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmlab.data.chat import check_messages, instruction_text, is_hh, render, split_hh
+from llmlab.data.sources import RecordBatches, Split
+from llmlab.errors import DataError
+
+PROMPT_KEYS = ("messages", "conversations", "prompt", "question", "instruction", "input", "chosen", "rejected")
+PROMPT_FORMATS = "'prompt' or 'question', 'instruction' (+ 'input'), 'messages', or HH 'chosen' transcripts"
+
+
+def prompt_messages(record: dict[str, Any], where: str = "record") -> list[dict[str, str]]:
+    """The conversation up to (not including) the answer the policy should generate."""
+    if is_hh(record):
+        return split_hh(record["chosen"], record.get("rejected", record["chosen"]), where)[0]
+    if "messages" in record or "conversations" in record:
+        messages = check_messages(record.get("messages", record.get("conversations")), where)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise DataError(f"{where}: the conversation has no user turn to use as a prompt")
+        return messages
+    for key in ("prompt", "question"):
+        value = record.get(key)
+        if isinstance(value, str) and value:
+            return [{"role": "user", "content": value}]
+        if isinstance(value, list) and value:
+            return check_messages(value, where)
+    if isinstance(record.get("instruction"), str):
+        return [{"role": "user", "content": instruction_text(record)}]
+    raise DataError(f"{where}: no prompt found (keys: {', '.join(sorted(record)) or 'none'}); expected "
+                    f"{PROMPT_FORMATS}")
+
+
+def encode_prompt(record: dict[str, Any], tokenizer: Any, max_prompt_len: int | None = None,
+                  where: str = "record") -> dict[str, Any]:
+    """`{"prompt": rendered text, "prompt_ids": [...], **other columns}` for one record."""
+    text = render(tokenizer, prompt_messages(record, where), add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if max_prompt_len is not None and len(ids) > max_prompt_len:
+        ids = ids[-max_prompt_len:]
+        text = tokenizer.decode(ids)
+    extras = {k: v for k, v in record.items() if k not in PROMPT_KEYS}
+    return {**extras, "prompt": text, "prompt_ids": ids}
+
+
+class PromptBatches(RecordBatches):
+    """Infinite, resumable iterator of prompt batches (lists of dicts) for one split and rank."""
+
+    def __init__(self, datasets: Any, tokenizer: Any, batch_size: int, *, max_prompt_len: int | None = None,
+                 seed: int = 42, split: Split = "train", val_fraction: float = 0.02, rank: int = 0,
+                 world_size: int = 1, skip_invalid: bool = False, streaming: bool | None = None) -> None:
+        super().__init__(datasets, batch_size, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
+                         world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
+        self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
+
+    def encode(self, record: dict[str, Any], where: str) -> dict[str, Any]:
+        return encode_prompt(record, self.tokenizer, self.max_prompt_len, where=where)
+
+    def collate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return examples
