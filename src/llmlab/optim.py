@@ -54,8 +54,8 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
-def _groups(named: list[tuple[str, nn.Parameter]], embeddings: set[int], cfg: Any, scale: float = 1.0,
-            **extra: Any) -> list[dict[str, Any]]:
+def _groups(named: list[tuple[str, nn.Parameter]], embeddings: set[int], cfg: Any,
+            scale: float = 1.0) -> list[dict[str, Any]]:
     """Split into a decayed group (non-embedding matrices) and an undecayed one; drop empty groups."""
     decay = [p for _, p in named if p.dim() >= 2 and id(p) not in embeddings]
     keep = [p for _, p in named if not (p.dim() >= 2 and id(p) not in embeddings)]
@@ -64,7 +64,7 @@ def _groups(named: list[tuple[str, nn.Parameter]], embeddings: set[int], cfg: An
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": keep, "weight_decay": 0.0},
     ]
-    return [dict(g, lr=lr, base_lr=cfg.peak_lr, lr_scale=scale, **extra) for g in groups if g["params"]]
+    return [dict(g, lr=lr, base_lr=cfg.peak_lr, lr_scale=scale) for g in groups if g["params"]]
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.AdamW:
