@@ -30,7 +30,7 @@ from llmlab.data.chat import (
     right_pad,
     split_hh,
 )
-from llmlab.data.sources import RecordBatches, Split
+from llmlab.data.sources import RecordBatches
 from llmlab.errors import DataError
 
 PREFERENCE_FORMATS = ("'prompt' + 'chosen' + 'rejected' (strings or message lists), or HH transcripts in "
@@ -105,15 +105,6 @@ class PreferenceBatches(RecordBatches):
     `skip_invalid=True` are skipped and counted in `skipped_invalid`; pairs with an empty answer are
     skipped and counted in `skipped_empty`.
     """
-
-    def __init__(self, datasets: Any, tokenizer: Any, seq_len: int, batch_size: int, *, seed: int = 42,
-                 split: Split = "train", val_fraction: float = 0.02, rank: int = 0, world_size: int = 1,
-                 skip_invalid: bool = False, streaming: bool | None = None) -> None:
-        if seq_len < 2:
-            raise DataError(f"seq_len must be >= 2, got {seq_len}")
-        super().__init__(datasets, batch_size, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
-                         world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
-        self.tokenizer, self.seq_len = tokenizer, seq_len
 
     def encode(self, record: dict[str, Any], where: str) -> dict[str, list[int]] | None:
         ex = encode_preference_example(record, self.tokenizer, self.seq_len, where=where)

@@ -64,9 +64,9 @@ class PromptBatches(RecordBatches):
     def __init__(self, datasets: Any, tokenizer: Any, batch_size: int, *, max_prompt_len: int | None = None,
                  seed: int = 42, split: Split = "train", val_fraction: float = 0.02, rank: int = 0,
                  world_size: int = 1, skip_invalid: bool = False, streaming: bool | None = None) -> None:
-        super().__init__(datasets, batch_size, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
-                         world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
-        self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
+        super().__init__(datasets, tokenizer, None, batch_size, seed=seed, split=split, val_fraction=val_fraction,
+                         rank=rank, world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
+        self.max_prompt_len = max_prompt_len
 
     def encode(self, record: dict[str, Any], where: str) -> dict[str, Any]:
         return encode_prompt(record, self.tokenizer, self.max_prompt_len, where=where)

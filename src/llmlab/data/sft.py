@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from llmlab.data.chat import IGNORE_INDEX, encode_chat, right_pad, sft_messages
-from llmlab.data.sources import RecordBatches, Split
-from llmlab.errors import DataError
+from llmlab.data.sources import RecordBatches
 
 
 def encode_sft_example(record: dict[str, Any], tokenizer: Any, max_len: int | None = None,
@@ -39,15 +38,6 @@ class SFTBatches(RecordBatches):
     and label -100. `skipped_invalid` counts records in no known format (with skip_invalid=True),
     `skipped_empty` examples truncated so far that no answer token was left.
     """
-
-    def __init__(self, datasets: Any, tokenizer: Any, seq_len: int, batch_size: int, *, seed: int = 42,
-                 split: Split = "train", val_fraction: float = 0.02, rank: int = 0, world_size: int = 1,
-                 skip_invalid: bool = False, streaming: bool | None = None) -> None:
-        if seq_len < 2:
-            raise DataError(f"seq_len must be >= 2, got {seq_len}")
-        super().__init__(datasets, batch_size, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
-                         world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
-        self.tokenizer, self.seq_len = tokenizer, seq_len
 
     def encode(self, record: dict[str, Any], where: str) -> dict[str, list[int]] | None:
         ex = encode_sft_example(record, self.tokenizer, self.seq_len, where=where)

@@ -304,6 +304,18 @@ def _to_record(index: int):
     return fn
 
 
+def _rank_part(ds: datasets.IterableDataset, rank: int, world_size: int) -> datasets.IterableDataset:
+    """This rank's disjoint part of one source, taken before mixing.
+
+    Whole shards (files) per rank when their number divides evenly, else every world_size-th row.
+    Splitting the mixed stream instead (what `split_dataset_by_node` does after interleaving) would
+    let a source that restarts under "all_exhausted" hand the same row to two ranks.
+    """
+    if ds.num_shards >= world_size and ds.num_shards % world_size == 0:
+        return ds.shard(num_shards=world_size, index=rank)
+    return ds.filter(lambda _, i: i % world_size == rank, with_indices=True)
+
+
 def load_sources(
     specs: list[DatasetSpec] | Any,
     *,
@@ -320,10 +332,8 @@ def load_sources(
 
     Rows are `{"text", "source"}` (as_text) or `{"record", "source"}`; `source` is the spec's index.
     Deterministic for (seed, epoch). With world_size > 1 each rank gets a disjoint part of every source
-    (`datasets.distributed.split_dataset_by_node`).
+    (see `_rank_part`).
     """
-    from datasets.distributed import split_dataset_by_node
-
     if not isinstance(specs, list) or not all(isinstance(s, DatasetSpec) for s in specs):
         specs = parse_dataset_specs(specs)
     parts = []
@@ -342,7 +352,7 @@ def load_sources(
         else:
             ds = ds.map(_to_record(i), features=RECORD_FEATURES).select_columns(["record", "source"])
         if world_size > 1:
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+            ds = _rank_part(ds, rank, world_size)
         parts.append(ds)
     if len(parts) == 1:
         return parts[0]
@@ -501,11 +511,14 @@ class RecordBatches:
     `skipped_empty`. The state (source position and counters) resumes exactly.
     """
 
-    def __init__(self, datasets: Any, batch_size: int, *, seed: int = 42, split: Split = "train",
-                 val_fraction: float = 0.02, rank: int = 0, world_size: int = 1, skip_invalid: bool = False,
-                 streaming: bool | None = None) -> None:
+    def __init__(self, datasets: Any, tokenizer: Any, seq_len: int | None, batch_size: int, *, seed: int = 42,
+                 split: Split = "train", val_fraction: float = 0.02, rank: int = 0, world_size: int = 1,
+                 skip_invalid: bool = False, streaming: bool | None = None) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if seq_len is not None and seq_len < 2:
+            raise DataError(f"seq_len must be >= 2, got {seq_len}")
+        self.tokenizer, self.seq_len = tokenizer, seq_len
         self.batch_size, self.skip_invalid = batch_size, skip_invalid
         self.records = RecordIterator(datasets, seed=seed, split=split, val_fraction=val_fraction, rank=rank,
                                       world_size=world_size, streaming=streaming)

@@ -1,0 +1,186 @@
+"""Dataset specs, loading through one `datasets` path, weighted mixing, validation split, ranks, bundled data."""
+
+import json
+
+import datasets
+import pytest
+
+from llmlab.data import bundled, sources
+from llmlab.data.sources import DatasetSpec, RecordStream, load_sources, parse_dataset_specs
+from llmlab.errors import DataError
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def one_epoch(stream: RecordStream) -> list[str]:
+    out = []
+    for key, _ in stream:
+        if stream.epoch > 0:
+            break
+        out.append(key)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _bundled_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
+
+
+def test_parse_lines_objects_and_multiline():
+    specs = parse_dataset_specs([
+        "HuggingFaceFW/fineweb-2 | fra_Latn | 2.5",
+        "a.jsonl | | 3 | column=body",
+        "b.jsonl | 0.5",
+        {"name": "org/x", "subset": "en", "weight": 2, "split": "validation"},
+        "c.txt\n# a comment\n\nd.txt | | 4",
+    ])
+    assert specs == [
+        DatasetSpec("HuggingFaceFW/fineweb-2", "fra_Latn", 2.5),
+        DatasetSpec("a.jsonl", None, 3.0, column="body"),
+        DatasetSpec("b.jsonl", None, 0.5),
+        DatasetSpec("org/x", "en", 2.0, split="validation"),
+        DatasetSpec("c.txt"),
+        DatasetSpec("d.txt", None, 4.0),
+    ]
+    assert parse_dataset_specs(specs[0].line()) == [specs[0]]
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("x | sub | abc", "datasets[1]: weight 'abc' is not a number"),
+    ("x | sub | -1", "datasets[1]: weight must be a positive number"),
+    ("x | a | 1 | 2", "datasets[1]: too many fields"),
+    ({"name": "x", "wieght": 2}, "datasets[1]: unknown key(s) wieght"),
+    (" | a", "datasets[1]: missing dataset name"),
+])
+def test_parse_errors_are_one_line_and_name_the_item(item, needle):
+    with pytest.raises(DataError) as e:
+        parse_dataset_specs(["ok", item])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_two_to_one_give_two_thirds(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(600)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(600)])
+    ds = load_sources([f"{a} | | 2", f"{b} | | 1"], seed=3)
+    rows = [r for _, r in zip(range(900), ds)]
+    share = sum(r["source"] == 0 for r in rows) / len(rows)
+    # binomial sd = sqrt(2/9/900) = 0.016; 0.06 is almost 4 sd, and a 1:1 mix (0.5) would fail
+    assert abs(share - 2 / 3) < 0.06
+    assert all(r["text"].startswith("a" if r["source"] == 0 else "b") for r in rows)
+    again = [r["text"] for _, r in zip(range(900), load_sources([f"{a} | | 2", f"{b} | | 1"], seed=3))]
+    other = [r["text"] for _, r in zip(range(900), load_sources([f"{a} | | 2", f"{b} | | 1"], seed=4))]
+    assert again == [r["text"] for r in rows] and other != again
+
+
+def test_local_and_hub_names_go_through_load_dataset(tmp_path, monkeypatch):
+    hub_file = write_jsonl(tmp_path / "hub.jsonl", [{"content": f"hub doc {i}", "n": i} for i in range(20)])
+    local = write_jsonl(tmp_path / "local.jsonl", [{"text": f"local doc {i}"} for i in range(20)])
+    real = datasets.load_dataset
+    calls = []
+
+    def spy(path, *args, **kwargs):
+        calls.append((path, kwargs))
+        if path == "someorg/tiny":  # stands in for the hub: same function, same streaming arguments
+            return real("json", data_files=[hub_file], split=kwargs["split"], streaming=kwargs["streaming"])
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    ds = load_sources(["someorg/tiny | en_sub | 1", f"{local} | | 1"], seed=0)
+    texts = {r["text"] for r in ds}
+    assert {f"hub doc {i}" for i in range(20)} | {f"local doc {i}" for i in range(20)} == texts
+    hub_call = [c for c in calls if c[0] == "someorg/tiny"][0]
+    assert hub_call[1] == {"name": "en_sub", "split": "train", "streaming": True}
+    assert any(c[0] == "json" and c[1]["data_files"] == [local] for c in calls)
+
+
+def test_hub_failure_is_a_one_line_data_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nlong details")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        load_sources(["someorg/missing"])
+    msg = str(e.value)
+    assert "datasets[0]" in msg and "someorg/missing" in msg and "bundled:" in msg and "\n" not in msg
+
+
+def test_missing_local_file_and_unknown_text_column(tmp_path):
+    with pytest.raises(DataError, match="no data files at"):
+        load_sources([str(tmp_path / "nope.jsonl")])
+    f = write_jsonl(tmp_path / "two.jsonl", [{"title": "t", "summary": "s"}])
+    with pytest.raises(DataError, match=r"cannot tell the text column .*keys: title, summary.*column="):
+        list(load_sources([f]))
+    assert [r["text"] for r in load_sources([f"{f} | | 1 | column=summary"])] == ["s"]
+
+
+def test_mixed_schemas_and_text_files(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"content": "x" * 3, "score": 1.5}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "yy", "score": "high"}])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "one.txt").write_text("line one\nline two\n")
+    texts = sorted(r["text"] for r in load_sources([a, b, str(tmp_path / "c")], stopping_strategy="all_exhausted"))
+    assert set(texts) == {"xxx", "yy", "line one", "line two"}
+
+
+def test_validation_split_disjoint_and_sized(tmp_path):
+    f = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(1000)])
+    train = one_epoch(RecordStream([f], split="train", val_fraction=0.1))
+    val = one_epoch(RecordStream([f], split="val", val_fraction=0.1))
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 1000
+    assert 60 <= len(val) <= 140  # 100 expected, sd about 9.5
+    other_seed = one_epoch(RecordStream([f], split="val", val_fraction=0.1, seed=7))
+    assert sorted(other_seed) == sorted(val)  # the split depends on content only
+
+
+def test_ranks_read_disjoint_parts(tmp_path):
+    f = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"doc {i}"} for i in range(200)])
+    g = write_jsonl(tmp_path / "more.jsonl", [{"text": f"more {i}"} for i in range(200)])
+    parts = [set(one_epoch(RecordStream([f, g], rank=r, world_size=2, val_fraction=0.0))) for r in range(2)]
+    assert not parts[0] & parts[1]
+    assert len(parts[0]) > 50 and len(parts[1]) > 50
+
+
+def test_stream_resumes_exactly_across_epochs(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(30)])
+    g = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(20)])
+    spec = [f"{f} | | 2", g]
+    ref = RecordStream(spec, seed=5, val_fraction=0.0)
+    full = [k for _, (k, _) in zip(range(150), ref)]
+    assert ref.epoch >= 1
+    part = RecordStream(spec, seed=5, val_fraction=0.0)
+    it = iter(part)
+    head = [next(it)[0] for _ in range(70)]
+    state = json.loads(json.dumps(part.state_dict()))
+    resumed = RecordStream(spec, seed=5, val_fraction=0.0)
+    resumed.load_state_dict(state)
+    tail = [k for _, (k, _) in zip(range(80), resumed)]
+    assert head + tail == full
+
+
+def test_bundled_names_subsets_and_determinism(tmp_path):
+    shakespeare = [r["text"] for r in load_sources(["bundled:shakespeare | macbeth"])]
+    assert len(shakespeare) > 50
+    assert all("**" not in t and "_" not in t and "#" not in t for t in shakespeare)
+    assert any("MACBETH:" in t for t in shakespeare)
+    adds = [json.loads(r["record"]) for r in load_sources(["bundled:prompts | add"], as_text=False)]
+    assert len(adds) == bundled.N_RECORDS and {r["task"] for r in adds} == {"add"}
+    for r in adds[:50]:
+        a, b = map(int, r["prompt"].removeprefix("What is ").rstrip("?").split(" + "))
+        assert r["answer"] == str(a + b)
+    prefs = list(bundled.records("preference"))
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
+    sft = list(bundled.records("sft"))
+    assert sum(sum(m["role"] == "assistant" for m in r["messages"]) == 2 for r in sft) > 300
+    assert list(bundled.records("sft")) == sft
+    with pytest.raises(DataError, match="available: bundled:shakespeare"):
+        load_sources(["bundled:nothing"])
+
+
+def test_hash_fraction_is_uniform_enough():
+    values = [sources.hash_fraction(f"doc {i}") for i in range(2000)]
+    assert 0.45 < sum(values) / len(values) < 0.55
+    assert 150 < sum(v < 0.1 for v in values) < 250
