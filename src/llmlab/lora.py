@@ -1,0 +1,363 @@
+"""LoRA through PEFT: presets to a `LoraConfig`, adapters on an LLM-Lab model, adapter files, merging.
+
+    llm-lab merge-lora --adapter sft_checkpoints/best_lora_adapters --base checkpoints/best --out merged
+    llm-lab merge-lora --checkpoint sft_checkpoints/best --out merged
+
+LoRA is a transform of the plain model, not a second model hierarchy: `apply_lora` wraps the
+Transformer in a `peft.PeftModel` (base weights frozen, only `lora_A`/`lora_B` trainable). The adapter
+folder is PEFT's own format (`adapter_config.json` + `adapter_model.safetensors`), so
+`peft.PeftModel.from_pretrained(build_model(cfg), folder)` loads it. DPO's reference model is the same
+PeftModel under `with model.disable_adapter():`.
+
+A LoRA checkpoint keeps the base weights in `model.safetensors` under their plain names (no `lora_`
+tensors, no `base_layer.` in the keys) and the adapter in `adapter/`; the best adapter is also written to
+`{output_dir}/best_lora_adapters/`. Merging gives W + (B A) alpha / r in every targeted layer and writes a
+plain checkpoint (kind "merged") that `llmlab.load_model` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmlab.atomic import atomic_dir
+from llmlab.checkpoint import (
+    base_transformer,
+    load_state_into,
+    read_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
+from llmlab.config import LoraFields
+from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.model.estimate import LORA_TARGETS
+
+LORA_PRESETS: dict[str, tuple[str, ...]] = LORA_TARGETS  # plus "custom", which reads lora_target_modules
+ADAPTER_DIR = "adapter"
+BEST_ADAPTERS = "best_lora_adapters"
+ADAPTER_META = "training_metadata.json"  # LLM-Lab's note beside PEFT's files: kind, step, metrics
+LORA_FIELDS = tuple(f for f in LoraFields.__dataclass_fields__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and PEFT config
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of the model's Linear layers (`q_proj`, `up_proj`, ...), in first-seen order."""
+    names: dict[str, None] = {}
+    for name, module in base_transformer(model).named_modules():
+        if isinstance(module, nn.Linear) and name:
+            names.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(names)
+
+
+def target_modules(cfg: Any, model: nn.Module) -> list[str]:
+    """The module names LoRA adapts for `cfg.lora_preset` on this model.
+
+    Presets keep only the names the model has, so `ffn_only` and `all` on a non-gated MLP (relu, gelu,
+    ...) adapt its two projections up_proj and down_proj. A custom name must match a module, either by
+    its leaf name (`q_proj`) or a dotted suffix (`self_attn.q_proj`).
+    """
+    base = base_transformer(model)
+    existing = linear_names(base)
+    if cfg.lora_preset == "custom":
+        wanted = list(cfg.lora_target_modules or [])
+        if not wanted:
+            raise ConfigError('lora_target_modules: the custom preset needs module names, e.g. ["q_proj", "v_proj"]')
+        full = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n]
+        for t in wanted:
+            if not any(n == t or n.endswith("." + t) for n in full):
+                raise ConfigError(f"lora_target_modules: {t!r} matches no module of this model; "
+                                  f"modules that exist: {', '.join(existing)}")
+        return wanted
+    if cfg.lora_preset not in LORA_PRESETS:
+        raise ConfigError(f"lora_preset: {cfg.lora_preset!r} is not one of "
+                          f"{', '.join([*LORA_PRESETS, 'custom'])}")
+    targets = [t for t in LORA_PRESETS[cfg.lora_preset] if t in existing]
+    if not targets:
+        raise ConfigError(f"lora_preset: {cfg.lora_preset!r} matches no module of this model; use the custom "
+                          f"preset with some of: {', '.join(existing)}")
+    return targets
+
+
+def lora_config_from(cfg: Any, model: nn.Module):
+    """`peft.LoraConfig` for a stage config's LoRA fields (r, alpha, dropout, preset targets)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target_modules(cfg, model), bias="none")
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each parameter counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _print_summary(model: nn.Module, how: str) -> None:
+    trainable, total = trainable_summary(model)
+    print(f"LoRA {how}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+
+def apply_lora(model: nn.Module, cfg: Any, *, verbose: bool = True):
+    """Wrap a plain LLM-Lab model in a PeftModel with adapters per `cfg`; the base is frozen and only
+    adapter parameters train. Prints trainable and total parameters."""
+    from peft import get_peft_model
+
+    model = unwrap_model(model)
+    if hasattr(model, "peft_config"):
+        raise LLMLabError("use_lora: the model already has LoRA adapters; merge them first (llm-lab merge-lora) "
+                          "or resume the LoRA checkpoint")
+    lcfg = lora_config_from(cfg, model)
+    peft_model = get_peft_model(model, lcfg)
+    if verbose:
+        _print_summary(peft_model, f"({cfg.lora_preset}: {', '.join(lcfg.target_modules)}; r={cfg.lora_r}, "
+                                   f"alpha={cfg.lora_alpha})")
+    return peft_model
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return hasattr(unwrap_model(model), "peft_config")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights of a PeftModel under the plain model's names (no LoRA tensors); a tied
+    lm_head is stored once, as `checkpoint.save_checkpoint` expects."""
+    base = base_transformer(model)
+    state = {}
+    for k, v in base.state_dict().items():
+        if "lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v.detach().contiguous()
+    if getattr(base.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _write_adapter(model: nn.Module, folder: Path, meta: dict[str, Any] | None, train_config: Any) -> None:
+    unwrap_model(model).save_pretrained(str(folder))
+    if meta is not None:
+        (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if train_config is not None:
+        (folder / "training_config.json").write_text(
+            json.dumps({"stage": type(train_config).__name__, **train_config.to_dict()}, indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, meta: dict[str, Any] | None = None,
+                 train_config: Any = None) -> Path:
+    """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), atomically.
+    `meta` (kind, step, metrics) and the stage config are kept beside it for `merge_adapter_folder`."""
+    if not is_lora_model(model):
+        raise LLMLabError("save_adapter: the model has no LoRA adapters (train with use_lora=true)")
+    with atomic_dir(folder) as tmp:
+        _write_adapter(model, tmp, meta, train_config)
+    return Path(folder)
+
+
+def save_lora_checkpoint(path: str | os.PathLike, model: nn.Module, *, best_adapter_dir: str | os.PathLike | None = None,
+                         **kwargs: Any) -> Path:
+    """A full LoRA checkpoint: base weights in model.safetensors, the adapter in `adapter/`, in one atomic
+    folder write (`kwargs` go to `save_checkpoint`: kind, train_config, trainer_state, metrics, ...).
+    With `best_adapter_dir` (after a new best) the adapter is also written there, atomically."""
+    extra = kwargs.pop("write_extra", None)
+
+    def write_extra(tmp: Path) -> None:
+        (tmp / ADAPTER_DIR).mkdir()
+        _write_adapter(model, tmp / ADAPTER_DIR, None, None)
+        if extra is not None:
+            extra(tmp)
+
+    out = save_checkpoint(path, model, state_dict=base_state_dict(model), write_extra=write_extra, **kwargs)
+    if best_adapter_dir is not None:
+        state = kwargs.get("trainer_state") or {}
+        meta = {"kind": kwargs.get("kind", "sft"), "step": state.get("step"), "metrics": kwargs.get("metrics") or {},
+                "checkpoint": str(out)}
+        save_adapter(model, best_adapter_dir, meta=meta, train_config=kwargs.get("train_config"))
+    return out
+
+
+def _adapter_error(folder: Path) -> LLMLabError:
+    return CheckpointError(f"Adapter folder not found: {folder} has no adapter_config.json and "
+                           f"adapter_model.safetensors; check that LoRA training completed and saved adapters "
+                           f"(e.g. sft_checkpoints/{BEST_ADAPTERS})")
+
+
+def _load_adapter(model: nn.Module, folder: Path, *, trainable: bool, where: str):
+    from peft import PeftModel
+
+    if not ((folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()):
+        raise _adapter_error(folder)
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{folder}: the adapter does not fit {where} ({str(e).splitlines()[0][:200]}); pass "
+                              f"the base checkpoint the adapter was trained on") from None
+
+
+def load_lora_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None, *,
+                         trainable: bool = True):
+    """A full LoRA checkpoint back into a PeftModel: the base weights, then `adapter/` with the same
+    trainable set `apply_lora` gives (for exact resume; PEFT injects layers in the same order, so an
+    optimizer state saved for those parameters loads back in order)."""
+    from llmlab.model import build_model
+
+    ckpt = read_checkpoint(path)
+    if not (ckpt.path / ADAPTER_DIR).is_dir():
+        raise CheckpointError(f"{ckpt.path}: no {ADAPTER_DIR}/ folder, so not a LoRA checkpoint; resume it "
+                              f"with use_lora=false")
+    model = build_model(ckpt.model_config)
+    load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
+    peft_model = _load_adapter(model, ckpt.path / ADAPTER_DIR, trainable=trainable, where=str(ckpt.path))
+    if device is not None:
+        peft_model = peft_model.to(device)
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_out(out_dir: Path, force: bool, *sources: Path) -> None:
+    out = out_dir.resolve()
+    for s in sources:
+        if s.resolve() == out:
+            raise LLMLabError(f"--out {out_dir} is the input itself; choose another output folder")
+    if out_dir.exists() and not force:
+        raise LLMLabError(f"--out {out_dir} already exists; pass --force to overwrite it or choose another folder")
+
+
+def _lora_free_training_config(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {k: v for k, v in data.items() if k not in LORA_FIELDS} | {"use_lora": False}
+
+
+def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[str, Any],
+                  training_config: dict[str, Any] | None, tokenizer_dir: Path | None) -> Path:
+    merged = unwrap_model(merged)
+    leftovers = [k for k in merged.state_dict() if "lora_" in k]
+    if leftovers:  # pragma: no cover - merge_and_unload always removes them
+        raise CheckpointError(f"merge left LoRA tensor {leftovers[0]}; the adapter could not be merged")
+
+    def write_extra(tmp: Path) -> None:
+        if training_config is not None:
+            (tmp / "training_config.json").write_text(json.dumps(training_config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+
+    state = {"step": step} if step is not None else None
+    return save_checkpoint(out_dir, merged, kind="merged", trainer_state=state, metrics=metrics,
+                           write_extra=write_extra)
+
+
+def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
+                         out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Option 1: an adapter folder (e.g. best_lora_adapters/) plus the base checkpoint it was trained on
+    -> a plain merged checkpoint in `out_dir`. Returns `out_dir`."""
+    from llmlab.model import build_model
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not adapter_dir.is_dir():
+        raise _adapter_error(adapter_dir)
+    base = read_checkpoint(base_checkpoint)
+    _check_out(out_dir, force, adapter_dir, base.path)
+    model = build_model(base.model_config)
+    load_state_into(model, base.state_dict(), where=str(base.path))
+    merged = _load_adapter(model, adapter_dir, trainable=False, where=f"base checkpoint {base.path}").merge_and_unload()
+    meta_path = adapter_dir / ADAPTER_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else base.meta
+    tc_path = adapter_dir / "training_config.json"
+    training_config = json.loads(tc_path.read_text()) if tc_path.is_file() else base.training_config()
+    tokenizer_dir = adapter_dir / "tokenizer" if (adapter_dir / "tokenizer").is_dir() else base.tokenizer_path
+    out = _write_merged(out_dir, merged, step=meta.get("step"), metrics=meta.get("metrics") or {},
+                        training_config=_lora_free_training_config(training_config), tokenizer_dir=tokenizer_dir)
+    print(f"merged {adapter_dir} into {base.path} -> {out}")
+    return out
+
+
+def _config_error(path: Path, why: str) -> LLMLabError:
+    return CheckpointError(f"Could not load LoRA config from {path} ({why}); use option 1: --adapter DIR "
+                           f"--base CHECKPOINT")
+
+
+def _lora_config_of_checkpoint(ckpt: Any, model: nn.Module):
+    """The LoraConfig of a full checkpoint: from training_config.json, else adapter/adapter_config.json."""
+    from peft import LoraConfig
+
+    tc = ckpt.training_config()
+    if tc and tc.get("use_lora") and tc.get("lora_r"):
+        fields = {f: tc[f] for f in LORA_FIELDS if f in tc}
+        try:
+            return lora_config_from(SimpleNamespace(**{**_lora_defaults(), **fields}), model)
+        except ConfigError as e:
+            raise _config_error(ckpt.path, f"training_config.json: {e}") from None
+    adapter_cfg = ckpt.path / ADAPTER_DIR / "adapter_config.json"
+    if not adapter_cfg.is_file():
+        raise _config_error(ckpt.path, "no LoRA fields in training_config.json and no adapter/adapter_config.json")
+    try:
+        return LoraConfig.from_pretrained(str(ckpt.path / ADAPTER_DIR))
+    except Exception as e:  # noqa: BLE001 - PEFT raises several types for a bad file
+        raise _config_error(ckpt.path, f"adapter_config.json: {str(e).splitlines()[0][:160]}") from None
+
+
+def _lora_defaults() -> dict[str, Any]:
+    return {name: f.default for name, f in LoraFields.__dataclass_fields__.items()}
+
+
+def merge_full_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Option 2: a full LoRA checkpoint (base weights + `adapter/`) -> a plain merged checkpoint. The LoRA
+    config comes from its training_config.json (falling back to adapter/adapter_config.json)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from llmlab.model import build_model
+
+    ckpt = read_checkpoint(checkpoint)
+    out_dir = Path(out_dir)
+    weights = ckpt.path / ADAPTER_DIR / "adapter_model.safetensors"
+    if not (ckpt.path / ADAPTER_DIR).is_dir():
+        raise CheckpointError(f"Checkpoint doesn't have LoRA parameters: {ckpt.path} has no {ADAPTER_DIR}/ folder; "
+                              f"it may be merged already or trained without LoRA, so use it as it is")
+    _check_out(out_dir, force, ckpt.path)
+    model = build_model(ckpt.model_config)
+    load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
+    lcfg = _lora_config_of_checkpoint(ckpt, model)
+    if not weights.is_file():
+        raise CheckpointError(f"Checkpoint doesn't have LoRA parameters: {weights} is missing; it may be merged "
+                              f"already or trained without LoRA, or use option 1 with another adapter folder")
+    peft_model = get_peft_model(model, lcfg)
+    adapter_state = load_file(str(weights))
+    result = set_peft_model_state_dict(peft_model, adapter_state)
+    expected = {k for k in peft_model.state_dict() if "lora_" in k}
+    missing = [k for k in result.missing_keys if k in expected]
+    if result.unexpected_keys or missing or not adapter_state:
+        bad = (result.unexpected_keys or missing or ["(no tensors)"])[0]
+        raise CheckpointError(f"{weights}: adapter tensor {bad} does not match the LoRA config in "
+                              f"training_config.json; use option 1: --adapter DIR --base CHECKPOINT")
+    merged = peft_model.merge_and_unload()
+    out = _write_merged(out_dir, merged, step=ckpt.meta.get("step"), metrics=ckpt.meta.get("metrics") or {},
+                        training_config=_lora_free_training_config(ckpt.training_config()),
+                        tokenizer_dir=ckpt.tokenizer_path)
+    print(f"merged the LoRA adapter of {ckpt.path} -> {out}")
+    return out

@@ -1,0 +1,197 @@
+"""LoRA through PEFT: preset targets, frozen base, PEFT-format adapters, full LoRA checkpoints, merging."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+import llmlab
+from conftest import tiny_config
+from llmlab.checkpoint import load_state_into, read_checkpoint, save_checkpoint
+from llmlab.config import SFTConfig
+from llmlab.errors import LLMLabError
+from llmlab.lora import (
+    LORA_PRESETS,
+    apply_lora,
+    base_state_dict,
+    load_lora_checkpoint,
+    merge_adapter_folder,
+    merge_full_checkpoint,
+    save_adapter,
+    save_lora_checkpoint,
+)
+from llmlab.model import build_model
+from llmlab.model.estimate import count_lora_parameters
+
+
+def sft_cfg(**kw) -> SFTConfig:
+    base = dict(use_lora=True, lora_preset="minimal", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                datasets=["bundled:sft"], max_steps=10, warmup_steps=0)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def lora_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """PEFT starts lora_B at zero (a no-op adapter); give A and B values so the adapter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+class FakeTokenizer:
+    def save_pretrained(self, folder: str) -> None:
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            f.write('{"fake": true}')
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("preset", ["minimal", "attention_only", "ffn_only", "all"])
+def test_presets_target_the_right_modules(preset, activation):
+    cfg = tiny_config(activation=activation)
+    model = apply_lora(build_model(cfg), sft_cfg(lora_preset=preset), verbose=False)
+    names = lora_names(model)
+    expected = [t for t in LORA_PRESETS[preset] if activation == "swiglu" or t != "gate_proj"]
+    assert sorted({n.rsplit(".", 1)[-1] for n in names}) == sorted(expected)
+    assert len(names) == cfg.n_layers * len(expected)
+    if preset == "ffn_only" and activation == "gelu":
+        assert sorted({n.rsplit(".", 1)[-1] for n in names}) == ["down_proj", "up_proj"]
+    # only adapter parameters train, and their count is the estimator's
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_lora_parameters(cfg, expected, 4)
+
+
+def test_custom_targets_and_bad_name_lists_existing_modules(capsys):
+    cfg = tiny_config()
+    model = apply_lora(build_model(cfg), sft_cfg(lora_preset="custom", lora_target_modules=["o_proj", "up_proj"]))
+    assert sorted({n.rsplit(".", 1)[-1] for n in lora_names(model)}) == ["o_proj", "up_proj"]
+    out = capsys.readouterr().out
+    assert "trainable" in out and f"{sum(p.numel() for p in model.parameters()):,}" in out
+    with pytest.raises(LLMLabError) as e:
+        apply_lora(build_model(cfg), sft_cfg(lora_preset="custom", lora_target_modules=["q_proj", "qkv"]))
+    msg = str(e.value)
+    assert "'qkv'" in msg and "\n" not in msg
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+        assert name in msg
+
+
+def _trained_lora(tmp_path, tie=False):
+    """A base checkpoint, and a LoRA model on it whose adapter is not a no-op, saved as a full checkpoint
+    with its best adapter folder."""
+    cfg = tiny_config(tie_embeddings=tie)
+    base = build_model(cfg)
+    save_checkpoint(tmp_path / "base", base, kind="pretrain", tokenizer=FakeTokenizer())
+    train_cfg = sft_cfg(lora_preset="all")
+    model = apply_lora(copy.deepcopy(base), train_cfg, verbose=False)
+    randomize_lora(model)
+    save_lora_checkpoint(tmp_path / "sft" / "best", model, kind="sft", train_config=train_cfg,
+                         trainer_state={"step": 7}, metrics={"val_loss": 1.5}, tokenizer=FakeTokenizer(),
+                         best_adapter_dir=tmp_path / "sft" / "best_lora_adapters")
+    return cfg, base, model.eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lora_checkpoint_layout_and_resume(tmp_path, tie):
+    cfg, base, model = _trained_lora(tmp_path, tie)
+    ckpt = read_checkpoint(tmp_path / "sft" / "best")
+    assert ckpt.has_adapter and ckpt.meta["has_adapter"] and ckpt.meta["step"] == 7
+    state = ckpt.state_dict()
+    assert not any("lora_" in k or "base_layer" in k for k in state)
+    for k, v in base.state_dict().items():  # the base weights, bit-identical, under their plain names
+        if not (tie and k == "lm_head.weight"):
+            assert torch.equal(state[k], v), k
+    resumed = load_lora_checkpoint(tmp_path / "sft" / "best").eval()
+    assert [n for n, p in resumed.named_parameters() if p.requires_grad] == \
+           [n for n, p in model.named_parameters() if p.requires_grad]
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(resumed(x), model(x))
+        assert (model(x) - base.eval()(x)).abs().max() > 1e-2
+        with model.disable_adapter():  # DPO's reference: the frozen base
+            assert torch.equal(model(x), base(x))
+    assert base_state_dict(resumed).keys() == state.keys()
+
+
+def test_best_adapters_load_with_peft_from_pretrained(tmp_path):
+    cfg, _, model = _trained_lora(tmp_path)
+    folder = tmp_path / "sft" / "best_lora_adapters"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    plain = build_model(cfg)
+    load_state_into(plain, read_checkpoint(tmp_path / "base").state_dict())
+    loaded = PeftModel.from_pretrained(plain, str(folder)).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("option", [1, 2])
+def test_merged_logits_equal_base_plus_adapter(tmp_path, option):
+    cfg, base, model = _trained_lora(tmp_path)
+    out = tmp_path / "merged"
+    if option == 1:
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "base", out)
+    else:
+        merge_full_checkpoint(tmp_path / "sft" / "best", out)
+    merged_ckpt = read_checkpoint(out)
+    assert not merged_ckpt.has_adapter and not (out / "adapter").exists()
+    assert not any("lora_" in k for k in merged_ckpt.state_dict())
+    assert merged_ckpt.meta["kind"] == "merged" and merged_ckpt.meta["step"] == 7
+    assert merged_ckpt.meta["metrics"] == {"val_loss": 1.5}
+    tc = merged_ckpt.training_config()
+    assert tc["stage"] == "SFTConfig" and tc["use_lora"] is False and "lora_r" not in tc
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    merged = llmlab.load_model(out)
+    assert type(merged).__name__ == "Transformer"
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want, got, plain = model(x), merged(x), base.eval()(x)
+    assert (got - want).abs().max() < 1e-5
+    assert (plain - want).abs().max() > 1e-2  # the adapter mattered
+
+
+def test_merge_errors(tmp_path):
+    _trained_lora(tmp_path)
+    with pytest.raises(LLMLabError, match="Checkpoint doesn't have LoRA parameters.*merged already"):
+        merge_full_checkpoint(tmp_path / "base", tmp_path / "m1")
+    with pytest.raises(LLMLabError, match="Adapter folder not found.*nowhere"):
+        merge_adapter_folder(tmp_path / "nowhere", tmp_path / "base", tmp_path / "m2")
+    with pytest.raises(LLMLabError, match="Adapter folder not found"):
+        merge_adapter_folder(tmp_path / "sft" / "best", tmp_path / "base", tmp_path / "m2")  # no adapter files
+    merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "m3")
+    with pytest.raises(LLMLabError, match="already exists.*--force"):
+        merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "m3")
+    with pytest.raises(LLMLabError, match="already exists.*--force"):
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "base", tmp_path / "m3")
+    assert merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "m3", force=True) == tmp_path / "m3"
+    # neither a LoRA training config nor adapter_config.json: the config cannot be known
+    ck = tmp_path / "sft" / "best"
+    (ck / "training_config.json").unlink()
+    (ck / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(LLMLabError, match="Could not load LoRA config.*--adapter DIR --base CHECKPOINT"):
+        merge_full_checkpoint(ck, tmp_path / "m4")
+    for f in ("m1", "m2", "m4"):
+        assert not (tmp_path / f).exists()
+
+
+def test_adapter_config_fallback_and_save_adapter_needs_lora(tmp_path):
+    cfg, _, model = _trained_lora(tmp_path)
+    (tmp_path / "sft" / "best" / "training_config.json").unlink()  # falls back to adapter_config.json
+    merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "merged")
+    x = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert (llmlab.load_model(tmp_path / "merged")(x) - model(x)).abs().max() < 1e-5
+    with pytest.raises(LLMLabError, match="no LoRA adapters"):
+        save_adapter(build_model(cfg), tmp_path / "x")
