@@ -1,5 +1,5 @@
 """The boundary with Hugging Face transformers: one key-mapping table and the config translation for
-Llama / Qwen2 / Mistral layouts. HF names live only here.
+Llama / Qwen2 / Mistral layouts, both ways. HF names live only here (file I/O is in `llmlab.interop`).
 
 LLM-Lab keys equal HF's `LlamaForCausalLM` keys without the `model.` prefix, so the table is a prefix
 rule plus the head.
@@ -66,6 +66,10 @@ def model_config_from_hf(hf: Any, tokenizer_name: str = "Qwen/Qwen2.5-0.5B") -> 
     elif rope_type not in ("default", None):
         raise ConfigError(f"rope scaling {rope_type!r} is not supported; supported: default, yarn")
     sliding = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    layer_types = getattr(hf, "layer_types", None) or []
+    if sliding is not None and len(set(layer_types)) > 1:
+        raise ConfigError(f"{model_type} with sliding_window on some layers only (max_window_layers="
+                          f"{getattr(hf, 'max_window_layers', '?')}) is not supported; LLM-Lab windows every layer")
     if model_type == "llama" and getattr(hf, "attention_bias", False):
         raise ConfigError("Llama attention_bias also biases o_proj, which LLM-Lab does not have")
     attention_type = "mha" if n_kv == n_heads else ("mqa" if n_kv == 1 else "gqa")
@@ -76,5 +80,67 @@ def model_config_from_hf(hf: Any, tokenizer_name: str = "Qwen/Qwen2.5-0.5B") -> 
         d_model=hf.hidden_size, n_heads=n_heads, n_kv_heads=n_kv, d_ff=hf.intermediate_size,
         n_layers=hf.num_hidden_layers, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
         sliding_window=sliding, attention_bias=model_type == "qwen2", norm_eps=hf.rms_norm_eps,
-        rope_theta=float(theta), tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), **kw,
+        rope_theta=float(theta), tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        init_std=float(getattr(hf, "initializer_range", None) or 0.02), **kw,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# LLM-Lab -> transformers
+# --------------------------------------------------------------------------------------------------
+
+EXPORT_SUPPORTED = "export-hf supports rope and yarn, rmsnorm, swiglu, mha/gqa/mqa"
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers family that reproduces `cfg` exactly, or a ConfigError naming the first option
+    with no equivalent. Bias on q/k/v is Qwen2's layout; a window without bias is Mistral's."""
+    if cfg.positional_encoding not in ("rope", "yarn"):
+        raise ConfigError(f"positional_encoding={cfg.positional_encoding!r} has no transformers Llama/Qwen2 "
+                          f"equivalent; {EXPORT_SUPPORTED}")
+    if cfg.norm_type != "rmsnorm":
+        raise ConfigError(f"norm_type={cfg.norm_type!r} has no transformers Llama/Qwen2 equivalent; "
+                          f"{EXPORT_SUPPORTED}")
+    if cfg.activation != "swiglu":
+        raise ConfigError(f"activation={cfg.activation!r} has no transformers Llama/Qwen2 equivalent; "
+                          f"{EXPORT_SUPPORTED}")
+    if cfg.attention_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window is not None else "llama"
+
+
+def hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' `rope_parameters` for rope or yarn (the keys `model_config_from_hf` reads back)."""
+    if cfg.positional_encoding == "yarn":
+        return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
+                "original_max_position_embeddings": cfg.yarn_original_len,
+                "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+
+
+def hf_config_from_llmlab(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                          pad_token_id: int | None = None) -> Any:
+    """ModelConfig -> a transformers LlamaConfig / MistralConfig / Qwen2Config with the same maths."""
+    import transformers
+
+    model_type = hf_model_type(cfg)
+    common = dict(
+        hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters=hf_rope_parameters(cfg), tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+        attention_dropout=0.0, initializer_range=cfg.init_std,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, dtype="float32",
+    )
+    if model_type == "qwen2":
+        windowed = cfg.sliding_window is not None
+        hf = transformers.Qwen2Config(**common, use_sliding_window=windowed, sliding_window=cfg.sliding_window,
+                                      max_window_layers=0)
+        hf.architectures = ["Qwen2ForCausalLM"]
+    elif model_type == "mistral":
+        hf = transformers.MistralConfig(**common, sliding_window=cfg.sliding_window)
+        hf.architectures = ["MistralForCausalLM"]
+    else:
+        hf = transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+        hf.architectures = ["LlamaForCausalLM"]
+    return hf

@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints in and out of LLM-Lab.
+
+    llm-lab import-hf HuggingFaceTB/SmolLM2-135M-Instruct --out runs/smollm   # hub id, folder or .gguf
+    llm-lab export-hf runs/sft/best --out runs/sft-hf                         # loads with from_pretrained
+
+Import goes through `transformers.AutoModelForCausalLM.from_pretrained` (the same code path for a hub
+id, a local folder and a GGUF file, which transformers dequantises), translates the config with
+`llmlab.hf.model_config_from_hf`, and checks logits against transformers before writing anything.
+Export writes safetensors under HF's key names plus an HF config, so the folder needs nothing from
+LLM-Lab to load; a LoRA checkpoint is merged first (`load_model` merges its adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmlab.atomic import atomic_dir
+from llmlab.checkpoint import load_model, model_state_for_saving, read_checkpoint, save_checkpoint
+from llmlab.errors import CheckpointError, ConfigError, DataError
+from llmlab.hf import (
+    hf_config_from_llmlab,
+    hf_model_type,
+    hf_state_to_llmlab,
+    llmlab_state_to_hf,
+    model_config_from_hf,
+)
+
+SOURCE_FILE = "imported_from.json"
+PARITY_ATOL = 1e-3  # fp32 vs fp32 with a different attention kernel: ~1e-5 in practice
+
+
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite an existing path unless `force`."""
+    p = Path(out)
+    if p.exists() and not force:
+        raise CheckpointError(f"{p} already exists; pass --force (force=True) to overwrite it or choose another --out")
+    return p
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def is_gguf(source: str | os.PathLike) -> bool:
+    return str(source).lower().endswith(".gguf")
+
+
+def _from_pretrained_args(source: str) -> tuple[str, dict[str, Any]]:
+    """(path or id, extra kwargs) for transformers' from_pretrained: a GGUF file is its folder + gguf_file."""
+    if is_gguf(source):
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise CheckpointError(f"{source}: GGUF file not found; pass an existing .gguf path")
+        return str(p.parent), {"gguf_file": p.name}
+    p = Path(source).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{source}: not a transformers model folder (no config.json); pass a folder "
+                                  f"save_pretrained wrote, a hub id or a .gguf file")
+        return str(p), {}
+    if str(source).startswith((".", "/", "~")):
+        raise CheckpointError(f"{source} does not exist; pass a hub id, a transformers folder or a .gguf file")
+    return str(source), {}
+
+
+def load_hf(source: str, *, with_tokenizer: bool = True) -> tuple[Any, Any]:
+    """(transformers model in fp32 eval mode, tokenizer or None) for a hub id, folder or .gguf file.
+
+    The config is read and translated first, so an unsupported architecture fails before any weights
+    are downloaded or dequantised."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _from_pretrained_args(source)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(where, **extra)
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, unreadable file
+        raise CheckpointError(f"cannot read a transformers config from {source!r} ({_first_line(e)}); check the "
+                              f"hub id / path and the network") from None
+    model_config_from_hf(hf_cfg)  # raises ConfigError naming what has no LLM-Lab equivalent
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the weights of {source!r} with transformers ({_first_line(e)})") from None
+    tok = None
+    if with_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(where, **extra)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{source!r} has no loadable tokenizer ({_first_line(e)}); import needs the "
+                            f"tokenizer files (tokenizer.json, tokenizer_config.json) beside the weights") from None
+    return model.eval(), tok
+
+
+def parity_ids(vocab_size: int, n: int = 16) -> torch.Tensor:
+    """A fixed, spread-out probe sequence (no RNG, so the check is reproducible)."""
+    return (torch.arange(n, dtype=torch.long) * 7919 + 11).remainder(vocab_size)[None]
+
+
+def max_logit_diff(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> float:
+    ids = parity_ids(ours.config.vocab_size) if ids is None else ids
+    with torch.no_grad():
+        ref = hf_model(ids).logits.float()
+        got = ours(ids).float()
+    return float((ref - got).abs().max())
+
+
+def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
+    """Hub id, transformers folder or .gguf file -> an LLM-Lab checkpoint folder (kind "imported") with the
+    tokenizer and its chat template in `tokenizer/`. `check` compares logits with transformers on a probe
+    sequence and refuses to write a checkpoint that disagrees."""
+    from llmlab.checkpoint import load_state_into
+    from llmlab.model import build_model
+
+    out = check_output(out_dir, force)
+    hf_model, tok = load_hf(source)
+    tokenizer_name = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    cfg = model_config_from_hf(hf_model.config, tokenizer_name=tokenizer_name)
+    model = build_model(cfg)
+    load_state_into(model, hf_state_to_llmlab(hf_model.state_dict()), where=str(source))
+    model.eval()
+    if check:
+        diff = max_logit_diff(model, hf_model)
+        if not diff < PARITY_ATOL:
+            raise CheckpointError(f"{source}: imported logits differ from transformers by {diff:.2e} (> {PARITY_ATOL}); "
+                                  f"the architecture has a feature LLM-Lab does not reproduce")
+    info = {"source": str(source), "model_type": hf_model.config.model_type,
+            "architectures": getattr(hf_model.config, "architectures", None), "gguf": is_gguf(source)}
+    gen = getattr(hf_model, "generation_config", None)
+
+    def extra(tmp: Path) -> None:
+        (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if gen is not None:
+            gen.save_pretrained(str(tmp))  # generation_config.json: the model's own stop tokens
+
+    del hf_model
+    return save_checkpoint(out, model, kind="imported", tokenizer=tok, write_extra=extra)
+
+
+def checkpoint_tokenizer(ckpt: Any) -> Any:
+    """The tokenizer a checkpoint was trained with: its `tokenizer/` folder, else `tokenizer_name`."""
+    from llmlab.data.tokenizer import load_tokenizer
+
+    src = ckpt.tokenizer_path or ckpt.model_config.tokenizer_name
+    try:
+        return load_tokenizer(str(src))
+    except DataError as e:
+        raise DataError(f"{ckpt.path}: no tokenizer/ folder and {e}") from None
+
+
+def generation_config_for(tok: Any) -> Any:
+    """A GenerationConfig that stops where LLM-Lab's chat stops (eos and <|im_end|>)."""
+    from transformers import GenerationConfig
+
+    from llmlab.data.tokenizer import stop_token_ids
+
+    stops = stop_token_ids(tok)
+    return GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                            eos_token_id=stops[0] if len(stops) == 1 else (stops or None))
+
+
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """An LLM-Lab checkpoint -> a folder `AutoModelForCausalLM.from_pretrained` loads (Llama, Mistral when
+    windowed, Qwen2 when q/k/v have bias): model.safetensors, config.json, generation_config.json and the
+    tokenizer with its chat template. A LoRA adapter is merged into the weights."""
+    from safetensors.torch import save_file
+
+    from llmlab.data.tokenizer import chat_template_of
+
+    ckpt = read_checkpoint(checkpoint)
+    hf_model_type(ckpt.model_config)  # fail on options with no equivalent before loading anything
+    out = check_output(out_dir, force)
+    tok = checkpoint_tokenizer(ckpt)
+    if len(tok) > ckpt.model_config.vocab_size:
+        raise ConfigError(f"{ckpt.path}: the tokenizer has {len(tok)} tokens but vocab_size is "
+                          f"{ckpt.model_config.vocab_size}; the checkpoint and tokenizer do not belong together")
+    tok.chat_template = chat_template_of(tok)
+    model = load_model(ckpt.path)  # merges a LoRA adapter
+    hf_cfg = hf_config_from_llmlab(ckpt.model_config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+    state = llmlab_state_to_hf(model_state_for_saving(model))
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        hf_cfg.save_pretrained(str(tmp))
+        generation_config_for(tok).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    return out

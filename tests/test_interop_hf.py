@@ -1,0 +1,167 @@
+"""Import from and export to transformers folders: logits parity (1e-4) and identical greedy continuations,
+on tiny random models and a tiny trained byte-level BPE tokenizer (no download)."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from conftest import tiny_config
+from llmlab.checkpoint import load_model, read_checkpoint, save_checkpoint
+from llmlab.data.tokenizer import load_tokenizer, stop_token_ids, train_tokenizer
+from llmlab.errors import CheckpointError, ConfigError
+from llmlab.generate import generate_tokens
+from llmlab.interop import export_hf, import_hf
+from llmlab.model import build_model
+
+TEXT = ("To be, or not to be, that is the question. Whether tis nobler in the mind to suffer the slings "
+        "and arrows of outrageous fortune, or to take arms against a sea of troubles. ") * 8
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    (root / "corpus.txt").write_text(TEXT)
+    train_tokenizer(str(root / "corpus.txt"), vocab_size=300, out_dir=root / "tok")
+    return root / "tok"
+
+
+def _hf_folder(tmp_path, model_cls, config_cls, tok_dir, bias=False, **kw):
+    torch.manual_seed(0)
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, rms_norm_eps=1e-6,
+                initializer_range=0.2)
+    base.update(kw)
+    hf = model_cls(config_cls(**base)).eval()
+    if bias:
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    load_tokenizer(str(tok_dir)).save_pretrained(folder)
+    return hf, folder
+
+
+def _logits(model, x):
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+def _logits_diff(a, b, vocab):
+    x = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return float((_logits(a, x) - _logits(b, x)).abs().max())
+
+
+def test_import_llama_folder_parity_and_tokenizer(tmp_path, tok_dir):
+    hf, folder = _hf_folder(tmp_path, transformers.LlamaForCausalLM, transformers.LlamaConfig, tok_dir,
+                            rope_theta=5000.0, tie_word_embeddings=False)
+    out = import_hf(str(folder), tmp_path / "ck")
+    ckpt = read_checkpoint(out)
+    assert ckpt.meta["kind"] == "imported" and ckpt.model_config.rope_theta == 5000.0
+    assert ckpt.model_config.attention_type == "gqa" and not ckpt.model_config.tie_embeddings
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt.tokenizer_path)
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert _logits_diff(load_model(out), hf, 320) < 1e-4
+    with pytest.raises(CheckpointError, match="already exists"):
+        import_hf(str(folder), out)
+
+
+def test_import_qwen2_bias_tied_sliding_window(tmp_path, tok_dir):
+    hf, folder = _hf_folder(tmp_path, transformers.Qwen2ForCausalLM, transformers.Qwen2Config, tok_dir, bias=True,
+                            num_key_value_heads=1, tie_word_embeddings=True, use_sliding_window=True,
+                            sliding_window=6, max_window_layers=0, attn_implementation="eager")
+    out = import_hf(str(folder), tmp_path / "ck")
+    cfg = read_checkpoint(out).model_config
+    assert cfg.attention_bias and cfg.tie_embeddings and cfg.sliding_window == 6 and cfg.attention_type == "mqa"
+    assert _logits_diff(load_model(out), hf, 320) < 1e-4
+
+
+def test_import_refuses_partial_sliding_window(tmp_path, tok_dir):
+    _, folder = _hf_folder(tmp_path, transformers.Qwen2ForCausalLM, transformers.Qwen2Config, tok_dir,
+                           use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    with pytest.raises(ConfigError, match="max_window_layers"):
+        import_hf(str(folder), tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def _llmlab_checkpoint(tmp_path, tok_dir, **overrides):
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=320, init_std=0.2, d_model=64, **overrides)
+    model = build_model(cfg)
+    if cfg.attention_bias:
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+                layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    return model, save_checkpoint(tmp_path / "ck", model, tokenizer=load_tokenizer(str(tok_dir)))
+
+
+def _assert_same_in_transformers(ours, folder, arch):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == arch
+    assert _logits_diff(ours, hf, ours.config.vocab_size) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "to be or not"}], add_generation_prompt=True,
+                                     return_dict=True, return_tensors="pt")["input_ids"]
+    stops = stop_token_ids(tok)
+    mine = generate_tokens(ours, prompt, max_new_tokens=12, temperature=0, eos_token_id=stops).responses[0]
+    theirs = hf.generate(prompt, do_sample=False, max_new_tokens=12)[0, prompt.shape[1]:].tolist()
+    cut = next((i + 1 for i, t in enumerate(theirs) if t in stops), len(theirs))
+    assert mine == theirs[:cut] and len(mine) > 1
+
+
+@pytest.mark.parametrize("overrides,arch", [
+    (dict(attention_type="gqa", n_kv_heads=2, rope_theta=20000.0), "LlamaForCausalLM"),
+    (dict(attention_type="mqa", attention_bias=True, tie_embeddings=True, sliding_window=5), "Qwen2ForCausalLM"),
+    (dict(attention_type="mha", sliding_window=4), "MistralForCausalLM"),
+    (dict(positional_encoding="yarn", rope_scaling_factor=4.0, original_max_seq_len=16), "LlamaForCausalLM"),
+])
+def test_export_hf_same_logits_and_greedy_tokens(tmp_path, tok_dir, overrides, arch):
+    model, ck = _llmlab_checkpoint(tmp_path, tok_dir, **overrides)
+    out = export_hf(ck, tmp_path / "hf")
+    assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
+    _assert_same_in_transformers(model.eval(), out, arch)
+
+
+def test_export_hf_merges_lora_adapter(tmp_path, tok_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from llmlab.checkpoint import model_state_for_saving
+
+    model, _ = _llmlab_checkpoint(tmp_path / "base", tok_dir)
+    base_state = model_state_for_saving(model)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ck = save_checkpoint(tmp_path / "lora", peft, state_dict=base_state, kind="sft",
+                         tokenizer=load_tokenizer(str(tok_dir)),
+                         write_extra=lambda tmp: peft.save_pretrained(str(tmp / "adapter")))
+    merged = load_model(ck)
+    assert _logits_diff(merged, load_model(ck, with_adapter=False), 320) > 1e-2  # the adapter matters
+    out = export_hf(ck, tmp_path / "hf")
+    _assert_same_in_transformers(merged, out, "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("overrides,option", [
+    (dict(positional_encoding="alibi"), "positional_encoding='alibi'"),
+    (dict(norm_type="layernorm"), "norm_type='layernorm'"),
+    (dict(activation="gelu"), "activation='gelu'"),
+])
+def test_export_hf_refuses_options_without_equivalent(tmp_path, tok_dir, overrides, option):
+    _, ck = _llmlab_checkpoint(tmp_path, tok_dir, **overrides)
+    with pytest.raises(ConfigError, match=option) as e:
+        export_hf(ck, tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+def test_import_unknown_hub_id_is_one_line_error(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read a transformers config") as e:
+        import_hf("llmlab-test/not-a-model", tmp_path / "ck")  # offline in tests: the hub path fails cleanly
+    assert "\n" not in str(e.value)
