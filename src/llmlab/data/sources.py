@@ -299,7 +299,9 @@ def _to_text(index: int, spec: DatasetSpec, column: str | None, where: str):
 
 def _to_record(index: int):
     def fn(record: dict[str, Any]) -> dict[str, Any]:
-        return {"record": canonical_json(record), "source": index}
+        # Arrow gives every row every column of its file; a null is a key the record did not have.
+        present = {k: v for k, v in record.items() if v is not None}
+        return {"record": canonical_json(present), "source": index}
 
     return fn
 
