@@ -15,8 +15,10 @@ the real name. Loading never unpickles: safetensors and JSON, and `torch.load(..
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +29,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmlab.atomic import atomic_dir
+from llmlab.atomic import atomic_dir, leftovers
 from llmlab.config import FORMAT_VERSION, ModelConfig
-from llmlab.errors import CheckpointError, ConfigError
+from llmlab.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "llmlab.json"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed writing|file write failed")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -69,8 +72,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept an LLM-Lab checkpoint folder, or the spec's `.../best_model.pt` naming, which maps to the
     `best/` folder beside it. Pickle files are never loaded."""
     p = Path(path)
+    if ".tmp-" in p.name:
+        raise CheckpointError(f"{p}: a half-written checkpoint left by an interrupted save; pass the folder "
+                              f"beside it (e.g. {p.parent / 'latest'}) instead")
     if (p / "config.json").is_file():
         return p
+    if not p.exists():
+        moved = _interrupted_swap(p)
+        if moved is not None:
+            return moved
     if p.name.endswith(".pt") or p.name.endswith(".bin"):
         stem = p.name.rsplit(".", 1)[0]
         for candidate in (p.parent / stem, p.parent / stem.replace("_model", ""), p.parent / "best"):
@@ -84,9 +94,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         for sub in ("best", "latest", "final"):
             if (p / sub / "config.json").is_file():
                 return p / sub
+            if not (p / sub).exists() and (moved := _interrupted_swap(p / sub)) is not None:
+                return moved
         raise CheckpointError(f"{p}: not a checkpoint folder (no config.json); pass a folder such as "
                               f"checkpoints/best")
     raise CheckpointError(f"checkpoint {p} not found; pass a checkpoint folder such as checkpoints/best")
+
+
+def _interrupted_swap(p: Path) -> Path | None:
+    """The previous folder of `p` when a save was killed between its two renames (`.name.old-PID`, see
+    `llmlab.atomic`); the next save to `p` puts it back under its name."""
+    for old in reversed(leftovers(p, ".old-")):
+        if (old / "config.json").is_file() and (old / MODEL_FILE).is_file():
+            return old
+    return None
 
 
 def save_checkpoint(
@@ -107,6 +128,27 @@ def save_checkpoint(
     folder becomes visible."""
     cfg: ModelConfig = base_transformer(model).config
     state = state_dict if state_dict is not None else model_state_for_saving(model)
+    try:
+        _write_checkpoint(path, cfg, state, kind=kind, train_config=train_config, trainer_state=trainer_state,
+                          trainer_tensors=trainer_tensors, tokenizer=tokenizer, metrics=metrics,
+                          write_extra=write_extra)
+    except (OSError, SafetensorError, RuntimeError) as e:  # disk full, quota, permissions, read-only fs
+        if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError) and not _TORCH_WRITE_FAILED.search(str(e)):
+            raise  # only torch.save's own write failure is an I/O error; anything else is not ours to rename
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(e).lower()
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())[:160] or type(e).__name__
+        hint = "free disk space" if full else "check that the folder is writable and the disk not full"
+        err = CheckpointWriteError(f"{path}: cannot write the checkpoint ({why}); {hint}; the previous "
+                                   f"checkpoint there (if any) is unchanged")
+        err.errno = getattr(e, "errno", None)
+        raise err from None
+    return Path(path)
+
+
+def _write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor], *, kind: str,
+                      train_config: Any, trainer_state: dict[str, Any] | None, trainer_tensors: dict[str, Any] | None,
+                      tokenizer: Any, metrics: dict[str, Any] | None,
+                      write_extra: Callable[[Path], None] | None) -> None:
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "pt", "llmlab_format_version": str(FORMAT_VERSION)})
@@ -125,7 +167,6 @@ def save_checkpoint(
         meta = {"format_version": FORMAT_VERSION, "kind": kind, "metrics": metrics or {},
                 "step": (trainer_state or {}).get("step"), "has_adapter": (tmp / "adapter").is_dir()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return Path(path)
 
 
 @dataclass

@@ -15,3 +15,8 @@ class CheckpointError(LLMLabError):
 
 class DataError(LLMLabError):
     """A dataset spec or record cannot be used."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, read-only, no permission). Still an OSError, so code
+    that handles I/O failures keeps working; the previous checkpoint under that name is unchanged."""
