@@ -1,0 +1,247 @@
+"""Inference: the chat REPL and one-shot generation, a thin shell over `llmlab.generate.generate_tokens`.
+
+    llm-lab chat --checkpoint sft_checkpoints/best
+
+Base (pretrain) checkpoints complete raw text; SFT, RLHF and merged checkpoints (and any checkpoint with
+`--adapter`) talk through the tokenizer's chat template with the whole conversation as context
+(the oldest turns are dropped when it no longer fits in max_seq_len). Tokens are decoded incrementally
+and printed as they come; a byte sequence cut in the middle of a character waits for its next token.
+
+REPL commands: /reset, /temp X, /top_p X, /top_k N, /max_tokens N, /help, /exit. Ctrl-C during a reply
+stops the reply; Ctrl-C (or Ctrl-D) at the prompt leaves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmlab.errors import CheckpointError, ConfigError
+
+CHAT_KINDS = ("sft", "rlhf", "merged")
+HELP = ("/reset clears the conversation; /temp X, /top_p X, /top_k N, /max_tokens N change sampling; "
+        "/exit or Ctrl-C leaves")
+
+
+@dataclass
+class Settings:
+    """Sampling settings; the defaults are the spec's (temperature 0.7, top_p 0.9, 256 tokens)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+def settings_from_args(args: Any) -> Settings:
+    return Settings(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive (special tokens skipped, partial characters held)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def load_for_inference(checkpoint: str, adapter: str | None = None, device: str = "auto"):
+    """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights."""
+    from llmlab.checkpoint import load_model, read_checkpoint
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.device import pick_device
+
+    ckpt = read_checkpoint(checkpoint)
+    model = load_model(ckpt.path, with_adapter=adapter is None)
+    tokenizer_source = str(ckpt.tokenizer_path) if ckpt.tokenizer_path else ckpt.model_config.tokenizer_name
+    kind = ckpt.meta.get("kind", "pretrain")
+    if adapter is not None:
+        folder = Path(adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise CheckpointError(f"adapter: {folder} has no adapter_config.json; pass a LoRA adapter folder "
+                                  f"such as sft_checkpoints/best_lora_adapters")
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"adapter: {folder} does not fit {ckpt.path} ({str(e).splitlines()[0][:160]}); "
+                                  f"pass the base checkpoint it was trained on") from None
+        if (folder / "tokenizer").is_dir():
+            tokenizer_source = str(folder / "tokenizer")
+        kind = "adapter"
+    model = model.to(pick_device(device)).eval()
+    return model, load_tokenizer(tokenizer_source), kind
+
+
+@dataclass
+class ChatSession:
+    """A model, its tokenizer, the sampling settings and (in chat mode) the conversation so far."""
+
+    model: Any
+    tokenizer: Any
+    chat: bool
+    settings: Settings = field(default_factory=Settings)
+    system: str | None = None
+    seed: int | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+    name: str = "model"
+
+    @classmethod
+    def open(cls, checkpoint: str, *, adapter: str | None = None, mode: str | None = None,
+             settings: Settings | None = None, system: str | None = None, seed: int | None = None,
+             device: str = "auto") -> ChatSession:
+        model, tokenizer, kind = load_for_inference(checkpoint, adapter, device)
+        chat = mode == "chat" if mode else (kind in CHAT_KINDS or kind == "adapter"
+                                            or (kind == "imported" and bool(getattr(tokenizer, "chat_template", None))))
+        return cls(model, tokenizer, chat, settings or Settings(), system, seed, name=f"{checkpoint} ({kind})")
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def _messages(self, user_text: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history + [{"role": "user", "content": user_text}]
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids to generate from: raw text, or the rendered conversation with the generation prompt.
+        In chat mode the oldest exchanges are dropped until the prompt leaves room for the reply."""
+        if not self.chat:
+            return self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
+        from llmlab.data.chat import render
+
+        limit = self.model.config.max_seq_len - min(self.settings.max_new_tokens, self.model.config.max_seq_len // 2)
+        while True:
+            text = render(self.tokenizer, self._messages(user_text), add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit or not self.history:
+                return ids
+            self.history = self.history[2:]
+
+    def stop_ids(self) -> list[int]:
+        from llmlab.data.tokenizer import stop_token_ids
+
+        if self.chat:
+            return stop_token_ids(self.tokenizer)
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def reply(self, user_text: str, stream: TextIO | None = None) -> str:
+        """Generate the answer to `user_text`, writing it to `stream` piece by piece; returns the text.
+        Ctrl-C stops the reply early (what was generated is kept)."""
+        import torch
+
+        from llmlab.device import model_device
+        from llmlab.generate import generate_tokens
+
+        decoder = StreamDecoder(self.tokenizer)
+        stops = set(self.stop_ids())
+        done = [False]
+
+        def on_tokens(next_ids: torch.Tensor) -> None:
+            token = int(next_ids[0])
+            if done[0] or token in stops:
+                done[0] = True
+                return
+            piece = decoder.push(token)
+            if stream is not None and piece:
+                stream.write(piece)
+                stream.flush()
+
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(model_device(self.model)).manual_seed(self.seed)
+        s = self.settings
+        try:
+            generate_tokens(self.model, [self.prompt_ids(user_text)], max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                            eos_token_id=sorted(stops) or None, pad_token_id=self.tokenizer.pad_token_id,
+                            generator=generator, on_tokens=on_tokens)
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.write(" [stopped]")
+        if stream is not None:
+            stream.write("\n")
+            stream.flush()
+        answer = decoder.text
+        if self.chat:
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        return answer
+
+    # ---- the REPL ------------------------------------------------------------------------------
+
+    def command(self, line: str, out: TextIO) -> bool:
+        """Run one /command; False means leave."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.history = []
+            out.write("conversation cleared\n")
+            return True
+        if name == "/help":
+            out.write(HELP + "\n")
+            return True
+        fields = {"/temp": ("temperature", float), "/temperature": ("temperature", float),
+                  "/top_p": ("top_p", float), "/top_k": ("top_k", int), "/max_tokens": ("max_new_tokens", int)}
+        if name not in fields:
+            out.write(f"error: unknown command {name}; {HELP}\n")
+            return True
+        key, kind = fields[name]
+        try:
+            value = kind(arg)
+            self.settings = Settings(**{**self.settings.__dict__, key: value})
+        except ValueError as e:
+            reason = str(e) if isinstance(e, ConfigError) else f"{key}: expected {kind.__name__}, got {arg!r}"
+            out.write(f"error: {reason}\n")
+            return True
+        out.write(f"{key} = {value}\n")
+        return True
+
+    def repl(self, input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+        s = self.settings
+        mode = "chat template" if self.chat else "raw completion"
+        out.write(f"{self.name}: {mode}; temperature {s.temperature}, top_p {s.top_p}, max_tokens "
+                  f"{s.max_new_tokens}.\n{HELP}\n")
+        out.flush()
+        while True:
+            try:
+                line = input_fn("you> ")
+            except (KeyboardInterrupt, EOFError):
+                out.write("\nbye\n")
+                return
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line, out):
+                    out.write("bye\n")
+                    return
+                continue
+            out.write("model> ")
+            out.flush()
+            self.reply(line, stream=out)

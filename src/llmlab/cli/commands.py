@@ -1,0 +1,270 @@
+"""What each CLI action does, given configs: shared by the subcommands and the interactive menu.
+
+    llm-lab estimate --model-config configs/model_tiny.json --config configs/pretrain_tiny.json
+
+Stage modules are imported inside the functions, so a missing or broken stage only breaks its own
+command. Every function raises LLMLabError subclasses for bad input; the caller prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmlab.config import STAGE_CONFIGS, ConfigBase, ModelConfig, RLHFConfig, SFTConfig, TrainConfig
+from llmlab.errors import ConfigError, LLMLabError
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs and estimates
+# --------------------------------------------------------------------------------------------------
+
+STAGE_BY_NAME = {cls.__name__: cls for cls in STAGE_CONFIGS.values()}
+
+
+def load_stage_config(path: str | os.PathLike) -> ConfigBase:
+    """A train/sft/rlhf config file, its class told by the `stage` key (checkpoints write it) or its keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; check the path")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}); fix the file or recreate it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a JSON object of config fields")
+    stage = data.pop("stage", None)
+    if stage in STAGE_BY_NAME:
+        return STAGE_BY_NAME[stage].from_dict(data, source=str(p))
+    keys = {k for k in data if not k.startswith("_")}  # "_comment" keys are allowed
+    for cls in (RLHFConfig, SFTConfig, TrainConfig):
+        if keys <= set(cls.field_names()) and (cls is TrainConfig or keys & _distinctive(cls)):
+            return cls.from_dict(data, source=str(p))
+    return TrainConfig.from_dict(data, source=str(p))  # raises naming the unknown keys
+
+
+def _distinctive(cls: type[ConfigBase]) -> set[str]:
+    if cls is RLHFConfig:
+        return set(RLHFConfig.field_names()) - set(SFTConfig.field_names())
+    return {"policy_checkpoint", "learning_rate", "use_lora"}
+
+
+def stage_estimate_args(stage: ConfigBase | None, model_cfg: ModelConfig) -> dict[str, Any]:
+    """estimate_memory keyword arguments implied by a stage config (batch, length, optimizer, LoRA)."""
+    if stage is None:
+        return {}
+    out: dict[str, Any] = {"optimizer": stage.optimizer,
+                           "gradient_checkpointing": getattr(stage, "gradient_checkpointing", False)}
+    if isinstance(stage, RLHFConfig):
+        out["batch_size"] = stage.mini_batch_size * (2 if stage.algorithm == "dpo" else 1)
+        out["seq_len"] = min(model_cfg.max_seq_len, stage.max_prompt_len + stage.max_new_tokens)
+    else:
+        out["batch_size"] = stage.batch_size
+        out["seq_len"] = stage.max_seq_len or model_cfg.max_seq_len
+    if getattr(stage, "use_lora", False):
+        out.update(lora_preset=stage.lora_preset, lora_r=stage.lora_r, lora_targets=stage.lora_target_modules)
+    return out
+
+
+def estimate_table(model_cfg: ModelConfig, stage: ConfigBase | None = None, *, batch_size: int | None = None,
+                   seq_len: int | None = None, optimizer: str | None = None, dtype: str | None = None):
+    """A rich table: parameters (total, trainable) and training memory by part."""
+    from rich.table import Table
+
+    from llmlab.model.estimate import estimate_memory
+
+    kw = stage_estimate_args(stage, model_cfg)
+    for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("optimizer", optimizer)):
+        if value is not None:
+            kw[key] = value
+    if dtype is None:
+        import torch
+
+        dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    est = estimate_memory(model_cfg, dtype=dtype, **kw)
+    table = Table(title="Model size and training memory (estimate)", show_header=True)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{est.parameters:,} ({_human(est.parameters)})")
+    table.add_row("trainable", f"{est.trainable:,} ({_human(est.trainable)})")
+    setting = (f"batch {kw.get('batch_size', 1)} x {kw.get('seq_len') or model_cfg.max_seq_len} tokens, "
+               f"{kw.get('optimizer', 'adamw')}, {dtype}" + (f", LoRA {kw['lora_preset']}" if 'lora_preset' in kw else ""))
+    table.add_row("setting", setting)
+    for name, gb in (("weights", est.weights_gb), ("gradients", est.gradients_gb),
+                     ("optimizer states", est.optimizer_gb), ("activations", est.activations_gb),
+                     ("total", est.total_gb)):
+        table.add_row(name, f"{gb:.3f} GB")
+    return table
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def print_estimate(model_cfg: ModelConfig, stage: ConfigBase | None = None, **kw: Any) -> None:
+    console().print(estimate_table(model_cfg, stage, **kw))
+
+
+def model_config_of(stage: SFTConfig | RLHFConfig) -> ModelConfig | None:
+    """The policy checkpoint's model config, or None when it cannot be read yet."""
+    from llmlab.checkpoint import read_checkpoint
+
+    try:
+        return read_checkpoint(stage.policy_checkpoint).model_config
+    except LLMLabError:
+        return None
+
+
+def configure(cfg: ModelConfig, out: str | os.PathLike = "model_config.json", *,
+              vocab_from_tokenizer: bool = False) -> Path:
+    """Save a model config (optionally sizing vocab_size from its tokenizer) and print its estimate."""
+    if vocab_from_tokenizer:
+        from llmlab.data.tokenizer import load_tokenizer, model_vocab_size
+
+        cfg = cfg.with_overrides({"vocab_size": model_vocab_size(load_tokenizer(cfg.tokenizer_name))})
+    path = cfg.save(out)
+    print_estimate(cfg)
+    console().print(f"saved model config to {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Training stages
+# --------------------------------------------------------------------------------------------------
+
+
+class StageMissing(LLMLabError):
+    """A stage this install does not have (its module or function is missing)."""
+
+
+def _stage_function(module: str, name: str, what: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            raise StageMissing(f"{what} is not available in this LLM-Lab install ({module} is missing)") from None
+        raise
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise StageMissing(f"{what} is not available in this LLM-Lab install ({module}.{name} is missing)")
+    return fn
+
+
+def default_model_config(resume: str | None) -> ModelConfig | None:
+    """`./model_config.json` when it exists; None when resuming (the checkpoint's config is used)."""
+    if resume:
+        return None
+    p = Path("model_config.json")
+    if p.is_file():
+        return ModelConfig.load(p)
+    raise ConfigError("pretrain: no model config; pass --model-config FILE (create one with `llm-lab configure`) "
+                      "or --resume CHECKPOINT")
+
+
+def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: str | None = None,
+             load_optimizer_state: bool = True, progress: bool = True) -> Path:
+    """Base training; returns the output folder (or what the stage returns)."""
+    run = _stage_function("llmlab.train.pretrain", "run_pretrain", "base training")
+    if model_cfg is None:
+        model_cfg = default_model_config(resume)
+    if model_cfg is not None:
+        print_estimate(model_cfg, cfg)
+    return run(cfg, model_cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress)
+
+
+def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+    run = _stage_function("llmlab.train.sft", "run_sft", "SFT")
+    model_cfg = model_config_of(cfg)
+    if model_cfg is not None:
+        print_estimate(model_cfg, cfg)
+    return run(cfg, resume=resume, progress=progress)
+
+
+def rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+    run = _stage_function("llmlab.rlhf.run", "run_rlhf", "RLHF")
+    model_cfg = model_config_of(cfg)
+    if model_cfg is not None:
+        print_estimate(model_cfg, cfg)
+    return run(cfg, resume=resume, progress=progress)
+
+
+def merge_lora(*, adapter: str | None = None, base: str | None = None, checkpoint: str | None = None,
+               out: str, force: bool = False) -> Path:
+    """Option 1 (adapter folder + base checkpoint) or option 2 (full checkpoint with adapter/)."""
+    if checkpoint and (adapter or base):
+        raise ConfigError("merge-lora: give either --checkpoint (option 2) or --adapter with --base (option 1)")
+    if checkpoint:
+        fn = _stage_function("llmlab.lora", "merge_full_checkpoint", "LoRA merging")
+        return fn(checkpoint, out, force=force)
+    if not (adapter and base):
+        raise ConfigError("merge-lora: option 1 needs both --adapter DIR and --base CHECKPOINT; option 2 needs "
+                          "--checkpoint CHECKPOINT")
+    fn = _stage_function("llmlab.lora", "merge_adapter_folder", "LoRA merging")
+    return fn(adapter, base, out, force=force)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, tokenizer, interop
+# --------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(datasets: list[str], vocab_size: int, out: str, **kw: Any):
+    from llmlab.data.tokenizer import train_tokenizer as train
+
+    tok = train(datasets, vocab_size, out, **kw)
+    console().print(f"trained a tokenizer of {len(tok)} tokens -> {out}")
+    return tok
+
+
+def data_preview(kind: str, datasets: list[str], tokenizer: str, *, n: int = 5, as_json: bool = False,
+                 seq_len: int = 256) -> None:
+    from llmlab.data.preview import preview
+
+    for text in preview(kind, datasets, tokenizer, n, as_json, seq_len=seq_len):
+        print(text)
+
+
+def data_prepare(datasets: list[str], tokenizer: str, out: str, **kw: Any) -> Path:
+    from llmlab.data.pretrain import prepare_shards
+    from llmlab.data.tokenizer import load_tokenizer
+
+    path = prepare_shards(datasets, load_tokenizer(tokenizer), out, tokenizer_name=tokenizer, **kw)
+    index = json.loads((Path(path) / "index.json").read_text())
+    counts = {s: sum(e["tokens"] for e in parts) for s, parts in index["splits"].items()}
+    console().print(f"wrote token shards to {path}: " + ", ".join(f"{s} {n:,} tokens" for s, n in counts.items()))
+    return Path(path)
+
+
+INTEROP = {
+    "import_hf": ("llmlab.interop.hf_io", "Hugging Face import"),
+    "export_hf": ("llmlab.interop.hf_io", "Hugging Face export"),
+    "export_gguf": ("llmlab.interop.gguf_io", "GGUF export"),
+}
+
+
+def interop(name: str, source: str, out: str, *, force: bool = False) -> Path:
+    module, what = INTEROP[name]
+    fn = _stage_function(module, name, what)
+    result = fn(source, out, force=force)
+    console().print(f"{what}: {source} -> {result}")
+    return Path(result)
+
+
+def check_checkpoint(path: str) -> str:
+    """The resolved checkpoint folder, or a CheckpointError (used to validate menu answers)."""
+    from llmlab.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(path))

@@ -1,0 +1,229 @@
+"""The `llm-lab` command table: --help everywhere, one-line errors with exit 2, configure/estimate, and
+inference (generate, chat REPL commands, streaming decode) on a tiny checkpoint, all in-process."""
+
+import io
+import json
+import os
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+
+from llmlab.checkpoint import save_checkpoint
+from llmlab.cli import chat, main
+from llmlab.config import ModelConfig, TrainConfig
+from llmlab.model import build_model
+from llmlab.model.estimate import count_parameters
+
+
+def run(argv, capsys):
+    code = main.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def all_commands():
+    return [name.split(" ") for name in main.COMMANDS]
+
+
+@pytest.mark.parametrize("words", all_commands(), ids=lambda w: "-".join(w))
+def test_every_subcommand_help_works_and_lists_config_fields(words, capsys):
+    code, out, _ = run([*words, "--help"], capsys)
+    assert code == 0 and "usage: llm-lab " + " ".join(words) in out
+    cmd = main.COMMANDS[" ".join(words)]
+    if cmd.config is not None:  # generated from the fields' help metadata
+        for name, text in cmd.config.field_help().items():
+            assert f"  {name}=" in out
+            assert text.split()[0] in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in {n.split(" ")[0] for n in main.COMMANDS}:
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "bogus_key=1"],
+    ["sft", "max_step=3"],
+    ["rlhf", "algorithm=dpo", "beta_typo=0.1"],
+    ["configure", "d_modle=64"],
+    ["estimate", "--model-config", "nope.json"],
+    ["pretrain", "--config", "does/not/exist.json"],
+    ["configure", "n_heads=5"],
+    ["pretrain", "--no-such-flag"],
+    ["generate", "--checkpoint", "nowhere", "--prompt", "hi"],
+    ["merge-lora", "--adapter", "a", "--out", "o"],
+    ["chat", "--checkpoint", "x", "--temperature", "-1"],
+])
+def test_user_errors_are_one_line_and_exit_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err + out
+
+
+def test_unknown_override_names_the_key_and_the_allowed_ones(capsys):
+    code, _, err = run(["pretrain", "bogus_key=1"], capsys)
+    assert code == 2 and "'bogus_key'" in err and "max_steps" in err
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("LLMLAB_DEBUG", "1")
+    with pytest.raises(Exception, match="bogus_key"):
+        main.main(["pretrain", "bogus_key=1"])
+
+
+def test_keyboard_interrupt_exits_130_with_a_message(monkeypatch, capsys):
+    def boom(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(main.COMMANDS, "configure", main.COMMANDS["configure"].__class__(
+        "x", boom, ModelConfig, main._args_configure))
+    code, _, err = run(["configure"], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_config_file_then_overrides_then_saved(tmp_path, capsys):
+    src = tmp_path / "in.json"
+    tiny_config().save(src)
+    out = tmp_path / "model_config.json"
+    code, printed, _ = run(["configure", "--config", str(src), "--out", str(out), "n_layers=3", "d_ff=96"], capsys)
+    assert code == 0
+    cfg = ModelConfig.load(out)
+    assert (cfg.n_layers, cfg.d_ff, cfg.d_model) == (3, 96, 32)
+    assert f"{count_parameters(cfg):,}" in printed  # the estimate is printed
+
+
+def test_estimate_reads_model_and_training_overrides(tmp_path, capsys):
+    tiny_config().save(tmp_path / "m.json")
+    TrainConfig(batch_size=2, datasets=["x"]).save(tmp_path / "t.json")
+    code, out, _ = run(["estimate", "--model-config", str(tmp_path / "m.json"), "--config", str(tmp_path / "t.json"),
+                        "n_layers=4", "batch_size=8", "optimizer=lion"], capsys)
+    assert code == 0
+    assert f"{count_parameters(tiny_config(n_layers=4)):,}" in out
+    assert "batch 8 x 64 tokens, lion" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference on a tiny checkpoint with a trained tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from llmlab.data.tokenizer import train_tokenizer
+
+    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:shakespeare"], 300, out, max_docs=40)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tok_dir, tmp_path_factory):
+    from llmlab.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tok_dir))
+    root = tmp_path_factory.mktemp("ck")
+    torch.manual_seed(0)
+    model = build_model(tiny_config(vocab_size=len(tok), tokenizer_name=str(tok_dir), max_seq_len=128))
+    for kind in ("pretrain", "sft"):
+        save_checkpoint(root / kind, model, kind=kind, tokenizer=tok)
+    return root, model, tok
+
+
+def test_generate_greedy_matches_the_engine_and_uses_raw_text_for_base_models(checkpoints, capsys):
+    from llmlab.generate import generate
+
+    root, model, tok = checkpoints
+    code, out, _ = run(["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be, or not",
+                        "--temperature", "0", "--max-new-tokens", "12"], capsys)
+    assert code == 0
+    ids = tok("To be, or not", add_special_tokens=False)["input_ids"]
+    seq = generate(model, torch.tensor([ids]), max_new_tokens=12, temperature=0, eos_token_id=tok.eos_token_id)
+    new = [t for t in seq[0, len(ids):].tolist() if t != tok.eos_token_id]
+    assert out == tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_sft_checkpoints_chat_through_the_template_and_keep_history(checkpoints):
+    root, _, tok = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=5))
+    assert session.chat
+    ids = session.prompt_ids("hello")
+    assert tok.decode(ids).startswith("<|im_start|>user\nhello<|im_end|>") and tok.decode(ids).endswith(
+        "<|im_start|>assistant\n")
+    answer = session.reply("hello", stream=io.StringIO())
+    assert session.history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
+    second = tok.decode(session.prompt_ids("again"))
+    assert second.count("<|im_start|>user") == 2  # multi-turn: the first exchange is in the context
+    raw = chat.ChatSession.open(str(root / "pretrain"))
+    assert not raw.chat and raw.prompt_ids("hello") == tok("hello", add_special_tokens=False)["input_ids"]
+
+
+def test_history_is_trimmed_to_fit_the_context(checkpoints):
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(max_new_tokens=32))
+    session.history = [{"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "ok"}] * 5
+    ids = session.prompt_ids("last question")
+    assert len(ids) <= 128 - 32 and len(session.history) < 10
+
+
+def test_repl_commands_change_settings_and_reject_bad_values(checkpoints):
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=3))
+    lines = iter(["/temp 0.3", "/top_p 2", "/top_p 0.5", "/max_tokens 4", "/max_tokens x", "/bogus", "hi",
+                  "/reset", "/exit"])
+    out = io.StringIO()
+    session.repl(input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert session.settings == chat.Settings(temperature=0.3, top_p=0.5, top_k=0, max_new_tokens=4)
+    assert "error: top_p: must be in (0, 1]" in text and "error: max_new_tokens: expected int" in text
+    assert "error: unknown command /bogus" in text and "model> " in text
+    assert session.history == [] and text.rstrip().endswith("bye")
+
+
+def test_ctrl_c_at_the_prompt_leaves(checkpoints):
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"))
+
+    def interrupt(_prompt):
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    session.repl(input_fn=interrupt, out=out)
+    assert out.getvalue().rstrip().endswith("bye")
+
+
+def test_adapter_folder_is_applied_to_the_base(checkpoints, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    root, model, _ = checkpoints
+    peft_model = get_peft_model(build_model(model.config), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                                      init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    loaded, _, kind = chat.load_for_inference(str(root / "pretrain"), adapter=str(tmp_path / "adapter"))
+    assert kind == "adapter"
+    key = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[key], loaded.state_dict()[key])  # W + BA alpha/r, merged
+    assert torch.equal(model.state_dict()["layers.0.self_attn.k_proj.weight"],
+                       loaded.state_dict()["layers.0.self_attn.k_proj.weight"])  # untargeted layers unchanged
+    assert chat.ChatSession.open(str(root / "pretrain"), adapter=str(tmp_path / "adapter")).chat
+
+
+def test_stream_decoder_holds_partial_characters(checkpoints):
+    _, _, tok = checkpoints
+    text = "naïve café — ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = chat.StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+def test_configs_can_be_read_back_from_the_output(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert run(["configure", "--out", str(out), "d_model=64", "n_heads=4", "n_kv_heads=2"], capsys)[0] == 0
+    assert json.loads(out.read_text())["d_model"] == 64
