@@ -264,7 +264,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if with_adapter and ckpt.has_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(ckpt.path / "adapter")).merge_and_unload()
+        adapter = ckpt.path / "adapter"
+        if not (adapter / "adapter_model.safetensors").is_file():
+            # PEFT would fall back to adapter_model.bin (a pickle): refuse instead of unpickling it
+            raise CheckpointError(f"{adapter}: adapter_model.safetensors is missing (pickle .bin adapters are not "
+                                  f"loaded); the checkpoint is incomplete, use another one or with_adapter=False")
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            raise CheckpointError(f"{adapter}: the adapter does not fit the base weights "
+                                  f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); the "
+                                  f"checkpoint is inconsistent") from None
     if device is not None:
         model = model.to(device)
     return model.eval()
