@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 import transformers
+from tests.conftest import tiny_config
 
-from conftest import tiny_config
 from llmlab.checkpoint import load_model, read_checkpoint, save_checkpoint
 from llmlab.data.tokenizer import load_tokenizer, stop_token_ids, train_tokenizer
 from llmlab.errors import CheckpointError, ConfigError

@@ -70,19 +70,21 @@ def _from_pretrained_args(source: str) -> tuple[str, dict[str, Any]]:
 
 
 def load_hf(source: str, *, with_tokenizer: bool = True) -> tuple[Any, Any]:
-    """(transformers model in fp32 eval mode, tokenizer or None) for a hub id, folder or .gguf file.
+    """(transformers model in fp32 eval mode, tokenizer or None) for a hub id, folder or .gguf file (which
+    transformers dequantises to fp32).
 
-    The config is read and translated first, so an unsupported architecture fails before any weights
-    are downloaded or dequantised."""
+    For a hub id or folder the config is read and translated first, so an unsupported architecture fails
+    before any weights are downloaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where, extra = _from_pretrained_args(source)
-    try:
-        hf_cfg = AutoConfig.from_pretrained(where, **extra)
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, unreadable file
-        raise CheckpointError(f"cannot read a transformers config from {source!r} ({_first_line(e)}); check the "
-                              f"hub id / path and the network") from None
-    model_config_from_hf(hf_cfg)  # raises ConfigError naming what has no LLM-Lab equivalent
+    if not extra:  # a GGUF's config costs a full metadata read, so it is checked after loading instead
+        try:
+            hf_cfg = AutoConfig.from_pretrained(where)
+        except Exception as e:  # noqa: BLE001 - offline, unknown id, unreadable file
+            raise CheckpointError(f"cannot read a transformers config from {source!r} ({_first_line(e)}); check "
+                                  f"the hub id / path and the network") from None
+        model_config_from_hf(hf_cfg)  # raises ConfigError naming what has no LLM-Lab equivalent
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
     except Exception as e:  # noqa: BLE001

