@@ -1,0 +1,433 @@
+"""`run_rlhf`: PPO, DPO or GRPO on an LLM-Lab policy, full or LoRA, with the life cycle of every stage.
+
+    llm-lab rlhf --config rlhf_config.json algorithm=grpo max_steps=200
+
+    from llmlab.rlhf.run import run_rlhf
+    best = run_rlhf(RLHFConfig.load("rlhf_config.json"), resume=None, progress=True)
+
+Setup: the policy is `policy_checkpoint` (an adapter it holds is merged first, so the starting policy is
+what SFT produced); with `use_lora` fresh adapters go on top and only they (and PPO's value head) train.
+The reference is that starting policy: the same PeftModel with its adapter disabled under LoRA, a frozen
+copy otherwise, or `reference_checkpoint` when given. The policy checkpoint's tokenizer renders prompts
+and decodes completions for the reward functions / reward model (`rlhf.rewards.build_reward_fn`).
+Dropout is switched off in the policy (as TRL does) so that log-probs at sampling time and in the update
+agree and PPO/GRPO ratios start at exactly 1.
+
+The loop follows `llmlab.train.loop`'s conventions and reuses its pieces (`MetricsLogger`, `StopFlag`,
+RNG capture, `TrainingError`): one step is one algorithm step (a rollout batch and its updates, or one
+DPO batch); `metrics.jsonl`, TensorBoard, a progress bar and `loss.png` plus `rewards.png`;
+`best/` after an evaluation that improves the stage's metric (greedy reward on held-out prompts for PPO
+and GRPO, validation reward accuracy for DPO), with `best_lora_adapters/` beside it under LoRA; `latest/`
+every save_every steps unless save_best_only, and always on Ctrl-C/SIGTERM. A signal during a rollout
+abandons that rollout (nothing was updated yet), rewinds its data and sampling state and saves, so the
+resumed run redoes exactly that step. Resume restores weights, optimizer, data positions, random
+generators, PPO's value head and KL coefficient: on CPU a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
+from llmlab.config import RLHFConfig
+from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.optim import set_lr
+from llmlab.rlhf.rollout import Reference, build_reference, greedy_reward, prompt_budget
+from llmlab.train.loop import StopFlag, TrainingError, capture_rng, restore_rng
+from llmlab.train.metrics import MetricsLogger, read_metrics
+
+REWARD_PLOT = "rewards.png"
+
+
+class RolloutAborted(Exception):
+    """Raised from the token callback when a stop signal arrives during generation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What every algorithm stage gets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """The pieces of one RLHF run that the PPO, DPO and GRPO stages share."""
+
+    cfg: RLHFConfig
+    policy: nn.Module
+    reference: Reference
+    tokenizer: Any
+    device: torch.device
+    stop_ids: list[int]
+    pad_id: int
+    model_max_len: int
+    sample_gen: torch.Generator  # on the device: sampling in rollouts
+    shuffle_gen: torch.Generator  # on the CPU: mini-batch order
+    notice: Callable[[str], None] = print
+    on_tokens: Callable[[torch.Tensor], None] | None = None
+    _val_prompts: list | None = field(default=None, repr=False)
+
+    def prompt_batches(self, split: str):
+        """Prompt batches (PPO/GRPO) of `split`, prompts cut to fit max_new_tokens into the model."""
+        from llmlab.data.prompts import PromptBatches
+
+        cfg = self.cfg
+        budget = prompt_budget(cfg.max_prompt_len, cfg.max_new_tokens, self.model_max_len)
+        return PromptBatches(cfg.datasets, self.tokenizer, cfg.batch_size, max_prompt_len=budget, seed=cfg.seed,
+                             split=split, val_fraction=cfg.val_fraction)
+
+    def held_out_prompts(self) -> list:
+        """eval_steps batches of validation prompts, read once (every evaluation scores the same ones)."""
+        from llmlab.errors import DataError
+
+        if self._val_prompts is None:
+            self._val_prompts = []
+            if self.cfg.val_fraction > 0:
+                try:
+                    val = self.prompt_batches("val")
+                    self._val_prompts = [next(val) for _ in range(self.cfg.eval_steps)]
+                except DataError as e:
+                    self.notice(f"rlhf: no validation prompts ({e}); best/ follows the training reward")
+        return self._val_prompts
+
+    def evaluate_reward(self, reward_fn: Callable[..., Any]) -> dict[str, Any]:
+        """Greedy reward on the held-out prompts ({} when there are none)."""
+        batches = self.held_out_prompts()
+        if not batches:
+            return {}
+        return greedy_reward(self.policy, self.tokenizer, reward_fn, batches, max_new_tokens=self.cfg.max_new_tokens,
+                             stop_ids=self.stop_ids, pad_id=self.pad_id)
+
+
+def _stage_class(algorithm: str) -> type:
+    from llmlab.rlhf.dpo import DPOStage
+    from llmlab.rlhf.grpo import GRPOStage
+    from llmlab.rlhf.ppo import PPOStage
+
+    stages = {"ppo": PPOStage, "dpo": DPOStage, "grpo": GRPOStage}
+    if algorithm not in stages:
+        raise ConfigError(f"algorithm: {algorithm!r} is not one of 'ppo', 'dpo', 'grpo'")
+    return stages[algorithm]
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout in the model (nn.Dropout modules, the attention's dropout_p, LoRA dropout)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+
+
+def load_policy_tokenizer(policy_checkpoint: str) -> Any:
+    """The tokenizer saved with the policy checkpoint, else the one its model config names."""
+    from llmlab.data.tokenizer import load_tokenizer
+
+    ckpt = read_checkpoint(policy_checkpoint)
+    source = ckpt.tokenizer_path or ckpt.model_config.tokenizer_name
+    return load_tokenizer(str(source))
+
+
+def load_policy(cfg: RLHFConfig, resume_dir: Path | None, device: torch.device) -> nn.Module:
+    """The trainable policy: fresh from policy_checkpoint (adapter merged, new LoRA adapters when
+    use_lora), or the resumed checkpoint's weights (with its trainable adapter)."""
+    from llmlab.checkpoint import load_model
+    from llmlab.lora import apply_lora, load_lora_checkpoint
+
+    if resume_dir is not None:
+        has_adapter = read_checkpoint(resume_dir).has_adapter
+        if has_adapter != cfg.use_lora:
+            raise CheckpointError(f"{resume_dir}: written with use_lora={has_adapter}, but the config has "
+                                  f"use_lora={cfg.use_lora}; resume with the same setting")
+        if cfg.use_lora:
+            return load_lora_checkpoint(resume_dir, device, trainable=True)
+        return load_model(resume_dir, device).requires_grad_(True)
+    policy = load_model(cfg.policy_checkpoint, device).requires_grad_(True)
+    if cfg.use_lora:
+        policy = apply_lora(policy, cfg)
+    return policy
+
+
+def _resume_dir(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume in ("latest", "best"):
+        return read_checkpoint(output_dir / resume).path
+    return read_checkpoint(resume).path
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def save_rlhf_checkpoint(path: Path, session: Session, stage: Any, *, trainer_state: dict[str, Any],
+                         metrics: dict[str, Any], best: bool) -> Path:
+    """latest/ or best/: the policy (base weights + adapter/ under LoRA), trainer state, tokenizer, and
+    what the stage adds (PPO's value head). A new best LoRA adapter also goes to best_lora_adapters/."""
+    from llmlab.lora import BEST_ADAPTERS, is_lora_model, save_lora_checkpoint
+
+    tensors = {"optimizer": stage.optimizer.state_dict(), "rng": capture_rng(session.device),
+               "sample_gen": session.sample_gen.get_state(), "shuffle_gen": session.shuffle_gen.get_state()}
+    common = dict(kind="rlhf", train_config=session.cfg, trainer_state=trainer_state, trainer_tensors=tensors,
+                  tokenizer=session.tokenizer, metrics=metrics, write_extra=stage.write_extra)
+    if is_lora_model(session.policy):
+        best_dir = path.parent / BEST_ADAPTERS if best else None
+        return save_lora_checkpoint(path, session.policy, best_adapter_dir=best_dir, **common)
+    return save_checkpoint(path, session.policy, **common)
+
+
+def plot_rewards(output_dir: Path) -> Path | None:
+    """rewards.png: training reward, held-out reward / accuracy and KL against step, from metrics.jsonl."""
+    records = read_metrics(output_dir)
+    series = {}
+    for key in ("reward", "best_of_n", "val_reward", "reward_accuracy", "val_reward_accuracy", "kl"):
+        points = [(r["step"], r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            series[key] = points
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for key, points in series.items():
+        ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key, linewidth=1.2, markersize=3)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = output_dir / REWARD_PLOT
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class _RLScalars:
+    """TensorBoard scalars of the RL numbers (reward, KL, clip fraction, ...) under `rlhf/`, in their own
+    event file beside MetricsLogger's (which writes loss, lr, grad norm and tokens/s)."""
+
+    SKIP = ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "elapsed_s")
+
+    def __init__(self, output_dir: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1,
+                                    filename_suffix=".rlhf")
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key not in self.SKIP and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"rlhf/{key}", value, int(record["step"]))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _fmt(record: dict[str, Any], key: str, spec: str = ".4f") -> str:
+    value = record.get(key)
+    return "-" if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+    """Train with cfg.algorithm (ppo, dpo or grpo) for cfg.max_steps steps; returns best/ (or latest/
+    when no evaluation ran). `resume`: a checkpoint folder written by this stage, or "latest"/"best" in
+    cfg.output_dir."""
+    from llmlab.data.tokenizer import stop_token_ids
+    from llmlab.train.distributed import init_distributed
+
+    info = init_distributed()
+    if info.distributed:
+        raise LLMLabError("rlhf: runs in a single process; start it without torchrun (one GPU or the CPU)")
+    device = info.device
+    output_dir = Path(cfg.output_dir)
+    resume_dir = _resume_dir(resume, output_dir)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_policy_tokenizer(cfg.policy_checkpoint)
+    policy = load_policy(cfg, resume_dir, device)
+    disable_dropout(policy)
+    base = base_transformer(policy)
+    base.gradient_checkpointing = cfg.gradient_checkpointing
+    if len(tokenizer) > base.config.vocab_size:
+        raise ConfigError(f"policy_checkpoint: its tokenizer has {len(tokenizer)} tokens but the model only "
+                          f"{base.config.vocab_size} embedding rows; use the tokenizer the model was trained with")
+    # The reference is the starting policy: after a resume without LoRA, read it back from disk.
+    ref_source = cfg.reference_checkpoint or (cfg.policy_checkpoint if resume_dir and not cfg.use_lora else None)
+    reference = build_reference(policy, ref_source, device)
+    stop_ids = stop_token_ids(tokenizer)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    messages: list[str] = []
+    session = Session(cfg=cfg, policy=policy, reference=reference, tokenizer=tokenizer, device=device,
+                      stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, model_max_len=base.config.max_seq_len,
+                      sample_gen=sample_gen, shuffle_gen=shuffle_gen, notice=messages.append)
+    stage = _stage_class(cfg.algorithm)(session)
+    if cfg.compile:
+        messages.append("rlhf: compile is ignored (rollout shapes change every step)")
+
+    step, best, nan_skips = 0, None, 0
+    if resume_dir is not None:
+        ckpt = read_checkpoint(resume_dir)
+        state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors(map_location=device)
+        if not state or not tensors or state.get("algorithm") != cfg.algorithm:
+            raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
+                                  f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
+        step, best, nan_skips = int(state["step"]), state.get("best_metric"), int(state.get("nan_skips", 0))
+        stage.optimizer.load_state_dict(tensors["optimizer"])
+        stage.load_state_dict(state["stage"], ckpt.path)
+        restore_rng(tensors["rng"], device)
+        sample_gen.set_state(tensors["sample_gen"])
+        shuffle_gen.set_state(tensors["shuffle_gen"].cpu())
+    if cfg.max_steps <= step:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is not above the checkpoint's step {step}; pass "
+                          f"max_steps=N with N > {step} to train further")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(output_dir / cfg.config_name)
+    logger = MetricsLogger(output_dir, total_steps=cfg.max_steps, start_step=step, progress=progress,
+                           description=f"rlhf {cfg.algorithm}")
+    scalars = _RLScalars(output_dir, step)
+    for m in messages:
+        logger.message(m, always=True)
+    session.notice = lambda m: logger.message(m, always=True)
+    stop = StopFlag(lambda m: logger.message(m, always=True))
+
+    def abort_rollout(_: torch.Tensor) -> None:
+        if stop.requested:
+            raise RolloutAborted
+
+    session.on_tokens = abort_rollout
+    paths: dict[str, Path | None] = {"best": None, "latest": None}
+    last_metrics: dict[str, Any] = {}
+
+    def trainer_state(stage_state: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, "algorithm": cfg.algorithm, "best_metric": best, "best_key": stage.best_metric,
+                "nan_skips": nan_skips, "stage": stage_state, "max_steps": cfg.max_steps}
+
+    def save(which: str, stage_state: dict[str, Any] | None = None) -> None:
+        path = output_dir / which
+        save_rlhf_checkpoint(path, session, stage, trainer_state=trainer_state(stage_state or stage.state_dict()),
+                             metrics={"step": step, stage.best_metric: best, **last_metrics}, best=which == "best")
+        paths[which] = path
+
+    def consider_best(value: float | None) -> None:
+        nonlocal best
+        if value is not None and math.isfinite(value) and (best is None or value > best):
+            best = value
+            save("best")
+
+    stopped = "completed"
+    window: list[dict[str, Any]] = []
+    interval_time, interval_tokens = time.perf_counter(), 0
+    stop.install()
+    try:
+        while step < cfg.max_steps:
+            before = stage.state_dict() if cfg.algorithm != "dpo" else None
+            gen_before = sample_gen.get_state()
+            set_lr(stage.optimizer, step, cfg)
+            try:
+                metrics = stage.step()
+            except RolloutAborted:
+                _rewind(stage, before)
+                sample_gen.set_state(gen_before)
+                save("latest", before)
+                stopped = "interrupted"
+                break
+            if not math.isfinite(metrics.get("loss", 0.0)) or metrics.get("skipped_updates"):
+                nan_skips += 1
+                if cfg.nan_policy == "stop":
+                    last = paths["latest"] or paths["best"] or resume_dir
+                    raise TrainingError(f"loss became NaN/Inf at step {step + 1}; stopped without saving that model. "
+                                        f"Last good checkpoint: {last or 'none'}. Try a lower learning_rate or "
+                                        f"nan_policy=skip")
+                logger.message(f"step {step + 1}: non-finite loss, update skipped ({nan_skips}/{cfg.max_nan_skips})",
+                               always=True)
+                if nan_skips >= cfg.max_nan_skips:
+                    raise TrainingError(f"{nan_skips} steps had a NaN/Inf loss (max_nan_skips={cfg.max_nan_skips}); "
+                                        f"stopped at step {step + 1}. Try a lower learning_rate")
+            step += 1
+            interval_tokens += int(metrics.pop("tokens", 0))
+            window.append(metrics)
+            logger.advance(step)
+            final = step == cfg.max_steps
+            record: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or final:
+                now = time.perf_counter()
+                record = {"step": step, **_mean_metrics(window), "lr": stage.optimizer.param_groups[0]["lr"],
+                          "tokens_per_sec": interval_tokens / max(now - interval_time, 1e-9)}
+                window, interval_tokens, interval_time = [], 0, now
+            paused = time.perf_counter()
+            if step % cfg.eval_every == 0 or final:
+                evaluated = stage.evaluate()
+                if evaluated:
+                    record = {"step": step, **record, **evaluated}
+                    last_metrics = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
+                    consider_best(evaluated.get(stage.best_metric))
+                elif record:  # no held-out data: best by the training metric
+                    consider_best(record.get(stage.best_metric.removeprefix("val_")))
+            if record:
+                logger.log(record)
+                scalars.log(record)
+                if "loss" in record:
+                    logger.message(f"step {step} | reward {_fmt(record, 'reward')} | kl {_fmt(record, 'kl')} | "
+                                   f"loss {_fmt(record, 'loss')} | {_fmt(record, 'tokens_per_sec', ',.0f')} tok/s"
+                                   + (f" | {stage.best_metric} {_fmt(record, stage.best_metric)}"
+                                      if stage.best_metric in record else ""))
+            if (not cfg.save_best_only and (step % cfg.save_every == 0 or final)) or stop.requested:
+                save("latest")
+            interval_time += time.perf_counter() - paused
+            if stop.requested and not final:
+                stopped = "interrupted"
+                break
+    finally:
+        stop.restore()
+        logger.close()
+        scalars.close()
+        plot_rewards(output_dir)
+    if stopped == "interrupted":
+        print(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n"
+              f"  llm-lab rlhf --config {output_dir / cfg.config_name} --resume {output_dir / 'latest'}")
+    result = paths["best"] or paths["latest"]
+    if result is None:  # save_best_only and nothing evaluated better: keep the final policy anyway
+        save("latest")
+        result = paths["latest"]
+    return result
+
+
+def _rewind(stage: Any, state: dict[str, Any] | None) -> None:
+    """Put the stage's data position back to before the abandoned step (folder None: weights stay)."""
+    if state is not None:
+        stage.load_state_dict(state, None)
+
+
+def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-key mean of the numeric metrics of the steps since the last log."""
+    keys: dict[str, None] = {}
+    for m in window:
+        keys.update(dict.fromkeys(k for k, v in m.items() if isinstance(v, (int, float))))
+    out = {}
+    for k in keys:
+        values = [m[k] for m in window if isinstance(m.get(k), (int, float))]
+        out[k] = sum(values) / len(values)
+    return out
