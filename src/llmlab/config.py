@@ -116,7 +116,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
-            v = float(value)
+            try:
+                v = float(value)
+            except OverflowError:  # an integer beyond float range (JSON allows any number of digits)
+                raise ConfigError(f"{name}: must be a finite number, got an integer too large for a "
+                                  f"float ({value.bit_length()} bits)") from None
         elif isinstance(value, str):
             try:
                 v = float(value)
@@ -177,7 +181,8 @@ class ConfigBase:
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"{source}: unknown key(s) {', '.join(k if k.isidentifier() else repr(k) for k in unknown)} "
+                f"for {cls.__name__}; "
                 f"allowed: {', '.join(cls.field_names())}"
             )
         return cls(**data)
