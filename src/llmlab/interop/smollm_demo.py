@@ -37,8 +37,8 @@ def lora_sft(base: Path, out: Path, steps: int, seq_len: int = 256) -> Path:
     """A few LoRA SFT steps on bundled:sft: the SFT stage when it exists, else a minimal loop here."""
     from llmlab.config import SFTConfig
 
-    cfg = SFTConfig(policy_checkpoint=str(base), datasets=["bundled:sft"], use_lora=True, lora_preset="all",
-                    max_steps=steps, batch_size=2, gradient_accumulation_steps=1, learning_rate=2e-4,
+    cfg = SFTConfig(policy_checkpoint=str(base), datasets=["bundled:sft"], use_lora=True, lora_preset="attention_only",
+                    max_steps=steps, batch_size=2, gradient_accumulation_steps=1, learning_rate=3e-5,
                     warmup_steps=0, scheduler="none", output_dir=str(out), eval_every=steps, eval_steps=2,
                     save_every=steps, save_best_only=False, log_every=1, max_seq_len=seq_len, lora_dropout=0.0)
     if importlib.util.find_spec("llmlab.train.sft") is not None:
