@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-smollm test bench lint format clean
+.PHONY: setup demo test bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,6 @@ format: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# make demo-smollm / test-smollm: SmolLM2-135M-Instruct from its PyPI-shipped GGUF
+include Makefile.smollm
