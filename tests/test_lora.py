@@ -150,6 +150,7 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, option):
     assert not any("lora_" in k for k in merged_ckpt.state_dict())
     assert merged_ckpt.meta["kind"] == "merged" and merged_ckpt.meta["step"] == 7
     assert merged_ckpt.meta["metrics"] == {"val_loss": 1.5}
+    assert merged_ckpt.trainer_state() is None  # a starting point, not a run to resume
     tc = merged_ckpt.training_config()
     assert tc["stage"] == "SFTConfig" and tc["use_lora"] is False and "lora_r" not in tc
     assert (out / "tokenizer" / "tokenizer.json").is_file()

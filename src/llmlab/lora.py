@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmlab.atomic import atomic_dir
+from llmlab.atomic import atomic_dir, atomic_write_text
 from llmlab.checkpoint import (
+    META_FILE,
     base_transformer,
     load_state_into,
     read_checkpoint,
@@ -123,10 +124,10 @@ def apply_lora(model: nn.Module, cfg: Any, *, verbose: bool = True):
     if hasattr(model, "peft_config"):
         raise LLMLabError("use_lora: the model already has LoRA adapters; merge them first (llm-lab merge-lora) "
                           "or resume the LoRA checkpoint")
-    lcfg = lora_config_from(cfg, model)
-    peft_model = get_peft_model(model, lcfg)
+    targets = target_modules(cfg, model)
+    peft_model = get_peft_model(model, lora_config_from(cfg, model))
     if verbose:
-        _print_summary(peft_model, f"({cfg.lora_preset}: {', '.join(lcfg.target_modules)}; r={cfg.lora_r}, "
+        _print_summary(peft_model, f"({cfg.lora_preset}: {', '.join(targets)}; r={cfg.lora_r}, "
                                    f"alpha={cfg.lora_alpha})")
     return peft_model
 
@@ -155,7 +156,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_adapter(model: nn.Module, folder: Path, meta: dict[str, Any] | None, train_config: Any) -> None:
-    unwrap_model(model).save_pretrained(str(folder))
+    unwrap_model(model).save_pretrained(str(folder), save_embedding_layers=False)  # vocab never resized
     if meta is not None:
         (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if train_config is not None:
@@ -194,6 +195,15 @@ def save_lora_checkpoint(path: str | os.PathLike, model: nn.Module, *, best_adap
                 "checkpoint": str(out)}
         save_adapter(model, best_adapter_dir, meta=meta, train_config=kwargs.get("train_config"))
     return out
+
+
+def lora_save_hook(path: str | os.PathLike, model: nn.Module, *, state_dict: Any = None, **kwargs: Any) -> Path:
+    """`save_hook` for `llmlab.train.loop.train_loop`: a full LoRA checkpoint, and after a new best (the
+    `best/` folder) also `best_lora_adapters/` beside it. The loop's gathered `state_dict` (FSDP only) is
+    not used: LoRA trains with DDP, where the model holds every weight."""
+    path = Path(path)
+    best = path.parent / BEST_ADAPTERS if path.name == "best" else None
+    return save_lora_checkpoint(path, model, best_adapter_dir=best, **kwargs)
 
 
 def _adapter_error(folder: Path) -> LLMLabError:
@@ -266,9 +276,12 @@ def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
 
-    state = {"step": step} if step is not None else None
-    return save_checkpoint(out_dir, merged, kind="merged", trainer_state=state, metrics=metrics,
-                           write_extra=write_extra)
+    out = save_checkpoint(out_dir, merged, kind="merged", metrics=metrics, write_extra=write_extra)
+    # No trainer_state.json (a merged model is a starting point, not a run to resume), so the step of the
+    # training that produced it goes into llmlab.json directly.
+    meta_file = out / META_FILE
+    atomic_write_text(meta_file, json.dumps({**json.loads(meta_file.read_text()), "step": step}, indent=2) + "\n")
+    return out
 
 
 def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
