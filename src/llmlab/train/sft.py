@@ -1,0 +1,177 @@
+"""Supervised fine-tuning, full or LoRA: a pretrained checkpoint and chat data in, a chat model out.
+
+    python -m llmlab.train.sft --config sft_config.json
+    torchrun --nproc_per_node=2 -m llmlab.train.sft --config sft_config.json
+    python -m llmlab.train.sft --resume sft_checkpoints/latest max_steps=8000
+
+`run_sft` is what `llm-lab sft` calls. It starts from the *weights* of `policy_checkpoint` (the optimizer
+starts afresh; a checkpoint holding a LoRA adapter is merged first), takes the tokenizer from the
+checkpoint's `tokenizer/` folder (else `model_config.tokenizer_name`), wraps the model with LoRA adapters
+when `use_lora` (base frozen, only the adapters in the optimizer, see `llmlab.lora`), and hands over to
+the shared loop (`llmlab.train.loop`: accumulation, evaluation, best/ and latest/, exact resume,
+progress, metrics.jsonl, loss.png, torchrun) with SFT batches (`llmlab.data.sft`: chat template, loss on
+the assistant tokens and their `<|im_end|>` only, labels -100 elsewhere).
+
+With LoRA every checkpoint keeps the base weights in model.safetensors and the adapter in `adapter/`; each
+new best also writes `{output_dir}/best_lora_adapters/` (PEFT format). Resuming restores base + adapter
+with the same trainable set, the optimizer, schedule, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmlab.checkpoint import load_model, load_state_into, read_checkpoint
+from llmlab.config import ModelConfig, SFTConfig
+from llmlab.errors import ConfigError, LLMLabError
+from llmlab.train.distributed import DistInfo, init_distributed, rank0_print, shutdown
+from llmlab.train.loop import resume_state, train_loop
+from llmlab.train.pretrain import _print_resolved, _tokenizer_for, seed_everything
+
+
+def sft_config_from_checkpoint(path: str | Path) -> SFTConfig:
+    """The SFTConfig a checkpoint was trained with (its training_config.json)."""
+    ckpt = read_checkpoint(path)
+    data = ckpt.training_config()
+    if data is None:
+        raise ConfigError(f"{ckpt.path}: no training_config.json; pass --config with the SFT config")
+    stage = data.pop("stage", "SFTConfig")
+    if stage != "SFTConfig":
+        raise ConfigError(f"{ckpt.path}: was written by {stage}, not by SFT; resume it with its own stage")
+    return SFTConfig.from_dict(data, source=str(ckpt.path / "training_config.json"))
+
+
+def sft_batches(cfg: SFTConfig, tokenizer: Any, seq_len: int, split: str, info: DistInfo | None = None):
+    """This rank's SFT batches of one split (`llmlab.data.sft.SFTBatches`) for `cfg`."""
+    from llmlab.data.sft import SFTBatches
+
+    info = info or DistInfo()
+    return SFTBatches(cfg.datasets, tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                      split=split, val_fraction=cfg.val_fraction, rank=info.rank, world_size=info.world_size,
+                      skip_invalid=cfg.skip_invalid_records)
+
+
+def _policy_model(cfg: SFTConfig, info: DistInfo):
+    """The starting model (weights only) and its checkpoint; says how the spec's file name was mapped."""
+    ckpt = read_checkpoint(cfg.policy_checkpoint)
+    given = Path(cfg.policy_checkpoint)
+    if given.resolve() != ckpt.path.resolve():
+        rank0_print(info, f"policy_checkpoint: {given} -> {ckpt.path} (LLM-Lab checkpoints are folders; the "
+                          f"spec's best_model.pt is the best/ folder)")
+    if ckpt.has_adapter:
+        rank0_print(info, f"policy_checkpoint: {ckpt.path} holds a LoRA adapter; starting from base + adapter merged")
+    return load_model(ckpt.path).train(), ckpt
+
+
+def _resumed_model(cfg: SFTConfig, ckpt: Any):
+    from llmlab.lora import load_lora_checkpoint
+    from llmlab.model import build_model
+
+    has_adapter = (ckpt.path / "adapter").is_dir()
+    if cfg.use_lora != has_adapter:
+        raise ConfigError(f"use_lora: {ckpt.path} was trained {'with' if has_adapter else 'without'} LoRA; resume "
+                          f"it with use_lora={'true' if has_adapter else 'false'}")
+    if has_adapter:
+        return load_lora_checkpoint(ckpt.path, trainable=True).train()
+    model = build_model(ckpt.model_config)
+    load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
+    return model.train()
+
+
+def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
+            load_optimizer_state: bool = True, tokenizer: Any = None) -> Path:
+    """Fine-tune (or resume fine-tuning); returns the output folder. See the module docstring."""
+    from llmlab.lora import apply_lora, lora_save_hook
+
+    info = init_distributed()
+    try:
+        if cfg.use_lora and info.distributed and cfg.distributed == "fsdp":
+            raise ConfigError("distributed: LoRA trains with ddp (the adapters are small); set distributed=ddp")
+        if resume is not None:
+            ckpt = read_checkpoint(resume)
+            model = _resumed_model(cfg, ckpt)
+            start = resume_state(ckpt.path)
+            saved_opt = (ckpt.trainer_state() or {}).get("optimizer")
+            if not load_optimizer_state:
+                start.optimizer = None
+            elif saved_opt is not None and saved_opt != cfg.optimizer:
+                raise ConfigError(f"optimizer: the checkpoint was trained with {saved_opt!r}; to switch to "
+                                  f"{cfg.optimizer!r} resume without its optimizer state (--no-optimizer-state)")
+        else:
+            model, ckpt = _policy_model(cfg, info)
+            start = None
+        model_cfg: ModelConfig = ckpt.model_config
+        tok = tokenizer if tokenizer is not None else _tokenizer_for(model_cfg, ckpt)
+        if model_cfg.vocab_size < len(tok):
+            raise ConfigError(f"policy_checkpoint: the model has {model_cfg.vocab_size} embedding rows but the "
+                              f"tokenizer has {len(tok)} tokens; use the tokenizer the model was pretrained with")
+        seq_len = cfg.max_seq_len or model_cfg.max_seq_len
+        if seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"max_seq_len: {seq_len} is longer than the model's max_seq_len "
+                              f"{model_cfg.max_seq_len}; lower it or leave it None")
+
+        out = Path(cfg.output_dir)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            model_cfg.save(out / "model_config.json")
+            cfg.save(out / SFTConfig.config_name)
+            _print_resolved(info, cfg, model_cfg, seq_len, len(tok), ckpt if resume is not None else None)
+        if cfg.use_lora and resume is None:
+            seed_everything(cfg.seed)  # the same adapter initialisation on every rank
+            model = apply_lora(model, cfg, verbose=info.is_main)
+        seed_everything(cfg.seed + info.rank)  # per-rank dropout
+
+        train = sft_batches(cfg, tok, seq_len, "train", info)
+        val = sft_batches(cfg, tok, seq_len, "val", info) if cfg.val_fraction > 0 else None
+        if val is not None:  # an empty validation split fails now, not at the first evaluation
+            position = copy.deepcopy(val.state_dict())
+            next(val)
+            val.load_state_dict(position)
+        train_loop(model, cfg, train, val, output_dir=out, kind="sft", tokenizer=tok, start_state=start,
+                   save_hook=lora_save_hook if cfg.use_lora else None, progress=progress, dist_info=info)
+        _report_skipped(train, info)
+        return out
+    finally:
+        shutdown(info)
+
+
+def _report_skipped(batches: Any, info: DistInfo) -> None:
+    """Say how many records this rank's training data skipped (invalid format, or no answer left after
+    truncation to the sequence length)."""
+    invalid = getattr(batches, "skipped_invalid", 0)
+    empty = getattr(batches, "skipped_empty", getattr(batches, "skipped_truncated", 0))
+    if invalid or empty:
+        rank0_print(info, f"data: skipped {invalid} record(s) in no known SFT format and {empty} with no answer "
+                          f"token left within max_seq_len (counts of rank 0)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-less entry for torchrun: `python -m llmlab.train.sft ...`; exit 0 also on Ctrl-C/SIGTERM."""
+    p = argparse.ArgumentParser(prog="python -m llmlab.train.sft", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="sft_config.json (default: the checkpoint's when resuming)")
+    p.add_argument("--resume", help="checkpoint folder to continue from (e.g. sft_checkpoints/latest)")
+    p.add_argument("--no-optimizer-state", action="store_true", help="start the optimizer afresh when resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+    p.add_argument("overrides", nargs="*", help="key=value SFT config overrides, e.g. max_steps=2000")
+    args = p.parse_args(argv)
+    try:
+        if args.config:
+            cfg = SFTConfig.load(args.config)
+        elif args.resume:
+            cfg = sft_config_from_checkpoint(args.resume)
+        else:
+            raise ConfigError("--config: give an SFT config (or --resume CHECKPOINT)")
+        run_sft(cfg.with_overrides(args.overrides), resume=args.resume,
+                load_optimizer_state=not args.no_optimizer_state, progress=not args.no_progress)
+    except LLMLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
