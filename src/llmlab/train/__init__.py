@@ -1,0 +1,9 @@
+"""Training stages on one shared loop.
+
+- `loop`: `train_loop` (accumulation, clipping, schedule, evaluation, checkpoints, exact resume, NaN
+  handling, Ctrl-C/SIGTERM), `resume_state`, `forward_backward`, `evaluate`;
+- `pretrain`: `run_pretrain` (base training; also `python -m llmlab.train.pretrain` for torchrun);
+- `losses`: chunked, token-weighted causal-LM cross entropy;
+- `metrics`: progress bar, metrics.jsonl, TensorBoard, loss.png;
+- `distributed`: torchrun process group, DDP / FSDP2 wrapping, rank-0 helpers.
+"""

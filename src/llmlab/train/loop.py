@@ -1,0 +1,605 @@
+"""The training loop every stage shares: accumulation, clipping, schedule, evaluation, checkpoints, resume.
+
+    result = train_loop(model, cfg, train_batches, val_batches, output_dir="runs/x", kind="pretrain",
+                        tokenizer=tok, start_state=resume_state("runs/x/latest"))
+
+`train_batches` is an iterator of dicts with `input_ids` and `labels` (B, T) LongTensors, labels aligned
+with the inputs and -100 where no loss is taken; it should have `state_dict()` / `load_state_dict()` so a
+resumed run reads exactly the data an uninterrupted one would. Under torchrun it must already read this
+rank's part of the data. `val_batches` is a callable returning a fresh iterator, or an iterator; an
+iterator with `state_dict()` is rewound to its starting position before every evaluation, so each
+evaluation sees the same batches. `model` must accept `model(input_ids, output_hidden=True)` and return the
+final hidden states (the LLM-Lab Transformer, or a PEFT wrapper of it); the loss is the chunked cross
+entropy of `llmlab.train.losses` over its `lm_head`.
+
+What a step is. One step is one optimizer update over `batch_size x gradient_accumulation_steps`
+sequences per rank. All micro-batches of the step are read first; the step's loss is the sum of the token
+losses divided by the number of label tokens in the whole step (over all ranks), so N accumulated
+micro-batches give exactly the gradient of one batch N times larger, and a rank or micro-batch with more
+tokens weighs more. Then: gradient clipping at `cfg.clip_norm` (the norm is logged either way), the
+update (skipped under `nan_policy="skip"` when the loss or gradient is not finite), Sophia's Hessian
+refresh on the step's last micro-batch when the optimizer asks for it, the schedule (a closed form of the
+step), then evaluation and saving. max_steps, warmup, eval_every, save_every and log_every all count steps.
+
+Checkpoints (`save_checkpoint` folders, see `llmlab.checkpoint`):
+- `best/` after an evaluation that improves the validation loss;
+- `latest/` every `save_every` steps and at the end of training, unless `save_best_only`;
+- `latest/` also when the run is interrupted (Ctrl-C or SIGTERM: the current step finishes first), even
+  with `save_best_only`, so the run can always be resumed. There is no separate `final/`: at the end the
+  model is evaluated once more (best/ may be updated) and, unless save_best_only, `latest/` is the final state.
+Each holds the weights, model and training configs, the tokenizer, `trainer_state.json` (step, tokens
+seen, best loss, data positions per rank, ...) and `trainer_state.pt` (optimizer, scheduler and the RNG
+states of torch, CUDA, numpy and Python per rank). Resuming restores all of it, so on CPU with the same
+seed a resumed run's losses equal an uninterrupted run's bit for bit.
+
+NaN/Inf: with `nan_policy="stop"` the run stops at the first non-finite loss or gradient norm with a
+`TrainingError` naming the step and the last good checkpoint; the broken model is never saved. To keep the
+GPU queue full the check reads the device only at log, eval and save steps (every step on CPU, where it
+costs nothing), so a NaN is noticed at most `log_every` steps late; the step reported is the first bad
+one. With `nan_policy="skip"` the update of a bad step is skipped (data and schedule move on), counted,
+and the run stops after `max_nan_skips` skips; deciding that needs the flag on the host, so skip mode
+synchronises once per step.
+
+Host synchronisation otherwise happens only at log steps (the loss is accumulated on the device),
+evaluations and saves. Inputs go to the GPU from pinned memory without blocking.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
+from llmlab.device import autocast
+from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.optim import Scheduler, build_optimizer, gnb_sampled_loss
+from llmlab.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    full_model_state,
+    gather_objects,
+    gradient_sync,
+    init_distributed,
+    load_optimizer_state,
+    optimizer_state,
+    wrap_model,
+)
+from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, shift_labels
+from llmlab.train.metrics import MetricsLogger
+
+Batch = dict[str, Tensor]
+SaveHook = Callable[..., Any]
+
+
+class TrainingError(LLMLabError):
+    """Training cannot go on (NaN/Inf loss, too many skipped steps); the message names the last good
+    checkpoint."""
+
+
+@dataclass
+class StartState:
+    """Where a resumed run starts: what `resume_state(checkpoint)` read. The weights are loaded by the
+    caller (they decide the model class, LoRA, ...); everything else is applied by `train_loop`.
+    Set `optimizer = None` to start the optimizer afresh (needed when switching optimizer)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    nan_skips: int = 0
+    world_size: int = 1
+    data_states: list[Any] | None = None  # per rank
+    rng_states: list[dict[str, Any]] | None = None  # per rank
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    interval: dict[str, float] = field(default_factory=dict)  # loss accumulated since the last log step
+    checkpoint: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    tokens_seen: int
+    stopped: Literal["completed", "interrupted"]
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None
+    nan_skips: int = 0
+    best_checkpoint: Path | None = None
+    latest_checkpoint: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The model as a loss: what DDP / FSDP wrap
+# --------------------------------------------------------------------------------------------------
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    head = getattr(base_transformer(model), "lm_head", None)
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no lm_head; train_loop needs an LLM-Lab Transformer")
+    return head
+
+
+class LMLoss(nn.Module):
+    """`model` plus its loss, in one forward, so DDP and FSDP see every parameter use inside forward.
+
+    forward(input_ids, labels) -> sum of the token cross entropies (chunked, see `losses`);
+    forward(input_ids, labels, gnb=True) -> Sophia's Gauss-Newton-Bartlett sampled loss (a mean).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, gnb: bool = False) -> Tensor:
+        hidden = self.model(input_ids, output_hidden=True)  # (B, T, D)
+        head = lm_head_of(self.model)
+        if gnb:
+            mask = shift_labels(labels) != IGNORE_INDEX  # (B, T)
+            return gnb_sampled_loss(head(hidden), mask)
+        loss_sum, _ = causal_lm_loss(hidden, head, labels)
+        return loss_sum
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces of a step (usable on their own: SFT and RLHF reuse them, tests check them)
+# --------------------------------------------------------------------------------------------------
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Move a batch tensor; from pinned memory without blocking when going CPU -> CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def label_tokens(labels: Tensor, device: torch.device) -> Tensor:
+    """Number of label tokens as a float tensor on `device`, without a host sync (counted on the CPU
+    when the labels are there, then written by a fill kernel)."""
+    n = (labels[:, 1:] != IGNORE_INDEX).sum()
+    if labels.device.type == "cpu" and device.type != "cpu":
+        return torch.full((), float(n), device=device)
+    return n.to(device=device, dtype=torch.float32)
+
+
+def forward_backward(wrapped: nn.Module, micro_batches: list[Batch], device: torch.device,
+                     info: DistInfo | None = None) -> tuple[Tensor, Tensor]:
+    """Accumulate the gradients of one step into `.grad`; returns (this rank's share of the step's mean
+    loss, global label-token count), both detached device tensors.
+
+    Each micro-batch's loss sum is divided by the token count of the whole step over all ranks (and
+    multiplied by world_size, which DDP/FSDP's gradient averaging divides back out), so the accumulated
+    gradient is that of sum(token losses) / total tokens, whatever the split into micro-batches and ranks.
+    """
+    info = info or DistInfo(device=device)
+    counts = torch.stack([label_tokens(mb["labels"], device) for mb in micro_batches]).sum()
+    n_global = all_reduce_sum(counts, info)
+    scale = info.world_size / n_global.clamp(min=1.0)
+    total = torch.zeros((), device=device)
+    last = len(micro_batches) - 1
+    for i, mb in enumerate(micro_batches):
+        input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+        with gradient_sync(wrapped, enabled=i == last):
+            with autocast(device):
+                loss_sum = wrapped(input_ids, labels)
+            (loss_sum * scale).backward()
+        total += loss_sum.detach().float()
+    return total / n_global.clamp(min=1.0), n_global
+
+
+@torch.no_grad()
+def evaluate(wrapped: nn.Module, batches: Iterator[Batch], steps: int, device: torch.device,
+             info: DistInfo | None = None) -> tuple[float | None, int]:
+    """Mean token loss over up to `steps` batches (fewer if the iterator ends), over all ranks; returns
+    (loss or None when there were no tokens, number of tokens). The model is put back in train mode."""
+    info = info or DistInfo(device=device)
+    wrapped.eval()
+    acc = torch.zeros(2, device=device, dtype=torch.float64)
+    try:
+        for _ in range(steps):
+            try:
+                mb = next(batches)
+            except StopIteration:
+                break
+            input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+            with autocast(device):
+                loss_sum = wrapped(input_ids, labels)
+            acc[0] += loss_sum.double()
+            acc[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
+    finally:
+        wrapped.train()
+    total, n = all_reduce_sum(acc, info).tolist()
+    return (total / n if n > 0 else None), int(n)
+
+
+def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Global gradient norm (a device tensor); grads are clipped to `max_norm` when it is > 0."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    return norm
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG and resume state
+# --------------------------------------------------------------------------------------------------
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """torch (CPU and this device's CUDA), numpy and Python RNG states, as weights_only-loadable objects."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def resume_state(checkpoint_dir: str | Path) -> StartState:
+    """Read what `train_loop` needs to continue from a checkpoint folder (not the weights)."""
+    ckpt = read_checkpoint(checkpoint_dir)
+    meta = ckpt.trainer_state()
+    if meta is None:
+        raise CheckpointError(f"{ckpt.path}: no trainer_state.json, so training cannot resume from it; use it "
+                              f"as a starting model instead (e.g. policy_checkpoint), or pick a latest/ or best/ "
+                              f"folder written by training")
+    tensors = ckpt.trainer_tensors() or {}
+    data = meta.get("data")
+    if data is None and "data" in tensors:
+        data = tensors["data"]
+    return StartState(
+        step=int(meta["step"]), tokens_seen=int(meta.get("tokens_seen", 0)),
+        best_val_loss=meta.get("best_val_loss"), last_val_loss=meta.get("last_val_loss"),
+        nan_skips=int(meta.get("nan_skips", 0)), world_size=int(meta.get("world_size", 1)),
+        data_states=data, rng_states=tensors.get("rng"), optimizer=tensors.get("optimizer"),
+        scheduler=tensors.get("scheduler"), interval=dict(meta.get("interval", {})), checkpoint=ckpt.path)
+
+
+def _json_or_none(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Interruption: Ctrl-C / SIGTERM finish the step, save latest/, return
+# --------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM while installed (main thread only). A second Ctrl-C aborts at once."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._say = say
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = True
+            self.signal_name = signal.Signals(signum).name
+            self._say(f"{self.signal_name}: finishing the current step, then saving latest/ "
+                      f"(Ctrl-C again to abort without saving)")
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _val_iterator(val_batches: Any) -> Callable[[], Iterator[Batch]] | None:
+    """A function giving the same validation batches at every evaluation."""
+    if val_batches is None:
+        return None
+    if callable(val_batches) and not hasattr(val_batches, "__next__"):
+        return val_batches
+    if hasattr(val_batches, "state_dict") and hasattr(val_batches, "load_state_dict"):
+        start = copy.deepcopy(val_batches.state_dict())
+
+        def rewound() -> Iterator[Batch]:
+            val_batches.load_state_dict(copy.deepcopy(start))
+            return val_batches
+
+        return rewound
+    return lambda: val_batches  # a plain iterator: consecutive evaluations read on
+
+
+def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def train_loop(
+    model: nn.Module,
+    cfg: Any,
+    train_batches: Iterator[Batch],
+    val_batches: Any = None,
+    *,
+    output_dir: str | Path,
+    kind: str = "pretrain",
+    tokenizer: Any = None,
+    start_state: StartState | None = None,
+    save_hook: SaveHook | None = None,
+    progress: bool = True,
+    dist_info: DistInfo | None = None,
+) -> TrainResult:
+    """Train `model` for `cfg.max_steps` optimizer updates (see the module docstring).
+
+    cfg: a TrainConfig, SFTConfig or RLHFConfig (reads max_steps, batch_size is the iterator's business,
+    gradient_accumulation_steps, peak_lr/clip_norm, optimizer and schedule fields, eval_every, eval_steps,
+    log_every, save_every, save_best_only, nan_policy, max_nan_skips, compile, gradient_checkpointing,
+    distributed). The model is moved to the device and trained in place; its trainable parameters are
+    those with requires_grad (LoRA: the adapters).
+    save_hook(path, model, **kwargs) writes a checkpoint; kwargs are `save_checkpoint`'s (state_dict is the
+    gathered full state under FSDP, None otherwise). Defaults to `llmlab.checkpoint.save_checkpoint`.
+    """
+    info = dist_info or init_distributed()
+    device = info.device
+    output_dir = Path(output_dir)
+    start = start_state or StartState()
+    save_hook = save_hook or save_checkpoint
+    if cfg.max_steps <= start.step:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is not above the checkpoint's step {start.step}; pass "
+                          f"max_steps=N with N > {start.step} to train further")
+
+    model.to(device)
+    model.train()
+    if cfg.gradient_checkpointing:
+        base_transformer(model).gradient_checkpointing = True
+    if cfg.compile:
+        model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+    loss_module = LMLoss(model)
+    wrapped = wrap_model(loss_module, model, info, getattr(cfg, "distributed", "ddp"))
+    optimizer = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if start.optimizer is not None:
+        fresh = _optimizer_hparams(optimizer)
+        try:
+            load_optimizer_state(wrapped, optimizer, start.optimizer)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {start.checkpoint} does not fit this optimizer "
+                                  f"({cfg.optimizer}): {e}; resume with --no-optimizer-state "
+                                  f"(load_optimizer_state=False)") from None
+        if len(fresh) != len(optimizer.param_groups):
+            raise CheckpointError(f"optimizer state in {start.checkpoint} has {len(optimizer.param_groups)} "
+                                  f"parameter groups, {cfg.optimizer} has {len(fresh)}; resume with "
+                                  f"--no-optimizer-state")
+        for group, hp in zip(optimizer.param_groups, fresh):  # the config's hyperparameters win
+            group.update(hp)
+    scheduler = Scheduler(optimizer, cfg, step=start.step)
+
+    same_world = start.world_size == info.world_size
+    if start.data_states is not None and hasattr(train_batches, "load_state_dict"):
+        if same_world:
+            train_batches.load_state_dict(start.data_states[info.rank])
+    if start.rng_states is not None and same_world:
+        restore_rng(start.rng_states[info.rank], device)
+    val_source = _val_iterator(val_batches)
+
+    logger = MetricsLogger(output_dir, total_steps=cfg.max_steps, start_step=start.step, enabled=info.is_main,
+                           progress=progress, description=kind)
+    if start.checkpoint is not None and not same_world:
+        logger.message(f"warning: {start.checkpoint} was written by {start.world_size} process(es), this run has "
+                       f"{info.world_size}: data positions and random states start afresh", always=True)
+
+    stop = StopFlag(lambda m: logger.message(m, always=True))
+    stop.install()
+
+    step = start.step
+    tokens_seen = start.tokens_seen
+    best_val, last_val = start.best_val_loss, start.last_val_loss
+    nan_skips = start.nan_skips
+    accum = cfg.gradient_accumulation_steps
+    interval_loss = torch.zeros((), device=device)
+    if info.is_main and start.interval.get("loss_sum"):
+        interval_loss += float(start.interval["loss_sum"])
+    interval_steps = int(start.interval.get("steps", 0))
+    interval_tokens = 0
+    interval_time = time.perf_counter()
+    bad_seen = torch.zeros((), dtype=torch.bool, device=device)  # stop policy: any non-finite step so far
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    paths = {"best": None, "latest": None}
+    last_loss: float | None = None
+    stopped: Literal["completed", "interrupted"] = "completed"
+    is_cpu = device.type == "cpu"
+
+    def check_finite() -> None:
+        """stop policy: raise if any step so far had a non-finite loss or gradient (a host sync)."""
+        if cfg.nan_policy != "stop":
+            return
+        if any_rank(bool(bad_seen.item()), info):
+            bad_step = int(first_bad.item())
+            last = paths["latest"] or paths["best"] or start.checkpoint
+            raise TrainingError(
+                f"loss or gradient became NaN/Inf at step {bad_step if bad_step >= 0 else step}; stopped without "
+                f"saving that model. Last good checkpoint: {last or 'none'}. Try a lower lr, more warmup_steps, "
+                f"grad_clip > 0, or nan_policy=skip")
+
+    def save(which: str) -> Path:
+        check_finite()
+        path = output_dir / which
+        full_state = full_model_state(wrapped, model, info)
+        opt_state = optimizer_state(wrapped, optimizer, info)
+        data = gather_objects(train_batches.state_dict() if hasattr(train_batches, "state_dict") else None, info)
+        rngs = gather_objects(capture_rng(device), info)
+        interval_sum = float(all_reduce_sum(interval_loss.clone(), info))
+        if info.is_main:
+            data_json = _json_or_none(data)
+            trainer_state = {
+                "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "last_val_loss": last_val,
+                "nan_skips": nan_skips, "world_size": info.world_size, "kind": kind, "max_steps": cfg.max_steps,
+                "optimizer": cfg.optimizer, "interval": {"loss_sum": interval_sum, "steps": interval_steps},
+                "data": data_json,
+            }
+            tensors: dict[str, Any] = {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rngs}
+            if data_json is None and data is not None:
+                tensors["data"] = data
+            save_hook(path, model, state_dict=full_state, kind=kind, train_config=cfg, trainer_state=trainer_state,
+                      trainer_tensors=tensors, tokenizer=tokenizer,
+                      metrics={"step": step, "val_loss": last_val, "best_val_loss": best_val})
+        barrier(info)
+        paths["latest" if which == "latest" else "best"] = path
+        return path
+
+    def run_eval() -> dict[str, Any]:
+        """Validation loss and perplexity; saves best/ when the loss improves. Returns the numbers to log."""
+        nonlocal best_val, last_val
+        if val_source is None:
+            return {}
+        check_finite()
+        val, n = evaluate(wrapped, val_source(), cfg.eval_steps, device, info)
+        if val is None:
+            return {}
+        last_val = val
+        if best_val is None or val < best_val:
+            best_val = val
+            save("best")
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_tokens": n}
+
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        while step < cfg.max_steps:
+            micro = [next(train_batches) for _ in range(accum)]
+            step_tokens = sum(int(mb["input_ids"].numel()) for mb in micro) * info.world_size
+            step_loss, _ = forward_backward(wrapped, micro, device, info)
+            norm = grad_norm_and_clip(params, cfg.clip_norm).to(device)
+            finite = torch.isfinite(step_loss) & torch.isfinite(norm)
+            group = optimizer.param_groups[0]
+            lr = group["lr"] / group.get("lr_scale", 1.0)
+            skipped = False
+            if cfg.nan_policy == "skip" and any_rank(not bool(finite.item()), info):
+                skipped = True
+                nan_skips += 1
+                logger.message(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                               f"({nan_skips}/{cfg.max_nan_skips})", always=True)
+            else:
+                bad_now = ~finite
+                first_bad = torch.where(bad_now & ~bad_seen, torch.full_like(first_bad, step + 1), first_bad)
+                bad_seen |= bad_now
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not skipped and getattr(optimizer, "wants_hessian", None) and optimizer.wants_hessian(step):
+                _refresh_hessian(optimizer, wrapped, micro[-1], device, info)
+            scheduler.step()
+            step += 1
+            tokens_seen += step_tokens
+            interval_tokens += step_tokens
+            if not skipped:
+                interval_loss += step_loss
+                interval_steps += 1
+            logger.advance(step)
+
+            if skipped and nan_skips >= cfg.max_nan_skips:
+                last = paths["latest"] or paths["best"] or start.checkpoint
+                raise TrainingError(f"{nan_skips} steps had a NaN/Inf loss or gradient (max_nan_skips="
+                                    f"{cfg.max_nan_skips}); stopped at step {step}. Last good checkpoint: "
+                                    f"{last or 'none'}. Try a lower lr or more warmup_steps")
+            if is_cpu:
+                check_finite()
+            final = step == cfg.max_steps
+            record: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or final:
+                check_finite()
+                loss_total = float(all_reduce_sum(interval_loss.clone(), info))
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss_total / interval_steps if interval_steps else None, "lr": lr,
+                          "grad_norm": float(norm), "tokens_per_sec": interval_tokens / max(now - interval_time, 1e-9),
+                          "tokens_seen": tokens_seen, "nan_skips": nan_skips or None, "skipped": skipped or None}
+                last_loss = record["loss"]
+                interval_loss.zero_()
+                interval_steps, interval_tokens, interval_time = 0, 0, now
+            paused = time.perf_counter()  # evaluation and saving do not count against tokens/s
+            if step % cfg.eval_every == 0 or final:
+                evaluated = run_eval()
+                if evaluated:
+                    record = {"step": step, **record, **evaluated}
+            if record:
+                logger.log(record)
+            interrupted = any_rank(stop.requested, info)
+            if not cfg.save_best_only and (step % cfg.save_every == 0 or final) or interrupted:
+                save("latest")
+            interval_time += time.perf_counter() - paused
+            if interrupted and not final:
+                stopped = "interrupted"
+                cmd = f"llm-lab {kind} --resume {output_dir / 'latest'}"
+                logger.message(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n  {cmd}",
+                               always=True)
+                break
+    finally:
+        stop.restore()
+        logger.close()
+
+    if stopped == "completed" and info.is_main:
+        where = ", ".join(f"{k}/" for k, v in paths.items() if v is not None) or "no checkpoint"
+        logger.message(f"done: {step} steps, {tokens_seen:,} tokens; best val loss "
+                       f"{best_val if best_val is None else round(best_val, 4)}; saved {where} in {output_dir}")
+    return TrainResult(output_dir=output_dir, step=step, tokens_seen=tokens_seen, stopped=stopped,
+                       last_loss=last_loss, last_val_loss=last_val, best_val_loss=best_val, nan_skips=nan_skips,
+                       best_checkpoint=paths["best"], latest_checkpoint=paths["latest"])
+
+
+def _refresh_hessian(optimizer: Any, wrapped: nn.Module, mb: Batch, device: torch.device, info: DistInfo) -> None:
+    """Sophia: one Gauss-Newton-Bartlett estimate from a micro-batch (labels sampled from the model)."""
+    input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+    n_tokens = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) * info.world_size
+
+    def closure() -> Tensor:
+        with autocast(device):
+            loss = wrapped(input_ids, labels, gnb=True)
+        loss.backward()
+        return loss
+
+    optimizer.refresh_hessian(closure, batch_tokens=max(1, n_tokens))

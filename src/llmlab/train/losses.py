@@ -1,0 +1,176 @@
+"""Token-weighted causal-LM cross entropy, chunked over rows so the (N, V) fp32 logits never exist at once.
+
+    hidden = model(input_ids, output_hidden=True)            # (B, T, D), final norm applied
+    loss_sum, n_tokens = causal_lm_loss(hidden, model.lm_head, labels)
+    (loss_sum / n_tokens).backward()                           # mean over label tokens
+
+Labels are aligned with `input_ids` (as the data iterators yield them): position t predicts
+`labels[:, t + 1]`, and `-100` marks positions that do not count (prompt tokens in SFT, padding).
+Returning the *sum* and the token count, not a mean, is what lets the loop weight every token equally
+across micro-batches and ranks: the step's loss is the sum over all its tokens divided by their number.
+
+How the memory stays small. A plain `F.cross_entropy(lm_head(h), y)` materialises the logits (N, V),
+their fp32 copy, the softmax and its gradient: several N x V tensors (N = B x T; with V = 150k and
+N = 16k that is ~10 GB each in fp32). `linear_cross_entropy` walks over chunks of rows instead. For
+each chunk it computes the logits (n, V) in fp32, the loss, and right away the gradients
+(softmax - onehot) @ W for the hidden states and (softmax - onehot)^T @ h for the weight, then drops the
+chunk. Backward only scales those stored gradients by the incoming scalar: three matmuls per chunk in
+total, as unchunked, and peak extra memory of one chunk's logits plus one weight-sized gradient buffer.
+The gradients are computed only when grad is enabled and an input needs them (evaluation pays for the
+loss alone). Under CUDA autocast the matmuls run in the autocast dtype (bf16), as `lm_head` would, and
+everything after them (log-sum-exp, softmax, the weight-gradient sum) in fp32.
+
+A head that is not a plain `nn.Linear` (a PEFT LoRA-wrapped lm_head, say) goes through
+`checkpointed_cross_entropy`: the same chunks, each under activation checkpointing, so only one chunk's
+logits live at a time and backward recomputes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 256 * 2**20  # target size of one chunk's fp32 logits
+MIN_CHUNK_ROWS = 128
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about CHUNK_BYTES."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(1, vocab_size)))
+
+
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """(B, T) labels aligned with the inputs -> (B, T) targets: position t gets labels[t + 1], the last
+    position ignore_index. Keeps the hidden states unshifted (a contiguous view, no copy)."""
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Number of positions that carry a loss (labels[:, 1:] != ignore_index), as a 0-d int64 tensor on
+    the labels' device (no host synchronisation)."""
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(x @ W^T + b, target), gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk_rows: int,
+                ignore_index: int, compute_dtype: torch.dtype) -> Tensor:
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n_rows = x.shape[0]
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        w = weight.to(compute_dtype)
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu")
+                       else contextlib.nullcontext())
+        with no_autocast:
+            for start in range(0, n_rows, chunk_rows):
+                end = min(start + chunk_rows, n_rows)
+                h = x[start:end].to(compute_dtype)  # (n, D)
+                logits = (h @ w.t()).to(acc)  # (n, V)
+                if bias is not None:
+                    logits += bias.to(acc)
+                t = target[start:end]
+                valid = t != ignore_index  # (n,)
+                t_safe = torch.where(valid, t, torch.zeros_like(t))
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                picked = logits.gather(1, t_safe[:, None]).squeeze(1)
+                loss += ((lse - picked) * valid).sum()
+                if grad_x is None and grad_w is None and grad_b is None:
+                    continue
+                # d loss / d logits = softmax - onehot(target), zero on ignored rows; in place on logits
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(end - start, device=probs.device), t_safe] -= 1.0
+                probs *= valid[:, None]
+                g = probs.to(compute_dtype)
+                if grad_x is not None:
+                    grad_x[start:end] = (g @ w).to(x.dtype)
+                if grad_w is not None:
+                    grad_w += (g.t() @ h).to(acc)
+                if grad_b is not None:
+                    grad_b += probs.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_x, grad_w, grad_b) if t is not None))
+        ctx.has = (grad_x is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss.to(torch.float64 if acc == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved = list(ctx.saved_tensors)
+        grads = []
+        for has, dtype in zip(ctx.has, ctx.dtypes):
+            grads.append((saved.pop(0) * grad_out).to(dtype) if has else None)
+        return grads[0], grads[1], grads[2], None, None, None, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *,
+                         chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Sum over rows of cross_entropy(x @ weight^T + bias, target), ignoring `ignore_index` rows.
+
+    x (N, D), weight (V, D), bias (V,) or None, target (N,) -> 0-d fp32 (fp64 for fp64 inputs) tensor,
+    differentiable in x, weight and bias. Never holds more than `chunk_rows` rows of logits.
+    """
+    if x.dim() != 2 or target.shape != x.shape[:1]:
+        raise ValueError(f"expected x (N, D) and target (N,), got {tuple(x.shape)} and {tuple(target.shape)}")
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(x, weight, bias, target, rows, ignore_index, _compute_dtype(x, weight))
+
+
+def _chunk_ce(head: nn.Module, h: Tensor, t: Tensor, ignore_index: int) -> Tensor:
+    logits = head(h)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+
+
+def checkpointed_cross_entropy(x: Tensor, head: nn.Module, target: Tensor, *, chunk_rows: int | None = None,
+                               ignore_index: int = IGNORE_INDEX, vocab_size: int | None = None) -> Tensor:
+    """Like `linear_cross_entropy` for any head module: chunks under activation checkpointing."""
+    rows = chunk_rows or default_chunk_rows(vocab_size or 32768)
+    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+    for start in range(0, x.shape[0], rows):
+        h, t = x[start:start + rows], target[start:start + rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, head, h, t, ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(head, h, t, ignore_index)
+    return total
+
+
+def causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
+                   ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """hidden (B, T, D) after the final norm, the lm_head module, labels (B, T) aligned with the inputs
+    -> (sum of token losses, number of label tokens). Chunked: see the module docstring."""
+    targets = shift_labels(labels, ignore_index).reshape(-1)
+    x = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D), a view
+    if type(head) is nn.Linear:  # a plain projection (not a LoRA or other wrapper): the fused path
+        loss_sum = linear_cross_entropy(x, head.weight, head.bias, targets, chunk_rows=chunk_rows,
+                                        ignore_index=ignore_index)
+    else:
+        weight = getattr(head, "weight", None)
+        vocab = weight.shape[0] if isinstance(weight, Tensor) else None
+        loss_sum = checkpointed_cross_entropy(x, head, targets, chunk_rows=chunk_rows, ignore_index=ignore_index,
+                                              vocab_size=vocab)
+    return loss_sum, count_label_tokens(labels, ignore_index)
+
+
+def chunked_lm_loss(head: nn.Module, hidden: Tensor, labels: Tensor, *, chunk_rows: int | None = None) -> Tensor:
+    """Mean next-token cross entropy over the label tokens: `causal_lm_loss` divided by the token count.
+    The drop-in for `F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:])` without the full logits."""
+    loss_sum, n = causal_lm_loss(hidden, head, labels, chunk_rows=chunk_rows)
+    return loss_sum / n.clamp(min=1)

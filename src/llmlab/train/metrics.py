@@ -1,0 +1,203 @@
+"""What a training run shows and records: progress bar, `metrics.jsonl`, TensorBoard, `loss.png`.
+
+    tensorboard --logdir checkpoints/tensorboard
+
+`metrics.jsonl` holds one JSON object per logged step: `step`, `loss`, `lr`, `grad_norm`,
+`tokens_per_sec`, `tokens_seen`, `elapsed_s` and, on evaluation steps, `val_loss` and `val_ppl` (an
+evaluation step that is not a log step gets a line with the validation numbers only). TensorBoard gets
+the same numbers under `train/*` and `val/*`. On resume, lines after the resumed step are dropped first
+(they came from the part of a run that is being redone) and TensorBoard purges them too.
+
+The progress bar (rich) shows step, loss, lr, grad norm, tokens/s and ETA. It is drawn only on a TTY and
+when `progress=True`; otherwise each log step prints one plain line, unless `progress=False`, which keeps
+the run quiet (tests). Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TB_DIR = "tensorboard"
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of `{output_dir}/metrics.jsonl` (an unreadable trailing line is skipped)."""
+    p = Path(output_dir) / METRICS_FILE
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only the records with step <= `step` (a resumed run redoes the rest)."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path.parent) if int(r.get("step", 0)) <= step]
+    from llmlab.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_losses(output_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path | None:
+    """Write `loss.png` (train and validation loss against step) from metrics.jsonl; None if no data."""
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir) if records is None else records
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records
+           if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=4)
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = output_dir / PLOT_FILE
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class _Bar:
+    """rich progress bar with the run's numbers as fields."""
+
+    def __init__(self, total: int, start: int, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("gnorm {task.fields[gnorm]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("ETA"), TimeRemainingColumn(), refresh_per_second=4, transient=False)
+        self.task = self.progress.add_task(description, total=total, completed=start, loss="-", lr="-",
+                                           gnorm="-", tps="-")
+        self.progress.start()
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def fields(self, **kw: str) -> None:
+        self.progress.update(self.task, **kw)
+
+    def print(self, msg: str) -> None:
+        self.progress.console.print(msg, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class MetricsLogger:
+    """Rank 0's sink for per-step numbers. Create with `enabled=False` on other ranks (does nothing)."""
+
+    def __init__(self, output_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True, description: str = "train") -> None:
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.quiet = not progress
+        self._bar: _Bar | None = None
+        self._writer = None
+        self._file = None
+        self._start_time = time.perf_counter()
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / METRICS_FILE
+        _truncate_after(path, start_step)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.output_dir / TB_DIR), purge_step=start_step + 1)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self._writer = None
+        if progress and sys.stdout.isatty():
+            self._bar = _Bar(total_steps, start_step, description)
+
+    def advance(self, step: int) -> None:
+        """Move the bar (no numbers, so no synchronisation needed)."""
+        if self._bar is not None:
+            self._bar.advance(step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (must hold `step`) to metrics.jsonl and TensorBoard; refresh the display."""
+        if not self.enabled:
+            return
+        record = {k: v for k, v in record.items() if v is not None}
+        record.setdefault("elapsed_s", round(time.perf_counter() - self._start_time, 3))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = int(record["step"])
+        if self._writer is not None:
+            for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+                             ("tokens_per_sec", "train/tokens_per_sec"), ("val_loss", "val/loss"),
+                             ("val_ppl", "val/ppl")):
+                v = record.get(key)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._writer.add_scalar(tag, v, step)
+        if "loss" in record:
+            fields = dict(loss=_fmt(record.get("loss")), lr=_fmt(record.get("lr"), ".2e"),
+                          gnorm=_fmt(record.get("grad_norm"), ".3f"), tps=_fmt(record.get("tokens_per_sec"), ",.0f"))
+            if self._bar is not None:
+                self._bar.fields(**fields)
+            elif not self.quiet:
+                print(f"step {step} | loss {fields['loss']} | lr {fields['lr']} | grad norm {fields['gnorm']} | "
+                      f"{fields['tps']} tok/s", flush=True)
+        if "val_loss" in record:
+            self.message(f"step {step} | val loss {_fmt(record['val_loss'])} | val ppl "
+                         f"{_fmt(record.get('val_ppl'), '.2f')}")
+
+    def message(self, msg: str, *, always: bool = False) -> None:
+        """A line for the user, above the bar when there is one (printed even when quiet if `always`)."""
+        if not self.enabled or (self.quiet and not always):
+            return
+        if self._bar is not None:
+            self._bar.print(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self, *, plot: bool = True) -> Path | None:
+        """Stop the bar, close the files, write loss.png; returns the plot path (None if nothing to plot)."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return plot_losses(self.output_dir) if plot else None
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None:
+        return "-"
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)

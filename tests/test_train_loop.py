@@ -1,0 +1,353 @@
+"""The shared loop on a tiny model: accumulation, every optimizer and schedule, checkpoints, NaN, resume."""
+
+import json
+import math
+import signal
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from llmlab.checkpoint import read_checkpoint, save_checkpoint
+from llmlab.config import TrainConfig
+from llmlab.model import build_model
+from llmlab.train.loop import LMLoss, TrainingError, forward_backward, resume_state, train_loop
+from llmlab.train.metrics import read_metrics
+
+V = 64
+
+
+class RuleBatches:
+    """Sequences whose next token is (3 * token + 1) % V from a random start (a learnable bigram map),
+    optionally with a -100 "prompt" of random length. Global batch n is a function of (seed, n) alone;
+    this rank gets rows [rank * B, (rank + 1) * B). Resumable through state_dict."""
+
+    def __init__(self, batch_size, *, seq_len=16, seed=0, rank=0, world_size=1, mask=False):
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size, self.mask = rank, world_size, mask
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.n)
+        rows = self.batch_size * self.world_size
+        x = torch.empty(rows, self.seq_len, dtype=torch.long)
+        x[:, 0] = torch.randint(0, V, (rows,), generator=g)
+        for t in range(1, self.seq_len):
+            x[:, t] = (3 * x[:, t - 1] + 1) % V
+        labels = x.clone()
+        if self.mask:
+            cut = torch.randint(0, self.seq_len - 2, (rows,), generator=g)
+            labels[torch.arange(self.seq_len) < cut[:, None]] = -100
+        self.n += 1
+        part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return {"input_ids": x[part], "labels": labels[part]}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def make_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=10, lr=1e-2, warmup_steps=0, scheduler="none",
+                batch_size=4, gradient_accumulation_steps=1, eval_every=1000, eval_steps=2, log_every=1,
+                save_every=1000, save_best_only=True, weight_decay=0.0, datasets=["unused"])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(vocab_size=V, max_seq_len=32))
+
+
+def run(tmp_path, model=None, val=True, **kw):
+    cfg = make_cfg(tmp_path, **kw)
+    model = model or tiny_model()
+    result = train_loop(model, cfg, RuleBatches(cfg.batch_size, mask=True),
+                        RuleBatches(4, seed=99) if val else None, output_dir=cfg.output_dir, progress=False)
+    return model, result, read_metrics(cfg.output_dir)
+
+
+def train_losses(metrics):
+    return [r["loss"] for r in metrics if "loss" in r]
+
+
+# --------------------------------------------------------------------------------------------------
+# A step
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch():
+    big = next(RuleBatches(8, mask=True, seed=3))  # prompts of different lengths: unequal token counts
+    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in range(0, 8, 2)]
+    counts = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
+    assert len(set(counts)) > 1
+
+    def grads(batches):
+        model = tiny_model()
+        loss, n = forward_backward(LMLoss(model), batches, torch.device("cpu"))
+        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    loss_a, n_a, ga = grads(micro)
+    loss_b, n_b, gb = grads([big])
+    assert n_a.item() == n_b.item() == sum(counts)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-6
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=1e-6, msg=k)
+
+    # the test can tell: averaging per-micro-batch means (the naive way) gives another gradient
+    model = tiny_model()
+    for m in micro:
+        loss_sum = LMLoss(model)(m["input_ids"], m["labels"])
+        (loss_sum / int((m["labels"][:, 1:] != -100).sum()) / len(micro)).backward()
+    assert max((p.grad - gb[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-5
+
+
+def test_step_counts_updates_and_accumulation_reads_micro_batches(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=3, gradient_accumulation_steps=3, batch_size=2)
+    data = RuleBatches(2)
+    result = train_loop(tiny_model(), cfg, data, None, output_dir=cfg.output_dir, progress=False)
+    assert result.step == 3 and data.n == 9  # 3 updates x 3 micro-batches
+    assert result.tokens_seen == 9 * 2 * 16
+    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizers and schedules
+# --------------------------------------------------------------------------------------------------
+
+LR = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 2e-3, "sophia": 1e-2, "muon": 2e-2}
+
+
+@pytest.mark.parametrize("name", list(LR))
+def test_loss_decreases_with_every_optimizer(tmp_path, name, monkeypatch):
+    from llmlab import optim
+
+    refreshes = []
+    original = optim.SophiaG.refresh_hessian
+    monkeypatch.setattr(optim.SophiaG, "refresh_hessian",
+                        lambda self, closure, batch_tokens: (refreshes.append(batch_tokens),
+                                                             original(self, closure, batch_tokens)))
+    model, result, metrics = run(tmp_path, val=False, optimizer=name, lr=LR[name], max_steps=30,
+                                 sophia_update_k=5)
+    losses = train_losses(metrics)
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, (name, losses)
+    if name == "sophia":  # the Hessian estimate is refreshed every k steps, from the step's tokens
+        assert len(refreshes) == 6 and all(n > 0 for n in refreshes)
+    else:
+        assert refreshes == []
+
+
+def closed_form_lr(n, cfg):
+    """lr of update n (1-based): linear warmup to lr over warmup_steps, then the schedule to lr*min_lr_ratio."""
+    w, m, lo = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+    if n <= w:
+        return cfg.lr * n / w
+    p = (n - w) / (m - w)
+    shape = {"none": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)),
+             "polynomial": (1 - p) ** cfg.poly_power}[cfg.scheduler]
+    return cfg.lr * (shape if cfg.scheduler == "none" else lo + (1 - lo) * shape)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "polynomial", "none"])
+def test_logged_lr_follows_the_closed_form_and_warmup_reaches_lr(tmp_path, scheduler):
+    kw = dict(scheduler=scheduler, warmup_steps=4, max_steps=12, lr=3e-3, min_lr_ratio=0.1, poly_power=1.5)
+    _, _, metrics = run(tmp_path, val=False, **kw)
+    cfg = make_cfg(tmp_path, **kw)
+    lrs = {r["step"]: r["lr"] for r in metrics}
+    assert sorted(lrs) == list(range(1, 13))
+    assert lrs[4] == pytest.approx(3e-3, rel=1e-12)  # warmup ends at the peak lr
+    assert lrs[1] == pytest.approx(3e-3 / 4, rel=1e-12)
+    for n in (1, 2, 5, 8, 11, 12):
+        assert lrs[n] == pytest.approx(closed_form_lr(n, cfg), rel=1e-9, abs=1e-15), n
+    if scheduler != "none":
+        assert lrs[12] == pytest.approx(3e-4, rel=1e-9) and lrs[8] < lrs[5]
+
+
+def test_only_trainable_parameters_move_and_gradient_checkpointing_is_exact(tmp_path):
+    model = tiny_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("layers.1.mlp"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, _, plain = run(tmp_path / "a", model=model, val=False, max_steps=3)
+    for n, p in model.named_parameters():
+        assert torch.equal(before[n], p) != p.requires_grad, n
+
+    ckpt_model = tiny_model()
+    for n, p in ckpt_model.named_parameters():
+        p.requires_grad_(n.startswith("layers.1.mlp"))
+    _, _, recomputed = run(tmp_path / "b", model=ckpt_model, val=False, max_steps=3, gradient_checkpointing=True)
+    assert ckpt_model.gradient_checkpointing is True
+    assert train_losses(recomputed) == train_losses(plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("best_only", [True, False])
+def test_best_and_latest_checkpoints(tmp_path, best_only):
+    saves = []
+
+    def spy(path, model, **kw):
+        saves.append((path.name, kw["trainer_state"]["step"]))
+        return save_checkpoint(path, model, **kw)
+
+    cfg = make_cfg(tmp_path, max_steps=9, eval_every=2, save_every=4, save_best_only=best_only, lr=3e-2,
+                   optimizer="lion")
+    train_loop(tiny_model(), cfg, RuleBatches(4, mask=True), RuleBatches(4, seed=99), output_dir=cfg.output_dir,
+               progress=False, save_hook=spy)
+    metrics = read_metrics(cfg.output_dir)
+    vals = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+    assert [s for s, _ in vals] == [2, 4, 6, 8, 9]  # every eval_every steps and at the end
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in metrics if "val_loss" in r)
+    improved = [s for i, (s, v) in enumerate(vals) if all(v < w for _, w in vals[:i])]
+    assert [s for name, s in saves if name == "best"] == improved
+    assert [s for name, s in saves if name == "latest"] == ([] if best_only else [4, 8, 9])
+    out = tmp_path / "run"
+    assert (out / "latest").exists() != best_only
+    best = read_checkpoint(out / "best")
+    state = best.trainer_state()
+    assert state["step"] == improved[-1] and state["best_val_loss"] == min(v for _, v in vals)
+    assert (best.path / "tokenizer").exists() is False  # no tokenizer given to the loop here
+    tensors = best.trainer_tensors()
+    assert set(tensors) >= {"optimizer", "scheduler", "rng"} and tensors["scheduler"]["step"] == improved[-1]
+    assert state["data"] == [{"n": improved[-1]}]
+    assert json.loads((best.path / "training_config.json").read_text())["max_steps"] == 9
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN / Inf
+# --------------------------------------------------------------------------------------------------
+
+
+class Poisoned(RuleBatches):
+    """Turns the model's embedding output into NaN for the training batches listed in `bad` (0-based)."""
+
+    def __init__(self, *args, bad=(), flag=None, **kw):
+        super().__init__(*args, **kw)
+        self.bad, self.flag = set(bad), flag
+
+    def __next__(self):
+        self.flag["on"] = self.n in self.bad
+        return super().__next__()
+
+
+def poisoned_model(flag):
+    model = tiny_model()
+    model.embed_tokens.register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if (flag["on"] and mod.training) else None)
+    return model
+
+
+def test_nan_stop_keeps_the_last_good_checkpoint(tmp_path):
+    flag = {"on": False}
+    cfg = make_cfg(tmp_path, max_steps=10, save_every=2, save_best_only=False)
+    with pytest.raises(TrainingError, match=r"NaN/Inf at step 5.*latest"):
+        train_loop(poisoned_model(flag), cfg, Poisoned(4, bad={4}, flag=flag), None, output_dir=cfg.output_dir,
+                   progress=False)
+    latest = read_checkpoint(tmp_path / "run" / "latest")
+    assert latest.trainer_state()["step"] == 4
+    assert all(torch.isfinite(t).all() for t in latest.state_dict().values())
+    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "loss.png").exists()
+
+
+def test_nan_skip_counts_skipped_updates_and_stops_after_max(tmp_path):
+    flag = {"on": False}
+    cfg = make_cfg(tmp_path, max_steps=8, nan_policy="skip", max_nan_skips=5)
+    model = poisoned_model(flag)
+    result = train_loop(model, cfg, Poisoned(4, bad={2, 5}, flag=flag), None, output_dir=cfg.output_dir,
+                        progress=False)
+    assert result.step == 8 and result.nan_skips == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    metrics = read_metrics(cfg.output_dir)
+    assert metrics[-1]["nan_skips"] == 2
+    assert [r["step"] for r in metrics if r.get("skipped")] == [3, 6]  # logged, without a loss
+    assert all(math.isfinite(r["loss"]) for r in metrics if not r.get("skipped"))
+
+    flag["on"] = False
+    cfg = make_cfg(tmp_path / "b", max_steps=8, nan_policy="skip", max_nan_skips=2)
+    with pytest.raises(TrainingError, match="2 steps had a NaN"):
+        train_loop(poisoned_model(flag), cfg, Poisoned(4, bad={1, 3}, flag=flag), None, output_dir=cfg.output_dir,
+                   progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact resume through run_pretrain (real data, real tokenizer), stopped by SIGTERM
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from llmlab.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:shakespeare"], 300, out, max_docs=200)
+    return out
+
+
+def pretrain_configs(tmp_path, tokenizer_dir, **kw):
+    from llmlab.config import ModelConfig
+
+    model_cfg = ModelConfig(tokenizer_name=str(tokenizer_dir), d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                            n_layers=2, vocab_size=320, max_seq_len=32, dropout=0.1)
+    base = dict(output_dir=str(tmp_path), max_steps=8, lr=1e-2, warmup_steps=2, scheduler="cosine", batch_size=2,
+                gradient_accumulation_steps=2, eval_every=3, eval_steps=2, log_every=1, save_every=100,
+                save_best_only=False, datasets=["bundled:shakespeare"], val_fraction=0.1, seed=7,
+                optimizer="sophia", sophia_update_k=3)
+    base.update(kw)
+    return TrainConfig(**base), model_cfg
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_sigterm_then_resume_gives_exactly_the_uninterrupted_losses(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from llmlab.train import pretrain
+
+    cfg_a, model_cfg = pretrain_configs(tmp_path / "a", tokenizer_dir)
+    pretrain.run_pretrain(cfg_a, model_cfg, progress=False)
+    full = read_metrics(tmp_path / "a")
+    assert [r["step"] for r in full] == list(range(1, 9))
+
+    stop_at = 4  # SIGTERM arrives while step 4 reads its data: step 4 finishes, latest/ is saved, return
+
+    class Interrupted(pretrain.PretrainBatches):
+        def __next__(self):
+            batch = super().__next__()
+            if self.batches_yielded == stop_at * 2 - 1 and self._stream is not None and self._stream.split == "train":
+                signal.raise_signal(signal.SIGTERM)
+            return batch
+
+    cfg_b, _ = pretrain_configs(tmp_path / "b", tokenizer_dir)
+    monkeypatch.setattr(pretrain, "PretrainBatches", Interrupted)
+    pretrain.run_pretrain(cfg_b, model_cfg, progress=False)
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert f"llm-lab pretrain --resume {tmp_path / 'b' / 'latest'}" in out
+    assert read_checkpoint(tmp_path / "b" / "latest").trainer_state()["step"] == stop_at
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, stop_at + 1))
+
+    pretrain.run_pretrain(cfg_b, resume=str(tmp_path / "b" / "latest"), progress=False)
+    resumed = read_metrics(tmp_path / "b")
+    for key in ("step", "loss", "lr", "grad_norm", "val_loss", "tokens_seen"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in full], key
+
+    # extend max_steps; switching optimizer needs --no-optimizer-state
+    longer = cfg_b.with_overrides(["max_steps=10", "optimizer=adamw"])
+    with pytest.raises(Exception, match="no-optimizer-state"):
+        pretrain.run_pretrain(longer, resume=str(tmp_path / "b" / "latest"), progress=False)
+    pretrain.run_pretrain(longer, resume=str(tmp_path / "b" / "latest"), load_optimizer_state=False, progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, 11))
+    state = resume_state(tmp_path / "b" / "latest")
+    assert state.step == 10 and state.optimizer["param_groups"][0].get("betas") == (0.9, 0.999)

@@ -1,0 +1,133 @@
+"""Chunked causal-LM cross entropy: same value and gradients as the plain loss, -100 ignored, any head."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.train.losses import (
+    causal_lm_loss,
+    chunked_lm_loss,
+    count_label_tokens,
+    linear_cross_entropy,
+    shift_labels,
+)
+
+B, T, D, V = 3, 9, 16, 50
+
+
+def reference(hidden, head, labels):
+    """The plain loss: full logits, shift, F.cross_entropy(sum, ignore_index=-100)."""
+    logits = head(hidden)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), labels[:, 1:].reshape(-1),
+                           reduction="sum", ignore_index=-100)
+
+
+def make(dtype, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=dtype).requires_grad_()
+    head = nn.Linear(D, V, bias=bias).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D, generator=g, dtype=dtype))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g, dtype=dtype))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :5] = -100  # a prompt
+    labels[2, -2:] = -100  # padding
+    return hidden, head, labels
+
+
+def grads_of(loss, hidden, head):
+    loss.backward()
+    out = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if head.bias is not None else [])
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_plain_value_and_gradients(dtype, tol, chunk_rows, bias):
+    hidden, head, labels = make(dtype, bias)
+    loss, n = causal_lm_loss(hidden, head, labels, chunk_rows=chunk_rows)
+    got = grads_of(loss * 0.37, hidden, head)  # a non-unit upstream gradient must be applied
+    ref = reference(hidden, head, labels)
+    want = grads_of(ref * 0.37, hidden, head)
+    assert n.item() == int((labels[:, 1:] != -100).sum()) == B * (T - 1) - 4 - 2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=tol * 10, atol=tol * 10)
+
+
+def test_ignored_positions_contribute_nothing():
+    hidden, head, labels = make(torch.float64)
+    loss, _ = causal_lm_loss(hidden, head, labels, chunk_rows=5)
+    loss.backward()
+    # position t predicts labels[t+1]: rows 0..3 of sequence 0 (targets labels[0, 1:5] == -100) and the last
+    # position of every sequence have zero gradient; changing those labels changes nothing
+    assert hidden.grad[0, :4].abs().max() == 0
+    assert hidden.grad[:, -1].abs().max() == 0
+    assert hidden.grad[1, :-1].abs().amax(-1).min() > 0
+    other = labels.clone()
+    other[0, :5] = torch.arange(5)
+    assert not torch.equal(causal_lm_loss(hidden, head, other)[0], loss)  # they would count if not ignored
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+    hidden, head, labels = make(torch.float32)
+    labels[:] = -100
+    loss, n = causal_lm_loss(hidden, head, labels, chunk_rows=4)
+    loss.backward()
+    assert loss.item() == 0 and n.item() == 0
+    assert hidden.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
+
+
+def test_any_head_module_goes_through_checkpointed_chunks():
+    """A head that is not a plain nn.Linear (as a LoRA-wrapped lm_head is) gets the same numbers."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.extra = nn.Parameter(torch.zeros(V, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.inner(x) + self.extra
+
+    hidden, head, labels = make(torch.float64)
+    wrapped = Wrapped(head)
+    loss, _ = causal_lm_loss(hidden, wrapped, labels, chunk_rows=4)
+    got = grads_of(loss, hidden, head)
+    ref = reference(hidden, wrapped, labels)
+    want = grads_of(ref, hidden, head)
+    assert abs(loss.item() - ref.item()) < 1e-10
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_tied_weight_receives_both_gradients():
+    emb = nn.Embedding(V, D).double()
+    head = nn.Linear(D, V, bias=False).double()
+    head.weight = emb.weight
+    ids = torch.randint(0, V, (B, T))
+    loss = chunked_lm_loss(head, emb(ids), ids, chunk_rows=3)
+    loss.backward()
+    got = emb.weight.grad.clone()
+    emb.weight.grad = None
+    ref = F.cross_entropy(head(emb(ids))[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(got, emb.weight.grad)
+    assert abs(loss.item() - ref.item()) < 1e-12
+
+
+def test_no_grad_path_and_helpers():
+    hidden, head, labels = make(torch.float32)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden.reshape(-1, D), head.weight, None, shift_labels(labels).reshape(-1),
+                                    chunk_rows=6)
+    assert not loss.requires_grad
+    assert abs(loss.item() - reference(hidden, head, labels).item()) < 1e-3
+    assert shift_labels(labels)[:, -1].eq(-100).all() and torch.equal(shift_labels(labels)[:, :-1], labels[:, 1:])
+    assert count_label_tokens(labels).item() == int((labels[:, 1:] != -100).sum())
