@@ -183,7 +183,11 @@ def test_merge_errors(tmp_path):
     (ck / "adapter" / "adapter_config.json").unlink()
     with pytest.raises(LLMLabError, match="Could not load LoRA config.*--adapter DIR --base CHECKPOINT"):
         merge_full_checkpoint(ck, tmp_path / "m4")
-    for f in ("m1", "m2", "m4"):
+    save_checkpoint(tmp_path / "other", build_model(tiny_config(d_ff=96)))  # not the adapter's base
+    with pytest.raises(LLMLabError, match="does not fit.*base checkpoint the adapter was trained on") as e:
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "other", tmp_path / "m5")
+    assert "\n" not in str(e.value)
+    for f in ("m1", "m2", "m4", "m5"):
         assert not (tmp_path / f).exists()
 
 
