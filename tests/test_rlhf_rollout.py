@@ -41,6 +41,12 @@ def tiny_policy(root: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", name="policy_dir")
+def policy_dir_fixture(tmp_path_factory):
+    """`tiny_policy` for a test module (shared by the modules of one pytest process)."""
+    return tiny_policy(tmp_path_factory.getbasetemp())
+
+
 def _recorded_steps(model):
     """Capture the (B, 1, V) logits the generation loop samples from (lm_head on the last position)."""
     seen = []

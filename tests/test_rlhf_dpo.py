@@ -1,0 +1,124 @@
+"""DPO: held-out reward accuracy rises, LoRA trains only adapters (every preset) and keeps the base
+bit-identical, adapters load with PEFT and merge, resume from latest/ repeats the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from llmlab.config import RLHFConfig
+from llmlab.rlhf.dpo import beta_of, dpo_step, preference_logps
+from llmlab.rlhf.rollout import build_reference
+from llmlab.rlhf.run import run_rlhf
+from llmlab.train.metrics import read_metrics
+from test_rlhf_rollout import policy_dir_fixture  # noqa: F401 - provides `policy_dir`
+
+WORDS = "cat dog sun moon tree fish bird star book milk rain snow king ship home door hand ring bell lamp".split()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A generated preference set: the same answer, praised (chosen) or not (rejected). Held-out pairs
+    (by content hash) are about other word/number combinations."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    lines = []
+    for _ in range(400):
+        w, n = rng.choice(WORDS), rng.randint(0, 99)
+        lines.append(json.dumps({"prompt": f"Tell me about {w} {n}.", "chosen": f"{w} {n} is good",
+                                 "rejected": f"{w} {n} is bad"}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _cfg(policy_dir, pairs, out, **kw):
+    base = dict(algorithm="dpo", policy_checkpoint=str(policy_dir), datasets=[pairs], reward_model_name=None,
+                output_dir=str(out), batch_size=8, mini_batch_size=4, beta=0.5, learning_rate=1e-2, max_steps=10,
+                log_every=1, eval_every=5, eval_steps=2, val_fraction=0.1, save_best_only=False, save_every=5)
+    base.update(kw)
+    return RLHFConfig(**base)
+
+
+def test_dpo_raises_heldout_reward_accuracy(policy_dir, pairs, tmp_path):
+    out = run_rlhf(_cfg(policy_dir, pairs, tmp_path / "run"), progress=False)
+    records = read_metrics(tmp_path / "run")
+    evals = [r for r in records if "val_reward_accuracy" in r]
+    # at the start policy == reference, so every margin is 0 and the accuracy (chosen > rejected) is 0
+    assert [r["step"] for r in evals] == [5, 10]
+    assert evals[-1]["val_reward_accuracy"] > 0.9 and evals[-1]["val_pairs"] == 16
+    assert evals[-1]["val_reward_margin"] > 0
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert out == tmp_path / "run" / "best"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_key"] == "val_reward_accuracy" and state["best_metric"] > 0.9
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "rewards.png").is_file()
+    assert any(p.name.startswith("events") for p in (tmp_path / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("preset", ["minimal", "attention_only", "ffn_only", "all"])
+def test_lora_dpo_step_moves_only_adapters(preset, tiny_cfg):
+    from llmlab.lora import apply_lora
+    from llmlab.model import build_model
+    from llmlab.optim import build_optimizer
+
+    cfg = RLHFConfig(use_lora=True, lora_preset=preset, reward_model_name=None, learning_rate=1e-2,
+                     batch_size=4, mini_batch_size=2)
+    policy = apply_lora(build_model(tiny_cfg), cfg, verbose=False)
+    reference = build_reference(policy)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids = torch.randint(3, 100, (4, 12))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    other = ids.clone()
+    other[:, 6:] = torch.randint(3, 100, (4, 6))
+    mask = torch.ones_like(ids)
+    batch = {"chosen_input_ids": ids, "chosen_labels": labels, "chosen_attention_mask": mask,
+             "rejected_input_ids": other, "rejected_labels": torch.where(labels == -100, labels, other),
+             "rejected_attention_mask": mask}
+    for _ in range(2):  # lora_B starts at 0: the second step moves lora_A too
+        stats = dpo_step(policy, reference, build_optimizer(policy, cfg), batch, beta=0.1, mini_batch_size=2)
+    moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert stats["reward_accuracy"] == 1.0  # chosen pushed up, rejected down, on the training pairs
+    chosen, _ = preference_logps(policy, batch)
+    assert chosen.shape == (4,)
+
+
+def test_dpo_lora_resume_exact_base_untouched_adapters_merge(policy_dir, pairs, tmp_path):
+    from peft import PeftModel
+
+    from llmlab.checkpoint import load_model, read_checkpoint
+    from llmlab.lora import merge_full_checkpoint
+    from llmlab.model import build_model
+
+    lora = dict(use_lora=True, lora_preset="all", lora_r=4, max_steps=6, save_every=3, eval_every=3)
+    run_rlhf(_cfg(policy_dir, pairs, tmp_path / "full", **lora), progress=False)
+    run_rlhf(_cfg(policy_dir, pairs, tmp_path / "part", **{**lora, "max_steps": 3}), progress=False)
+    run_rlhf(_cfg(policy_dir, pairs, tmp_path / "part", **lora), resume=str(tmp_path / "part" / "latest"),
+             progress=False)
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("full", "part")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]  # bit-exact on CPU
+
+    latest = read_checkpoint(tmp_path / "full" / "latest")
+    start = read_checkpoint(policy_dir).state_dict()
+    assert latest.has_adapter
+    assert all(torch.equal(start[k], v) for k, v in latest.state_dict().items())  # base bit-identical
+    base = build_model(latest.model_config)
+    base.load_state_dict(start)
+    peft_model = PeftModel.from_pretrained(base, str(latest.path / "adapter"))
+    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    merged = load_model(merge_full_checkpoint(latest.path, tmp_path / "merged"))
+    ids = torch.randint(3, 200, (2, 10))
+    torch.testing.assert_close(merged(ids), peft_model.eval()(ids), atol=1e-5, rtol=0)
+    assert (tmp_path / "full" / "best_lora_adapters" / "adapter_config.json").is_file()
+
+
+def test_beta_falls_back_to_clip_range_with_a_notice():
+    said = []
+    assert beta_of(RLHFConfig(clip_range=0.3, reward_model_name=None), said.append) == 0.3
+    assert "clip_range" in said[0]
+    said.clear()
+    assert beta_of(RLHFConfig(beta=0.1, reward_model_name=None), said.append) == 0.1 and not said
