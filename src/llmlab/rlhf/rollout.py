@@ -84,9 +84,9 @@ def response_logprobs(
         hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
         logits = base_transformer(model).lm_head(hidden)  # (B, N, V)
         values = value_head(hidden) if value_head is not None else None
-    logits = logits.float()
     if temperature != 1.0 and temperature > 0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # scaled in fp32, as sampling did
+    # at temperature 1, bf16 logits stay bf16: gather_logprobs upcasts one row at a time
     logp = gather_logprobs(logits, sequences[:, prompt_len:])
     return logp, (values.float() if values is not None else None)
 

@@ -289,7 +289,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     step, best, nan_skips = 0, None, 0
     if resume_dir is not None:
         ckpt = read_checkpoint(resume_dir)
-        state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors(map_location=device)
+        state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors()  # CPU: RNG states load only from there
         if not state or not tensors or state.get("algorithm") != cfg.algorithm:
             raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
                                   f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
@@ -298,7 +298,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         stage.load_state_dict(state["stage"], ckpt.path)
         restore_rng(tensors["rng"], device)
         sample_gen.set_state(tensors["sample_gen"])
-        shuffle_gen.set_state(tensors["shuffle_gen"].cpu())
+        shuffle_gen.set_state(tensors["shuffle_gen"])
     if cfg.max_steps <= step:
         raise ConfigError(f"max_steps: {cfg.max_steps} is not above the checkpoint's step {step}; pass "
                           f"max_steps=N with N > {step} to train further")
