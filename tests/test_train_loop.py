@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from llmlab.checkpoint import read_checkpoint, save_checkpoint
 from llmlab.config import TrainConfig
 from llmlab.model import build_model
