@@ -3,7 +3,6 @@ inference (generate, chat REPL commands, streaming decode) on a tiny checkpoint,
 
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -117,9 +116,8 @@ def test_estimate_reads_model_and_training_overrides(tmp_path, capsys):
 def tok_dir(tmp_path_factory):
     from llmlab.data.tokenizer import train_tokenizer
 
-    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
     out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:shakespeare"], 300, out, max_docs=40)
+    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
     return out
 
 

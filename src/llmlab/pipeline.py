@@ -457,12 +457,17 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     else:
         run.skipped("chat", "a trained checkpoint")
 
-    run.summary["total"] = {"status": "done", "seconds": round(time.perf_counter() - started, 1), "preset": preset}
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    run.summary["total"] = {"status": "done", "seconds": round(time.perf_counter() - started, 1), "preset": preset,
+                            "cpu_seconds": round(cpu, 1)}
     run.save()
     plot = plot_summary(run.summary, out / "summary.png")
     run.console.print(summary_table(run.summary))
     run.console.print(f"summary: {out / 'summary.json'}" + (f", plot: {plot}" if plot else "")
-                      + f"; total {run.summary['total']['seconds']} s")
+                      + f"; total {run.summary['total']['seconds']} s wall, {run.summary['total']['cpu_seconds']} s CPU")
     return run.summary
 
 

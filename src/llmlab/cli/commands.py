@@ -116,16 +116,6 @@ def print_estimate(model_cfg: ModelConfig, stage: ConfigBase | None = None, **kw
     console().print(estimate_table(model_cfg, stage, **kw))
 
 
-def model_config_of(stage: SFTConfig | RLHFConfig) -> ModelConfig | None:
-    """The policy checkpoint's model config, or None when it cannot be read yet."""
-    from llmlab.checkpoint import read_checkpoint
-
-    try:
-        return read_checkpoint(stage.policy_checkpoint).model_config
-    except LLMLabError:
-        return None
-
-
 def configure(cfg: ModelConfig, out: str | os.PathLike = "model_config.json", *,
               vocab_from_tokenizer: bool = False) -> Path:
     """Save a model config (optionally sizing vocab_size from its tokenizer) and print its estimate."""
@@ -175,30 +165,44 @@ def default_model_config(resume: str | None) -> ModelConfig | None:
 
 
 def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: str | None = None,
-             load_optimizer_state: bool = True, progress: bool = True) -> Path:
-    """Base training; returns the output folder (or what the stage returns)."""
+             load_optimizer_state: bool = True, progress: bool = True, estimate: bool = True) -> Path:
+    """Base training (the estimate first); returns the output folder."""
     run = _stage_function("llmlab.train.pretrain", "run_pretrain", "base training")
     if model_cfg is None:
         model_cfg = default_model_config(resume)
-    if model_cfg is not None:
-        print_estimate(model_cfg, cfg)
+    if estimate:
+        show_stage_estimate(cfg, model_cfg, resume)
     return run(cfg, model_cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress)
 
 
-def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True) -> Path:
+    """Supervised fine-tuning (the estimate first); returns the output folder."""
     run = _stage_function("llmlab.train.sft", "run_sft", "SFT")
-    model_cfg = model_config_of(cfg)
-    if model_cfg is not None:
-        print_estimate(model_cfg, cfg)
+    if estimate:
+        show_stage_estimate(cfg, None, resume)
     return run(cfg, resume=resume, progress=progress)
 
 
-def rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+def rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True) -> Path:
+    """PPO, DPO or GRPO (the estimate first); returns what the stage returns."""
     run = _stage_function("llmlab.rlhf.run", "run_rlhf", "RLHF")
-    model_cfg = model_config_of(cfg)
+    if estimate:
+        show_stage_estimate(cfg, None, resume)
+    return run(cfg, resume=resume, progress=progress)
+
+
+def show_stage_estimate(cfg: ConfigBase, model_cfg: ModelConfig | None, resume: str | None = None) -> None:
+    """The estimate for a stage: its model is `model_cfg`, else the resumed or policy checkpoint's."""
+    from llmlab.checkpoint import read_checkpoint
+
+    source = resume or getattr(cfg, "policy_checkpoint", None)
+    if model_cfg is None and source:
+        try:
+            model_cfg = read_checkpoint(source).model_config
+        except LLMLabError:
+            return  # the stage reports the bad checkpoint itself
     if model_cfg is not None:
         print_estimate(model_cfg, cfg)
-    return run(cfg, resume=resume, progress=progress)
 
 
 def merge_lora(*, adapter: str | None = None, base: str | None = None, checkpoint: str | None = None,

@@ -50,6 +50,9 @@ Validator = Callable[[str], str | None]  # None when the answer is fine, else th
 class Prompter:
     """questionary prompts on a terminal; Ctrl-C raises KeyboardInterrupt."""
 
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
     def text(self, message: str, default: str = "", validate: Validator | None = None) -> str:
         import questionary
 
@@ -79,6 +82,9 @@ class PlainPrompter(Prompter):
 
     def __init__(self, read: Callable[[str], str] = input, out: typing.TextIO = sys.stdout) -> None:
         self.read, self.out = read, out
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
 
     def _ask(self, prompt: str) -> str:
         try:
@@ -294,7 +300,7 @@ class ConfigAsker:
                 name = blamed_field(e)
                 if name not in self.values:
                     raise
-                print(f"error: {e}")
+                self.p.say(f"error: {e}")
                 self.ask(name)
 
 
@@ -332,7 +338,7 @@ def save_config(p: Prompter, cfg: ConfigBase) -> Path:
     path = p.text("Save config as", default=cfg.config_name,
                   validate=lambda a: None if a.strip().endswith(".json") else "give a .json file name")
     saved = cfg.save(path.strip())
-    print(f"saved {saved}")
+    p.say(f"saved {saved}")
     return saved
 
 
@@ -367,43 +373,40 @@ def action_configure(p: Prompter) -> Path:
     return save_config(p, cfg)
 
 
-def _training_config_of(checkpoint: str) -> TrainConfig:
-    from llmlab.checkpoint import read_checkpoint
-
-    data = read_checkpoint(checkpoint).training_config() or {}
-    data.pop("stage", None)
-    return TrainConfig.from_dict(data, source=f"{checkpoint}/training_config.json") if data else TrainConfig()
-
-
 def action_pretrain(p: Prompter) -> None:
     from llmlab.cli import commands
+    from llmlab.train.pretrain import train_config_from_checkpoint
 
     if p.confirm("Resume from a checkpoint?", default=False):
-        path, cfg = ask_path(p, "Checkpoint folder", "checkpoints/latest", _training_config_of)
+        path, cfg = ask_path(p, "Checkpoint folder", "checkpoints/latest", train_config_from_checkpoint)
         asker = ConfigAsker(p, TrainConfig, cfg)
         asker.ask("max_steps")  # extend training beyond the saved max_steps
         cfg = asker.build()
         load_opt = p.confirm("Load the optimizer state? (say no when switching optimizer)", default=True)
+        commands.show_stage_estimate(cfg, None, path)
         save_config(p, cfg)
-        commands.pretrain(cfg, None, resume=path, load_optimizer_state=load_opt)
+        if p.confirm("Start training?", default=True):
+            commands.pretrain(cfg, None, resume=path, load_optimizer_state=load_opt, estimate=False)
         return
     cfg = existing_or_new(p, TrainConfig, "Training config")
     default = "model_config.json"
     if not Path(default).is_file() and p.confirm("No model_config.json here. Configure a model now?", default=True):
         default = str(action_configure(p))
     _, model_cfg = ask_path(p, "Model config file", default, ModelConfig.load)
+    commands.show_stage_estimate(cfg, model_cfg)
     save_config(p, cfg)
     if p.confirm("Start training?", default=True):
-        commands.pretrain(cfg, model_cfg)
+        commands.pretrain(cfg, model_cfg, estimate=False)
 
 
 def action_stage(p: Prompter, cls: type[SFTConfig] | type[RLHFConfig]) -> None:
     from llmlab.cli import commands
 
     cfg = existing_or_new(p, cls, "SFT config" if cls is SFTConfig else "RLHF config")
+    commands.show_stage_estimate(cfg, None)
     save_config(p, cfg)
     if p.confirm("Start training?", default=True):
-        (commands.sft if cls is SFTConfig else commands.rlhf)(cfg)
+        (commands.sft if cls is SFTConfig else commands.rlhf)(cfg, estimate=False)
 
 
 def action_inference(p: Prompter) -> None:
@@ -447,28 +450,33 @@ MENU: list[tuple[str, str, Callable[[Prompter], Any] | None]] = [
 ]
 
 
+def _menu_key(answer: str) -> str | None:
+    keys = [key for key, _, _ in MENU]
+    return None if answer.strip() in keys else f"{answer.strip()!r} is not a menu option; type one of {', '.join(keys)}"
+
+
 def run_menu(prompter: Prompter | None = None) -> int:
     """The menu loop. An action's error or Ctrl-C returns to the menu; Exit (or Ctrl-C here) leaves."""
     import questionary
 
     p = prompter or default_prompter()
-    print("LLM-Lab")
+    p.say("LLM-Lab")
     while True:
-        choices = [(f"{key}. {label}", key) for key, label, _ in MENU]
         if isinstance(p, PlainPrompter):
-            choice = p.select("Main menu", choices)
+            p.out.write("Main menu\n" + "".join(f"  {key}. {label}\n" for key, label, _ in MENU))
+            choice = p.text("choice", "", _menu_key).strip()
         else:
-            items = [questionary.Choice(label, value=key, shortcut_key=key) for label, key in choices]
+            items = [questionary.Choice(label, value=key, shortcut_key=key) for key, label, _ in MENU]
             choice = questionary.select("Main menu", choices=items, use_shortcuts=True).unsafe_ask()
         action = next(a for key, _, a in MENU if key == choice)
         if action is None:
-            print("bye")
+            p.say("bye")
             return 0
         try:
             action(p)
         except LLMLabError as e:
             if os.environ.get("LLMLAB_DEBUG", "") not in ("", "0"):
                 raise
-            print(f"error: {e}")
+            p.say(f"error: {e}")
         except KeyboardInterrupt:
-            print("\ncancelled")
+            p.say("\ncancelled")

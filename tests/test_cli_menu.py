@@ -1,0 +1,197 @@
+"""The interactive menu: which questions are asked, on-the-spot validation, and an end-to-end pexpect
+session (configure a tiny model, train it a few steps on bundled data, chat with it)."""
+
+import io
+import json
+import os
+import sys
+
+import pexpect
+import pytest
+
+from llmlab.cli import menu
+from llmlab.config import ModelConfig, RLHFConfig, SFTConfig, TrainConfig
+
+
+class Scripted(menu.PlainPrompter):
+    """Plain prompts answered from a list; records every question and every error shown."""
+
+    def __init__(self, answers):
+        self.answers, self.asked, self.lines = list(answers), [], []
+        super().__init__(read=self._read, out=self)
+
+    def _read(self, prompt):
+        self.asked.append(prompt)
+        if not self.answers:
+            raise AssertionError(f"no scripted answer for {prompt!r}")
+        return self.answers.pop(0)
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def names(self):
+        return [q.split(" ", 1)[0] for q in self.asked]
+
+
+def test_only_the_chosen_optimizer_and_schedule_parameters_are_asked():
+    # max_steps, optimizer=lion (3rd choice) -> lion_beta1/2, lr, weight_decay, scheduler=none (1st)
+    p = Scripted(["5000", "3", "", "", "", "", "1"] + [""] * 30)
+    cfg = menu.ask_config(p, TrainConfig)
+    asked = p.names()
+    assert cfg.optimizer == "lion" and cfg.scheduler == "none" and cfg.max_steps == 5000
+    assert "lion_beta1" in asked and "lion_beta2" in asked
+    assert not {"adamw_beta1", "sophia_rho", "muon_momentum", "poly_power", "min_lr_ratio"} & set(asked)
+    assert "seed" not in asked  # advanced section declined
+
+
+def test_lora_fields_only_with_lora_and_algorithm_fields_only_for_their_algorithm():
+    sft = Scripted([""] * 60)
+    menu.ask_config(sft, SFTConfig)
+    assert "use_lora" in " ".join(sft.asked) and "lora_r" not in sft.names()
+    dpo = Scripted(["2"] + [""] * 60)  # algorithm: ppo, dpo, grpo -> dpo
+    cfg = menu.ask_config(dpo, RLHFConfig)
+    assert cfg.algorithm == "dpo" and "beta" in dpo.names()
+    assert not {"group_size", "vf_coef", "gae_lambda", "reward_model_name"} & set(dpo.names())
+
+
+def test_a_wrong_answer_is_asked_again_with_the_reason():
+    # d_model "abc" is refused at once; n_kv_heads=3 with n_heads=4 is refused at once (n_heads known)
+    p = Scripted(["", "", "", "", "", "abc", "64", "4", "3", "2", "128", "2", "500", "64", ""] + [""] * 5)
+    cfg = menu.ask_config(p, ModelConfig)
+    errors = "".join(p.lines)
+    assert "error: d_model: expected an integer, got 'abc'" in errors
+    assert "error: n_kv_heads: n_heads=4 is not divisible by n_kv_heads=3" in errors
+    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (64, 4, 2, 500)
+    assert p.names().count("d_model") == 2 and p.names().count("n_kv_heads") == 2
+
+
+def test_a_check_that_needs_a_later_field_waits_then_asks_the_named_field_again():
+    # d_model=30 with the default n_heads=14 is not refused yet; with n_heads=4 it is, at the end
+    p = Scripted(["", "", "1", "", "", "30", "4", "64", "2", "100", "64", "", "", "32"])
+    cfg = menu.ask_config(p, ModelConfig)  # attention_type=mha: n_kv_heads not asked
+    assert "error: d_model: 30 is not divisible by n_heads=4" in "".join(p.lines)
+    assert cfg.d_model == 32 and cfg.attention_type == "mha" and "n_kv_heads" not in p.names()
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through a terminal
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from llmlab.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
+    return out
+
+
+class Terminal:
+    def __init__(self, cwd):
+        env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", OMP_NUM_THREADS="1", COLUMNS="120",
+                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        env.pop("LLMLAB_PLAIN_PROMPTS", None)
+        self.child = pexpect.spawn(sys.executable, ["-m", "llmlab.cli.main"], cwd=str(cwd), env=env,
+                                   encoding="utf-8", timeout=60, dimensions=(50, 160))
+        self.log = []
+        self.child.logfile_read = self
+
+    def write(self, text):
+        self.log.append(text)
+
+    def flush(self):
+        pass
+
+    def answer(self, question, text=None, key="\r", timeout=60):
+        """Wait for the question, replace the default with `text` (or keep it) and submit."""
+        self.child.expect(question, timeout=timeout)
+        if text is not None:
+            self.child.send("\x15" + text)  # Ctrl-U clears the pre-filled default
+        self.child.send(key)
+
+
+def test_menu_end_to_end_configure_train_and_chat(tok_dir, tmp_path):
+    t = Terminal(tmp_path)
+    t.answer("Main menu", "1")
+    t.answer("Model config:")  # configure new
+    t.answer(r"tokenizer_name \(", str(tok_dir))
+    for q in ("positional_encoding", "attention_type", "norm_type", "activation"):
+        t.answer(q)  # the defaults: rope, gqa, rmsnorm, swiglu
+    t.answer(r"d_model \(", "abc")
+    t.child.expect("d_model: expected an integer, got 'abc'")  # asked again, with the reason
+    t.child.send("\x1532\r")
+    t.answer(r"n_heads \(", "4")
+    t.answer(r"n_kv_heads \(", "3")
+    t.child.expect("n_kv_heads: n_heads=4 is not divisible by n_kv_heads=3")
+    t.child.send("\x152\r")
+    t.answer(r"d_ff \(", "64")
+    t.answer(r"n_layers \(", "2")
+    t.answer(r"vocab_size \(")  # default taken from the tokenizer
+    t.answer(r"max_seq_len \(", "64")
+    t.answer(r"dropout \(")
+    t.answer("Edit advanced parameters", key="n")
+    t.answer("Save config as")
+    t.child.expect("saved model_config.json")
+
+    t.answer("Main menu", "2")
+    t.answer("Resume from a checkpoint", key="n")
+    t.answer("Training config:")  # configure new
+    t.answer(r"max_steps \(", "3")
+    t.answer(r"optimizer \(")
+    for q in ("adamw_beta1", "adamw_beta2", "adamw_eps", r"lr \(", "weight_decay", r"scheduler \(", "min_lr_ratio"):
+        t.answer(q)
+    t.answer(r"warmup_steps \(")  # default 1000 > max_steps 3: refused with the reason
+    t.child.expect("warmup_steps: 1000 is more than max_steps=3")
+    t.child.send("\x151\r")
+    t.answer(r"batch_size \(", "2")
+    t.answer("gradient_accumulation_steps", "1")
+    t.answer(r"grad_clip \(")
+    t.answer(r"eval_every \(", "3")
+    t.answer(r"eval_steps \(", "1")
+    t.answer("save_best_only", key="y")
+    t.answer(r"datasets \(", "bundled:shakespeare")
+    t.answer(r"output_dir \(", "ck")
+    t.answer("Edit advanced parameters", key="n")
+    t.answer("Model config file")
+    t.child.expect("Model size and training memory")  # the estimate, before training
+    t.child.expect("parameters")
+    t.answer("Save config as")
+    t.answer("Start training", key="y")
+    t.answer("Main menu", "5", timeout=180)  # back after training
+
+    t.answer("Checkpoint folder", "ck")
+    t.answer("LoRA adapter folder")
+    t.child.expect("raw completion")  # a base model completes text
+    t.answer("you> ", "To be", key="\r")
+    t.child.expect("model> ")
+    t.answer("you> ", "/exit")
+    t.answer("Main menu", "0")
+    t.child.expect(pexpect.EOF)
+    t.child.close()
+    assert t.child.exitstatus == 0, "".join(t.log)[-2000:]
+
+    model = ModelConfig.load(tmp_path / "model_config.json")
+    from llmlab.data.tokenizer import load_tokenizer
+
+    assert (model.d_model, model.n_kv_heads, model.vocab_size) == (32, 2, len(load_tokenizer(str(tok_dir))))
+    train = TrainConfig.load(tmp_path / "train_config.json")
+    assert (train.max_steps, train.warmup_steps, train.batch_size, train.output_dir) == (3, 1, 2, "ck")
+    assert (tmp_path / "ck" / "best" / "model.safetensors").is_file()
+    steps = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps) == 3 and any("val_loss" in r for r in steps)
+
+
+def test_plain_prompts_without_a_terminal(tmp_path, monkeypatch):
+    """No terminal: numbered menus, `error: <reason>` lines, the same questions, a clean exit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    assert type(menu.default_prompter()) is menu.PlainPrompter
+    p = Scripted(["7", "1", "", "", "", "", "", "", "abc", "64", "4", "2", "128", "2", "500", "64", "", "", "", "0"])
+    assert menu.run_menu(p) == 0
+    text = "".join(p.lines)
+    assert "  1. Configure new model" in text and "  0. Exit" in text
+    assert "error: '7' is not a menu option" in text
+    assert "error: d_model: expected an integer, got 'abc'" in text
+    cfg = ModelConfig.load(tmp_path / "model_config.json")
+    assert (cfg.d_model, cfg.n_heads, cfg.vocab_size, cfg.max_seq_len) == (64, 4, 500, 64)
