@@ -225,3 +225,24 @@ def test_configs_can_be_read_back_from_the_output(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert run(["configure", "--out", str(out), "d_model=64", "n_heads=4", "n_kv_heads=2"], capsys)[0] == 0
     assert json.loads(out.read_text())["d_model"] == 64
+
+
+def test_pretrain_then_resume_from_the_checkpoints_own_config(tok_dir, tmp_path, capsys):
+    from llmlab.data.tokenizer import load_tokenizer
+
+    tiny_config(vocab_size=len(load_tokenizer(str(tok_dir))), tokenizer_name=str(tok_dir)).save(tmp_path / "m.json")
+    out = tmp_path / "ck"
+    code, printed, err = run(["pretrain", "--model-config", str(tmp_path / "m.json"), "max_steps=2", "warmup_steps=0",
+                              "batch_size=2", "gradient_accumulation_steps=1", "eval_every=2", "eval_steps=1",
+                              "save_every=2", "save_best_only=false", "val_fraction=0.2", 'datasets=["bundled:shakespeare | macbeth"]',
+                              f"output_dir={out}"], capsys)
+    assert code == 0, err
+    assert "Model size and training memory" in printed  # the estimate comes first
+    code, _, err = run(["pretrain", "--resume", str(out / "latest"), "max_steps=3"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+    saved = json.loads((out / "latest" / "training_config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["batch_size"] == 2  # the rest came from the checkpoint
+    code, _, err = run(["sft", "--resume", str(out / "latest")], capsys)
+    assert code == 2 and "not SFTConfig" in err

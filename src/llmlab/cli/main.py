@@ -46,8 +46,8 @@ class Command:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_config_arg(path: str | None, overrides: list[str] | None = None) -> ModelConfig | None:
-    return ModelConfig.load(path).with_overrides(overrides or []) if path else None
+def _model_config_arg(path: str | None) -> ModelConfig | None:
+    return ModelConfig.load(path) if path else None
 
 
 def _configure(args: argparse.Namespace) -> int:
@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         if cmd.config is not None:
             p.add_argument("--config", metavar="FILE",
-                           help=f"{cmd.config.config_name}-style JSON (default: the built-in defaults)")
+                           help=f"{cmd.config.config_name}-style JSON (default: the built-in defaults, or the "
+                                f"checkpoint's own with --resume)")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
         if cmd.arguments is not None:
             cmd.arguments(p)
@@ -415,7 +416,13 @@ def _run(argv: list[str]) -> int:
         return 0
     cmd = COMMANDS[args._command]
     if cmd.config is not None:
-        args.cfg = build_config(cmd.config, args.config, args.overrides)
+        if args.config is None and getattr(args, "resume", None):
+            from llmlab.cli.commands import config_from_checkpoint
+
+            # resuming without --config: the checkpoint's own training config, then the overrides
+            args.cfg = config_from_checkpoint(cmd.config, args.resume).with_overrides(args.overrides)
+        else:
+            args.cfg = build_config(cmd.config, args.config, args.overrides)
     code = cmd.handler(args)
     return 0 if code is None else code
 

@@ -375,10 +375,10 @@ def action_configure(p: Prompter) -> Path:
 
 def action_pretrain(p: Prompter) -> None:
     from llmlab.cli import commands
-    from llmlab.train.pretrain import train_config_from_checkpoint
 
     if p.confirm("Resume from a checkpoint?", default=False):
-        path, cfg = ask_path(p, "Checkpoint folder", "checkpoints/latest", train_config_from_checkpoint)
+        path, cfg = ask_path(p, "Checkpoint folder", "checkpoints/latest",
+                             lambda a: commands.config_from_checkpoint(TrainConfig, a))
         asker = ConfigAsker(p, TrainConfig, cfg)
         asker.ask("max_steps")  # extend training beyond the saved max_steps
         cfg = asker.build()
