@@ -110,12 +110,19 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch():
 
 
 def test_step_counts_updates_and_accumulation_reads_micro_batches(tmp_path):
+    class Counting(RuleBatches):  # a data iterator that skips (and counts) bad records
+        @property
+        def skipped_invalid(self):
+            return self.n // 2
+
     cfg = make_cfg(tmp_path, max_steps=3, gradient_accumulation_steps=3, batch_size=2)
-    data = RuleBatches(2)
+    data = Counting(2)
     result = train_loop(tiny_model(), cfg, data, None, output_dir=cfg.output_dir, progress=False)
     assert result.step == 3 and data.n == 9  # 3 updates x 3 micro-batches
     assert result.tokens_seen == 9 * 2 * 16
-    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3]
+    metrics = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert [r["skipped_invalid"] for r in metrics] == [1, 3, 4]  # the iterator's counter is logged
 
 
 # --------------------------------------------------------------------------------------------------

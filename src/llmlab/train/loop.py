@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
 from llmlab.device import autocast
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
-from llmlab.optim import Scheduler, build_optimizer, gnb_sampled_loss
+from llmlab.optim import Scheduler, build_optimizer
 from llmlab.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -79,7 +79,7 @@ from llmlab.train.distributed import (
     optimizer_state,
     wrap_model,
 )
-from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, shift_labels
+from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss
 from llmlab.train.metrics import MetricsLogger
 
 Batch = dict[str, Tensor]
@@ -141,7 +141,7 @@ class LMLoss(nn.Module):
     """`model` plus its loss, in one forward, so DDP and FSDP see every parameter use inside forward.
 
     forward(input_ids, labels) -> sum of the token cross entropies (chunked, see `losses`);
-    forward(input_ids, labels, gnb=True) -> Sophia's Gauss-Newton-Bartlett sampled loss (a mean).
+    forward(input_ids, labels, gnb=True) -> Sophia's Gauss-Newton-Bartlett sampled loss (a mean, chunked).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -152,8 +152,7 @@ class LMLoss(nn.Module):
         hidden = self.model(input_ids, output_hidden=True)  # (B, T, D)
         head = lm_head_of(self.model)
         if gnb:
-            mask = shift_labels(labels) != IGNORE_INDEX  # (B, T)
-            return gnb_sampled_loss(head(hidden), mask)
+            return chunked_gnb_loss(hidden, head, labels)
         loss_sum, _ = causal_lm_loss(hidden, head, labels)
         return loss_sum
 
@@ -358,6 +357,18 @@ def _val_iterator(val_batches: Any) -> Callable[[], Iterator[Batch]] | None:
     return lambda: val_batches  # a plain iterator: consecutive evaluations read on
 
 
+DATA_COUNTERS = ("skipped_invalid", "skipped_empty")  # records a data iterator skipped, if it counts them
+
+
+def data_counters(batches: Any, info: DistInfo) -> dict[str, int]:
+    """The iterator's DATA_COUNTERS summed over ranks (collective), the non-zero ones: logged each log step."""
+    local = {k: getattr(batches, k, 0) for k in DATA_COUNTERS}
+    local = {k: v if isinstance(v, int) else 0 for k, v in local.items()}
+    per_rank = gather_objects(local, info) if info.distributed else [local]
+    total = {k: sum(r[k] for r in per_rank) for k in DATA_COUNTERS}
+    return {k: v for k, v in total.items() if v}
+
+
 def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
@@ -395,6 +406,10 @@ def train_loop(
         raise ConfigError(f"max_steps: {cfg.max_steps} is not above the checkpoint's step {start.step}; pass "
                           f"max_steps=N with N > {start.step} to train further")
 
+    strategy = getattr(cfg, "distributed", "ddp")
+    if info.distributed and strategy == "fsdp" and cfg.optimizer == "adafactor":
+        raise ConfigError("distributed: adafactor (transformers) cannot update FSDP's sharded parameters; use "
+                          "distributed=ddp or another optimizer (adamw, lion, sophia, muon)")
     model.to(device)
     model.train()
     if cfg.gradient_checkpointing:
@@ -402,7 +417,7 @@ def train_loop(
     if cfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
     loss_module = LMLoss(model)
-    wrapped = wrap_model(loss_module, model, info, getattr(cfg, "distributed", "ddp"))
+    wrapped = wrap_model(loss_module, model, info, strategy)
     optimizer = build_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if start.optimizer is not None:
@@ -512,7 +527,11 @@ def train_loop(
     try:
         optimizer.zero_grad(set_to_none=True)
         while step < cfg.max_steps:
-            micro = [next(train_batches) for _ in range(accum)]
+            try:
+                micro = [next(train_batches) for _ in range(accum)]
+            except StopIteration:
+                raise TrainingError(f"the training data ended during step {step + 1}; training iterators must be "
+                                    f"endless (the LLM-Lab batch iterators start a new epoch by themselves)") from None
             step_tokens = sum(int(mb["input_ids"].numel()) for mb in micro) * info.world_size
             step_loss, _ = forward_backward(wrapped, micro, device, info)
             norm = grad_norm_and_clip(params, cfg.clip_norm).to(device)
@@ -557,7 +576,8 @@ def train_loop(
                 now = time.perf_counter()
                 record = {"step": step, "loss": loss_total / interval_steps if interval_steps else None, "lr": lr,
                           "grad_norm": float(norm), "tokens_per_sec": interval_tokens / max(now - interval_time, 1e-9),
-                          "tokens_seen": tokens_seen, "nan_skips": nan_skips or None, "skipped": skipped or None}
+                          "tokens_seen": tokens_seen, "nan_skips": nan_skips or None, "skipped": skipped or None,
+                          **data_counters(train_batches, info)}
                 last_loss = record["loss"]
                 interval_loss.zero_()
                 interval_steps, interval_tokens, interval_time = 0, 0, now

@@ -22,7 +22,9 @@ everything after them (log-sum-exp, softmax, the weight-gradient sum) in fp32.
 
 A head that is not a plain `nn.Linear` (a PEFT LoRA-wrapped lm_head, say) goes through
 `checkpointed_cross_entropy`: the same chunks, each under activation checkpointing, so only one chunk's
-logits live at a time and backward recomputes them.
+logits live at a time and backward recomputes them. Sophia's Hessian estimate (`chunked_gnb_loss`) is
+chunked the same way around `llmlab.optim.gnb_sampled_loss`; checkpointing replays the RNG, so backward
+sees the labels that forward sampled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from llmlab.optim import gnb_sampled_loss
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 256 * 2**20  # target size of one chunk's fp32 logits
@@ -174,3 +178,25 @@ def chunked_lm_loss(head: nn.Module, hidden: Tensor, labels: Tensor, *, chunk_ro
     The drop-in for `F.cross_entropy(lm_head(hidden)[:, :-1], labels[:, 1:])` without the full logits."""
     loss_sum, n = causal_lm_loss(hidden, head, labels, chunk_rows=chunk_rows)
     return loss_sum / n.clamp(min=1)
+
+
+def _gnb_chunk(head: nn.Module, h: Tensor, mask: Tensor) -> Tensor:
+    return gnb_sampled_loss(head(h), mask) * mask.sum()  # the chunk's sum over counted positions
+
+
+def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
+                     ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Sophia's Gauss-Newton-Bartlett loss (`gnb_sampled_loss`: cross entropy against labels sampled from
+    the model's softmax), mean over the label positions, one checkpointed chunk of rows at a time."""
+    mask = (shift_labels(labels, ignore_index) != ignore_index).reshape(-1)  # (B*T,)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    weight = getattr(head, "weight", None)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
+    total = x.new_zeros((), dtype=torch.float32)
+    for start in range(0, x.shape[0], rows):
+        h, m = x[start:start + rows], mask[start:start + rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_gnb_chunk, head, h, m, use_reentrant=False)
+        else:
+            total = total + _gnb_chunk(head, h, m)
+    return total / mask.sum().clamp(min=1)

@@ -3,8 +3,11 @@
     tensorboard --logdir checkpoints/tensorboard
 
 `metrics.jsonl` holds one JSON object per logged step: `step`, `loss`, `lr`, `grad_norm`,
-`tokens_per_sec`, `tokens_seen`, `elapsed_s` and, on evaluation steps, `val_loss` and `val_ppl` (an
-evaluation step that is not a log step gets a line with the validation numbers only). TensorBoard gets
+`tokens_per_sec`, `tokens_seen`, `elapsed_s` and, on evaluation steps, `val_loss`, `val_ppl` and
+`val_tokens` (an evaluation step that is not a log step gets a line with the validation numbers only).
+`loss` is the mean over the steps since the previous log line. Under `nan_policy=skip`, `nan_skips` counts
+the skipped updates and a skipped step logged on its own has `"skipped": true` and no loss; a data iterator
+that counts skipped records adds `skipped_invalid` / `skipped_empty` (summed over ranks). TensorBoard gets
 the same numbers under `train/*` and `val/*`. On resume, lines after the resumed step are dropped first
 (they came from the part of a run that is being redone) and TensorBoard purges them too.
 
