@@ -10,6 +10,7 @@ are thin layers over `generate_tokens`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
+from llmlab.model.linear import decode_weights
 
 # --------------------------------------------------------------------------------------------------
 # Samplers (pure)
@@ -96,6 +98,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+STOP_CHECK_EVERY = 8  # steps between "has every sequence stopped?" checks (each one syncs with the host)
+DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with transposed weights
+
+
 @torch.no_grad()
 def generate_tokens(
     model: nn.Module,
@@ -112,7 +118,15 @@ def generate_tokens(
 ) -> GenerationOutput:
     """Batched sampling. `prompts`: a (B, T) tensor or lists of token ids (different lengths are left-padded).
     Stops per sequence at any id in `eos_token_id`; bounded by max_new_tokens and the model's max_seq_len
-    (prompts longer than max_seq_len - 1 are left-truncated). `on_tokens(next_ids (B,))` streams."""
+    (prompts longer than max_seq_len - 1 are left-truncated). `on_tokens(next_ids (B,))` streams.
+
+    Per step the loop only runs the model on one token per sequence, samples, and writes into
+    preallocated buffers: positions are counted, not recomputed from the mask; without stop tokens
+    nothing is checked; with them, "all stopped?" (a host sync) is asked every STOP_CHECK_EVERY steps
+    (every step when streaming), and the result is cut where the last sequence stopped, as if asked
+    every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens hold a transposed copy of the
+    linear weights while they run (`llmlab.model.linear.decode_weights`: about 2x faster decoding
+    matmuls, one extra copy of those weights in memory)."""
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
@@ -124,37 +138,45 @@ def generate_tokens(
     B, P = ids.shape
     N = max(0, min(max_new_tokens, limit - P))
     padded = any(len(p) != P for p in prompts)
-    mask = torch.cat([prompt_mask, torch.ones(B, N, dtype=torch.long, device=device)], 1) if padded else None
-    out = torch.full((B, N), pad, dtype=torch.long, device=device)
-    resp_mask = torch.zeros((B, N), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     was_training = model.training
     model.eval()
-    cache = base_transformer(model).new_cache(P + N) if use_cache else None
-    step_input, step_len = ids, P
-    with autocast(device):
-        for t in range(N):
-            if use_cache:
-                logits = model(step_input, attention_mask=None if mask is None else mask[:, :step_len],
-                               cache=cache, last_only=True)
-            else:
-                seq = torch.cat([ids, out[:, :t]], 1)
-                logits = model(seq, attention_mask=None if mask is None else mask[:, : P + t], last_only=True)
-            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            out[:, t] = nxt
-            resp_mask[:, t] = (~finished).long()
-            if on_tokens is not None:
-                on_tokens(nxt)
-            if stop is not None:
-                finished = finished | torch.isin(nxt, stop)
-                if bool(finished.all()):
-                    out, resp_mask = out[:, : t + 1], resp_mask[:, : t + 1]
-                    break
-            step_input, step_len = nxt[:, None], P + t + 1
+    check_every = 1 if on_tokens is not None else STOP_CHECK_EVERY
+    with torch.inference_mode():
+        seq = torch.cat([ids, torch.full((B, N), pad, dtype=torch.long, device=device)], 1)  # (B, P + N)
+        mask = torch.cat([prompt_mask, torch.ones(B, N, dtype=torch.long, device=device)], 1).bool() if padded else None
+        resp_mask = torch.zeros((B, N), dtype=torch.bool, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+        next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1): position of each row's first new token
+        cache = base_transformer(model).new_cache(P + N) if use_cache else None
+        n_out = N
+        fast = decode_weights(model) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
+        with fast, autocast(device):
+            for t in range(N):
+                if use_cache and t > 0:
+                    logits = model(seq[:, P + t - 1 : P + t], attention_mask=None if mask is None else mask[:, : P + t],
+                                   position_ids=next_pos + (t - 1), cache=cache, last_only=True)
+                else:  # the prefill, or the whole sequence again without a cache
+                    logits = model(seq[:, : P + t], attention_mask=None if mask is None else mask[:, : P + t],
+                                   cache=cache, last_only=True)
+                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+                if stop is not None:
+                    nxt = nxt.masked_fill(finished, pad)
+                    resp_mask[:, t] = ~finished
+                seq[:, P + t] = nxt
+                if on_tokens is not None:
+                    on_tokens(nxt)
+                if stop is not None:
+                    finished |= torch.isin(nxt, stop)
+                    if ((t + 1) % check_every == 0 or t == N - 1) and bool(finished.all()):
+                        # columns after the step where the last sequence stopped hold only padding
+                        n_out = int(resp_mask[:, : t + 1].any(0).nonzero().max()) + 1
+                        break
+        if stop is None:
+            resp_mask.fill_(True)
     model.train(was_training)
-    return GenerationOutput(torch.cat([ids, out], 1), P, resp_mask, prompt_mask)
+    # clones outside inference mode: ordinary tensors that training code may use with autograd
+    return GenerationOutput(seq[:, : P + n_out].clone(), P, resp_mask[:, :n_out].long(), prompt_mask.clone())
 
 
 def generate(model: nn.Module, input_ids, max_new_tokens: int = 256, temperature: float = 0.7,

@@ -8,6 +8,7 @@ that fused kernels run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from llmlab.config import ModelConfig
 from llmlab.model.cache import KVCache
+from llmlab.model.linear import Linear
 from llmlab.model.positions import PositionScheme
 
 
@@ -37,11 +39,15 @@ class AttentionMask:
 
     def __call__(self, q_len: int, past: int, key_padding: torch.Tensor | None, device) -> MaskSpec:
         k_len = past + q_len
-        if not self.always_explicit and key_padding is None:
-            if past == 0:
+        if not self.always_explicit:
+            if key_padding is None and past == 0:
                 return MaskSpec(None, is_causal=q_len > 1)
-            if q_len == 1:
-                return MaskSpec(None, is_causal=False)
+            if q_len == 1:  # one new query sees every filled slot: padding is the only mask
+                if key_padding is None:
+                    return MaskSpec(None, is_causal=False)
+                allowed = key_padding[:, None, None, :k_len] != 0  # (B, 1, 1, Tk), a fresh tensor
+                allowed[..., -1] = True  # its own slot, as below
+                return MaskSpec(allowed, is_causal=False)
         q_slots = torch.arange(past, k_len, device=device)
         k_slots = torch.arange(k_len, device=device)
         allowed = k_slots[None, :] <= q_slots[:, None]  # (Tq, Tk)
@@ -65,21 +71,21 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.n_heads * hd, d, bias=False)
         self.positions = positions
         self.dropout = cfg.dropout
         self.sdpa_kwargs = {"enable_gqa": True} if cfg.n_kv_heads != cfg.n_heads else {}
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: MaskSpec,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
+        """rope: the position scheme's `prepare(position_ids)`, computed once per forward pass."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.positions.rotate(q, k, position_ids)
+        q, k = self.positions.rotate(q, k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
         attn_mask = mask.mask

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.config import ModelConfig
+from llmlab.model.linear import Linear
 
 
 class GatedMLP(nn.Module):
@@ -15,9 +16,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = Linear(d_model, d_ff, bias=False)
+        self.up_proj = Linear(d_model, d_ff, bias=False)
+        self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -28,9 +29,9 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, act: nn.Module) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = Linear(d_model, d_ff, bias=False)
         self.act = act
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))

@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused call
+        y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:

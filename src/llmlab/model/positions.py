@@ -2,7 +2,8 @@
 the config string:
 
 - `embed(h, position_ids)`: what to add to the token embeddings (sinusoidal only);
-- `rotate(q, k, position_ids)`: how to rotate queries and keys (rope, yarn);
+- `prepare(position_ids)` once per forward pass, then `rotate(q, k, prepared)` in every layer: how to
+  rotate queries and keys (rope, yarn: the cos/sin tables are computed once and shared by the layers);
 - `score_bias(n_heads, q_slots, k_slots)`: an additive bias on attention scores (alibi), or None.
 
 RoPE follows the Llama "rotate_half" layout (first half / second half of each head), which is what
@@ -14,6 +15,7 @@ it is exactly RoPE.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +31,11 @@ class PositionScheme(nn.Module):
     def embed(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return h
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
+    def prepare(self, position_ids: torch.Tensor) -> Any:
+        """What `rotate` needs, computed once per forward pass and shared by all layers."""
+        return position_ids
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, prepared: Any):
         return q, k
 
     def score_bias(self, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor | None:
@@ -52,9 +58,9 @@ class Sinusoidal(PositionScheme):
         return h + self.table[position_ids].to(h.dtype)  # (B, T, D)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 class Rotary(PositionScheme):
@@ -65,13 +71,21 @@ class Rotary(PositionScheme):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attn_factor = attn_factor
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
-        # q: (B, H, T, hd), k: (B, Hkv, T, hd), position_ids: (B, T)
+    def prepare(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin, (B, 1, T, hd) in fp32: rotate_half(x) * sin == swap(x) * signed_sin,
+        where swap exchanges the halves and signed_sin is (-sin, sin) (negation is exact)."""
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        cos = (emb.cos() * self.attn_factor).to(q.dtype)
-        sin = (emb.sin() * self.attn_factor).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attn_factor != 1.0:
+            cos, sin = cos * self.attn_factor, sin * self.attn_factor
+        return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]):
+        # q: (B, H, T, hd), k: (B, Hkv, T, hd); cos, signed_sin: (B, 1, T, hd)
+        cos, sin = prepared
+        if cos.dtype != q.dtype:
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ work unchanged.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,14 +34,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = build_norm(cfg)
         self.mlp = build_mlp(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.use_dropout = cfg.dropout > 0  # skip two module calls per block when there is none
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: MaskSpec,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), position_ids, mask, cache))
-        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
+        """rope: the position scheme's `prepare(position_ids)` (shared by all layers)."""
+        a = self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + (self.resid_dropout(a) if self.use_dropout else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.resid_dropout(m) if self.use_dropout else m)
 
 
 class Transformer(nn.Module):
+    head_decode_weight: torch.Tensor | None = None  # lm_head.weight transposed, only while generating on CPU
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -49,7 +55,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i, self.positions) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # exactly nn.Linear: see model.linear
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_mask = AttentionMask(cfg, self.positions)
@@ -97,12 +103,15 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = self.attention_mask(T, past, attention_mask, input_ids.device)
-        h = self.embed_dropout(self.positions.embed(self.embed_tokens(input_ids), position_ids))  # (B, T, D)
+        h = self.positions.embed(self.embed_tokens(input_ids), position_ids)  # (B, T, D)
+        if self.config.dropout > 0:
+            h = self.embed_dropout(h)
+        rope = self.positions.prepare(position_ids)  # cos/sin once for all layers
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, position_ids, mask, cache, use_reentrant=False)
+                h = checkpoint(layer, h, rope, mask, cache, use_reentrant=False)
             else:
-                h = layer(h, position_ids, mask, cache)
+                h = layer(h, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         h = self.norm(h)
@@ -110,6 +119,8 @@ class Transformer(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
+        if self.head_decode_weight is not None and not torch.is_grad_enabled():
+            return h @ self.head_decode_weight  # (B, T, V), see llmlab.model.linear.decode_weights
         return self.lm_head(h)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
