@@ -28,6 +28,9 @@ def test_micro_pipeline_runs_every_stage_and_writes_the_summary(tmp_path, capsys
         assert (out / f).exists(), f
     assert "measured effect of each stage" in printed and "GRPO mean reward" in printed
 
-    # a second run into the same folder needs --force
-    assert main.main(["pipeline", "--preset", "micro", "--out", str(out)]) == 2
-    assert "pass --force" in capsys.readouterr().err
+
+def test_pipeline_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main.main(["pipeline", "--preset", "micro", "--out", str(tmp_path)]) == 2
+    assert "pass --force" in capsys.readouterr().err and (tmp_path / "notes.txt").is_file()
+    assert main.main(["pipeline", "--preset", "nope", "--out", str(tmp_path)]) == 2

@@ -342,8 +342,10 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     p = PRESETS[preset]
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"--out: {out} already holds files; pass --force to start afresh or choose another folder")
+        # an earlier pipeline run is replaced (so `make demo` can be run again); anything else needs --force
+        if not (force or (out / "summary.json").is_file()):
+            raise ConfigError(f"--out: {out} already holds files that are not a pipeline run; pass --force to "
+                              f"replace them or choose another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads()

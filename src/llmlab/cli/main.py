@@ -296,7 +296,7 @@ def _args_pipeline(p: argparse.ArgumentParser) -> None:
                    help="micro: seconds (tests); tiny: minutes on 2 CPU cores; small/base: for GPUs "
                         "(default: %(default)s)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="start afresh when --out already holds a run")
+    p.add_argument("--force", action="store_true", help="replace --out even when it holds files other than an earlier pipeline run")
 
 
 # --------------------------------------------------------------------------------------------------
