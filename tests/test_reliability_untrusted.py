@@ -138,9 +138,6 @@ def test_a_pickle_beside_a_safetensors_adapter_is_never_read(lora_checkpoint, ma
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli/chat.py load_for_inference: `--adapter DIR` holding only "
-                   "adapter_model.bin reaches PeftModel.from_pretrained, whose UnpicklingError escapes "
-                   "(it catches ValueError/RuntimeError/KeyError only) instead of a CheckpointError")
 def test_chat_adapter_flag_with_only_a_pickle_is_refused(lora_checkpoint, marker):
     from llmlab.cli.chat import load_for_inference
 

@@ -249,6 +249,31 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str
     model.load_state_dict(state, strict=False)
 
 
+def check_adapter_folder(folder: str | os.PathLike) -> Path:
+    """The spec's "Adapter folder not found" unless `folder` holds a PEFT adapter in safetensors."""
+    folder = Path(folder)
+    if not ((folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()):
+        raise CheckpointError(f"Adapter folder not found: {folder} has no adapter_config.json and "
+                              f"adapter_model.safetensors (pickle .bin adapters are not loaded); check that LoRA "
+                              f"training completed and saved adapters (e.g. sft_checkpoints/best_lora_adapters)")
+    return folder
+
+
+def attach_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool = False,
+                   where: str = "the base checkpoint") -> nn.Module:
+    """A PEFT adapter folder onto `model` -> PeftModel. Only `adapter_model.safetensors` is read: a folder
+    holding only PEFT's pickle fallback (`adapter_model.bin`) is refused, never unpickled."""
+    folder = check_adapter_folder(folder)
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{folder}: the adapter does not fit {where} ({reason}); pass the base checkpoint "
+                              f"the adapter was trained on") from None
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                *, with_adapter: bool = True) -> nn.Module:
     """Any checkpoint folder LLM-Lab writes -> a model in eval mode (config at `model.config`).
@@ -262,19 +287,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     model = build_model(ckpt.model_config)
     load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
     if with_adapter and ckpt.has_adapter:
-        from peft import PeftModel
-
-        adapter = ckpt.path / "adapter"
-        if not (adapter / "adapter_model.safetensors").is_file():
-            # PEFT would fall back to adapter_model.bin (a pickle): refuse instead of unpickling it
-            raise CheckpointError(f"{adapter}: adapter_model.safetensors is missing (pickle .bin adapters are not "
-                                  f"loaded); the checkpoint is incomplete, use another one or with_adapter=False")
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        except (ValueError, RuntimeError, KeyError, SafetensorError) as e:
-            raise CheckpointError(f"{adapter}: the adapter does not fit the base weights "
-                                  f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); the "
-                                  f"checkpoint is inconsistent") from None
+        model = attach_adapter(model, ckpt.path / "adapter", where=str(ckpt.path)).merge_and_unload()
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -30,7 +30,9 @@ from torch import nn
 from llmlab.atomic import atomic_dir, atomic_write_text
 from llmlab.checkpoint import (
     META_FILE,
+    attach_adapter,
     base_transformer,
+    check_adapter_folder,
     load_state_into,
     read_checkpoint,
     save_checkpoint,
@@ -206,24 +208,6 @@ def lora_save_hook(path: str | os.PathLike, model: nn.Module, *, state_dict: Any
     return save_lora_checkpoint(path, model, best_adapter_dir=best, **kwargs)
 
 
-def _adapter_error(folder: Path) -> LLMLabError:
-    return CheckpointError(f"Adapter folder not found: {folder} has no adapter_config.json and "
-                           f"adapter_model.safetensors; check that LoRA training completed and saved adapters "
-                           f"(e.g. sft_checkpoints/{BEST_ADAPTERS})")
-
-
-def _load_adapter(model: nn.Module, folder: Path, *, trainable: bool, where: str):
-    from peft import PeftModel
-
-    if not ((folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()):
-        raise _adapter_error(folder)
-    try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{folder}: the adapter does not fit {where} ({str(e).splitlines()[0][:200]}); pass "
-                              f"the base checkpoint the adapter was trained on") from None
-
-
 def load_lora_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None, *,
                          trainable: bool = True):
     """A full LoRA checkpoint back into a PeftModel: the base weights, then `adapter/` with the same
@@ -237,7 +221,7 @@ def load_lora_checkpoint(path: str | os.PathLike, device: str | torch.device | N
                               f"with use_lora=false")
     model = build_model(ckpt.model_config)
     load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
-    peft_model = _load_adapter(model, ckpt.path / ADAPTER_DIR, trainable=trainable, where=str(ckpt.path))
+    peft_model = attach_adapter(model, ckpt.path / ADAPTER_DIR, trainable=trainable, where=str(ckpt.path))
     if device is not None:
         peft_model = peft_model.to(device)
     return peft_model
@@ -291,13 +275,12 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | 
     from llmlab.model import build_model
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not adapter_dir.is_dir():
-        raise _adapter_error(adapter_dir)
+    check_adapter_folder(adapter_dir)
     base = read_checkpoint(base_checkpoint)
     _check_out(out_dir, force, adapter_dir, base.path)
     model = build_model(base.model_config)
     load_state_into(model, base.state_dict(), where=str(base.path))
-    merged = _load_adapter(model, adapter_dir, trainable=False, where=f"base checkpoint {base.path}").merge_and_unload()
+    merged = attach_adapter(model, adapter_dir, where=f"base checkpoint {base.path}").merge_and_unload()
     meta_path = adapter_dir / ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else base.meta
     tc_path = adapter_dir / "training_config.json"

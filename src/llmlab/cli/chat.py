@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmlab.errors import CheckpointError, ConfigError
+from llmlab.errors import ConfigError
 
 CHAT_KINDS = ("sft", "rlhf", "merged")
 HELP = ("/reset clears the conversation; /temp X, /top_p X, /top_k N, /max_tokens N change sampling; "
@@ -71,7 +71,7 @@ class StreamDecoder:
 
 def load_for_inference(checkpoint: str, adapter: str | None = None, device: str = "auto"):
     """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights."""
-    from llmlab.checkpoint import load_model, read_checkpoint
+    from llmlab.checkpoint import attach_adapter, load_model, read_checkpoint
     from llmlab.data.tokenizer import load_tokenizer
     from llmlab.device import pick_device
 
@@ -81,16 +81,7 @@ def load_for_inference(checkpoint: str, adapter: str | None = None, device: str 
     kind = ckpt.meta.get("kind", "pretrain")
     if adapter is not None:
         folder = Path(adapter)
-        if not (folder / "adapter_config.json").is_file():
-            raise CheckpointError(f"adapter: {folder} has no adapter_config.json; pass a LoRA adapter folder "
-                                  f"such as sft_checkpoints/best_lora_adapters")
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"adapter: {folder} does not fit {ckpt.path} ({str(e).splitlines()[0][:160]}); "
-                                  f"pass the base checkpoint it was trained on") from None
+        model = attach_adapter(model, folder, where=str(ckpt.path)).merge_and_unload()
         if (folder / "tokenizer").is_dir():
             tokenizer_source = str(folder / "tokenizer")
         kind = "adapter"
