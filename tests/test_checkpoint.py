@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 from llmlab import load_model
 from llmlab.checkpoint import read_checkpoint, resolve_checkpoint, save_checkpoint
 from llmlab.errors import CheckpointError
 from llmlab.model import build_model
-from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 from llmlab.config import ModelConfig, RLHFConfig, SFTConfig, TrainConfig
 from llmlab.generate import generate_tokens
 from llmlab.model import build_model
-from tests.conftest import tiny_config
 
 # LLMLAB_STAGE_TESTS_ON_CPU=1 runs the stage tests here too (dry run before a GPU session)
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("LLMLAB_STAGE_TESTS_ON_CPU"),

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 from llmlab.generate import generate, generate_tokens, sample_next, top_k_filter, top_p_filter
 from llmlab.model import build_model
-from tests.conftest import tiny_config
 
 
 def _m(**kw):

@@ -4,13 +4,13 @@ import itertools
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 from llmlab.config import ModelConfig
 from llmlab.errors import ConfigError
 from llmlab.model import build_model
 from llmlab.model.estimate import count_parameters, estimate_memory
 from llmlab.model.positions import alibi_slopes
-from tests.conftest import tiny_config
 
 PES = ["sinusoidal", "rope", "alibi", "yarn"]
 ATTN = ["mha", "mqa", "gqa"]
