@@ -358,3 +358,20 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_losses(tmp_path, to
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, 11))
     state = resume_state(tmp_path / "b" / "latest")
     assert state.step == 10 and state.optimizer["param_groups"][0].get("betas") == (0.9, 0.999)
+
+
+def test_run_pretrain_checks_vocab_size_and_saves_the_resolved_configs(tmp_path, tokenizer_dir):
+    from llmlab.errors import ConfigError
+    from llmlab.train.pretrain import run_pretrain
+
+    cfg, model_cfg = pretrain_configs(tmp_path / "out", tokenizer_dir, max_steps=1, warmup_steps=0, eval_every=1)
+    small = model_cfg.with_overrides(["vocab_size=299"])  # the tokenizer has 300 tokens
+    with pytest.raises(ConfigError, match=r"vocab_size: 299 .* 300 tokens"):
+        run_pretrain(cfg, small, progress=False)
+    with pytest.raises(ConfigError, match="model config"):
+        run_pretrain(cfg, None, progress=False)
+    assert run_pretrain(cfg, model_cfg, progress=False) == tmp_path / "out"
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert saved == cfg.to_dict()
+    assert json.loads((tmp_path / "out" / "model_config.json").read_text())["vocab_size"] == 320
+    assert (tmp_path / "out" / "best" / "tokenizer" / "tokenizer.json").is_file()
