@@ -1,0 +1,73 @@
+"""Generation with the KV cache: `llmlab.generate.generate_tokens` vs transformers' `generate()` on the
+same weights (LlamaForCausalLM, converted with `llmlab.hf.llmlab_state_to_hf`), greedy, batch 1 and 8.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/generation.py            # prints JSON
+    OMP_NUM_THREADS=2 .venv/bin/python bench/generation.py --compile  # also torch.compile'd (slow to build)
+
+Tokens/s = batch x new tokens / wall time of the whole call (prefill included). Both sides generate
+exactly `new` tokens (no stop token), and the greedy tokens are checked to agree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from llmlab.generate import generate_tokens  # noqa: E402
+from llmlab.model import build_model  # noqa: E402
+
+PROMPT, NEW = 32, 64
+
+
+def ours_fn(model, ids: torch.Tensor, new: int):
+    return lambda: generate_tokens(model, ids, max_new_tokens=new, temperature=0.0).sequences
+
+
+def hf_fn(hf, ids: torch.Tensor, new: int):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    return lambda: hf.generate(ids, **kw)
+
+
+def run(quick: bool = False, compile_: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        cfg=None, batches: tuple[int, ...] = (1, 8), new: int = NEW) -> dict[str, Any]:
+    repeats = 3 if quick else 5
+    cfg = cfg or common.bench_config()
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device=device, dtype=dtype).eval()
+    hf = common.hf_twin(model).to(dtype=dtype).eval()
+    out: dict[str, Any] = {"bench": "generation", "prompt_len": PROMPT, "new_tokens": new, "greedy": True,
+                           "repeats": repeats, "vocab_size": cfg.vocab_size, "dtype": str(dtype).replace("torch.", "")}
+    compiled = None
+    if compile_:
+        compiled = torch.compile(model, dynamic=True)
+    for B in batches:
+        ids = torch.randint(0, cfg.vocab_size, (B, PROMPT), generator=torch.Generator().manual_seed(B)).to(device)
+        fns = {"ours": ours_fn(model, ids, new), "hf": hf_fn(hf, ids, new)}
+        if compiled is not None:
+            fns["ours_compiled"] = ours_fn(compiled, ids, new)
+        same = bool(torch.equal(fns["ours"]().cpu(), fns["hf"]().cpu()))
+        times = common.interleaved(fns, repeats)
+        row: dict[str, Any] = {}
+        for name, t in times.items():
+            s = common.median(t)
+            row[name] = {"tokens_per_s": round(B * new / s, 1), "ms_per_token_step": round(1000 * s / new, 2)}
+        row["speedup_vs_hf"] = round(row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"], 2)
+        if compiled is not None:
+            row["compiled_vs_eager"] = round(row["ours_compiled"]["tokens_per_s"] / row["ours"]["tokens_per_s"], 2)
+        row["greedy_tokens_match_hf"] = same
+        out[f"batch_{B}"] = row
+    return out
+
+
+def main() -> None:
+    common.script_main(__doc__, run, {"compile": "also time torch.compile(model)"})
+
+
+if __name__ == "__main__":
+    main()

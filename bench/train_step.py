@@ -1,0 +1,197 @@
+"""Training step: LLM-Lab's transformer vs transformers' LlamaForCausalLM of the identical shape, same
+weights, same optimizer (torch AdamW, foreach), same batch, fp32 on CPU; plus the chunked loss and
+activation checkpointing, and their peak memory.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_step.py            # prints JSON
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_step.py --quick    # fewer repeats
+
+Tokens/s counts the batch's tokens (batch x seq) per optimizer step (zero_grad, forward, loss, backward,
+AdamW step). MFU = model FLOPs/s (`common.train_flops_per_token`) over this machine's fp32 matmul peak
+measured in the same run. Peak memory is the rise of a fresh process's high-water RSS over what the
+model and optimizer objects held before the first step (activations, gradients, AdamW moments).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from llmlab.model import build_model  # noqa: E402
+
+BATCH, SEQ = 8, 256
+
+
+def chunked_loss_fn() -> Callable | None:
+    """The project's chunked LM loss `(model, hidden, labels) -> loss`, adapted from
+    `llmlab.train.losses` when it has landed; None otherwise."""
+    try:
+        losses = importlib.import_module("llmlab.train.losses")
+    except ImportError:
+        return None
+    fn = getattr(losses, "chunked_cross_entropy", None) or getattr(losses, "chunked_lm_loss", None)
+    if fn is None:
+        return None
+    params = list(inspect.signature(fn).parameters)
+
+    def loss(model, hidden, labels):
+        if params[0] in ("model", "lm_head", "head"):
+            return fn(model.lm_head if params[0] != "model" else model, hidden, labels)
+        return fn(hidden, model.lm_head.weight, labels)
+
+    return loss
+
+
+def full_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the full (B, T, V) logits."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+
+
+def step_fn(kind: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], float]:
+    """One optimizer step for `kind` in ours | ours_chunked | hf."""
+    chunked = chunked_loss_fn() if kind == "ours_chunked" else None
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        if kind == "hf":
+            loss = model(input_ids=ids, labels=ids).loss
+        elif chunked is not None:
+            loss = chunked(model, model(ids, output_hidden=True), ids)
+        else:
+            loss = full_loss(model(ids), ids)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def build(kind: str, vocab: int, checkpointing: bool = False):
+    torch.manual_seed(0)
+    model = build_model(common.bench_config(vocab))
+    if kind == "hf":
+        model = common.hf_twin(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing = checkpointing
+    model.train()
+    return model, adamw(model)
+
+
+def child(args: list[str]) -> None:
+    """Fresh-process peak memory of `steps` optimizer steps: kind vocab batch checkpointing."""
+    kind, vocab, batch, ckpt = args[0], int(args[1]), int(args[2]), args[3] == "1"
+    model, opt = build(kind, vocab, ckpt)
+    ids = make_batch(vocab, batch, SEQ)
+    base = common.rss_mib()
+    step = step_fn(kind, model, opt, ids)
+    for _ in range(2):  # the second step runs with the AdamW moments allocated
+        step()
+    print(json.dumps({"peak_mib": round(common.peak_rss_mib() - base, 1)}))
+
+
+def quick_tokens_per_s(repeats: int = 2) -> float:
+    """LLM-Lab's training tokens/s alone (no comparison), for the loader benchmark."""
+    cfg = common.bench_config()
+    model, opt = build("ours", cfg.vocab_size)
+    times = common.interleaved({"ours": step_fn("ours", model, opt, make_batch(cfg.vocab_size, BATCH, SEQ))}, repeats)
+    return tokens_per_s(times["ours"])
+
+
+def tokens_per_s(times: list[float], batch: int = BATCH, seq: int = SEQ) -> float:
+    return batch * seq / common.median(times)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    repeats = 3 if quick else 5
+    cfg = common.bench_config()
+    peak = common.matmul_peak_flops()
+    flops_tok = common.train_flops_per_token(cfg, SEQ)
+    ids = make_batch(cfg.vocab_size, BATCH, SEQ)
+    kinds = ["ours", "hf"] + (["ours_chunked"] if chunked_loss_fn() else [])
+    steps = {}
+    for kind in kinds:
+        model, opt = build(kind, cfg.vocab_size)
+        steps[kind] = step_fn(kind, model, opt, ids)
+    times = common.interleaved(steps, repeats)
+    tps = {k: tokens_per_s(v) for k, v in times.items()}
+    speed = {k: {"tokens_per_s": round(v), "step_s_median": round(common.median(times[k]), 3),
+                 "mfu": round(v * flops_tok / peak, 3)} for k, v in tps.items()}
+    result: dict[str, Any] = {
+        "bench": "train_step",
+        "shape": {**common.SHAPE, "vocab_size": cfg.vocab_size, "seq_len": SEQ, "batch": BATCH,
+                  "dtype": "float32", "optimizer": "torch AdamW foreach", "hf_attn": "sdpa"},
+        "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
+        "flops_per_token": round(flops_tok),
+        "repeats": repeats,
+        **speed,
+        "speedup_vs_hf": round(tps["ours"] / tps["hf"], 3),
+    }
+    if "ours_chunked" in tps:
+        result["speedup_chunked_vs_hf"] = round(tps["ours_chunked"] / tps["hf"], 3)
+    else:
+        result["chunked_loss"] = "skipped: llmlab.train.losses has no chunked loss yet"
+
+    # Peak memory, each in a fresh process.
+    mem = {k: common.peak_rss_of("train_step.py", [k, str(cfg.vocab_size), str(BATCH), "0"]) for k in ("ours", "hf")}
+    result["peak_mib"] = {k: v.get("peak_mib", v.get("error")) for k, v in mem.items()}
+    result["memory_vs_hf"] = _ratio(mem["ours"], mem["hf"])
+
+    # Chunked loss at Qwen's vocabulary (batch 2), and activation checkpointing.
+    if chunked_loss_fn():
+        big = {k: common.peak_rss_of("train_step.py", [k, str(common.QWEN_VOCAB), "2", "0"])
+               for k in ("ours", "ours_chunked")}
+        result["qwen_vocab_batch2_peak_mib"] = {k: v.get("peak_mib", v.get("error")) for k, v in big.items()}
+        result["chunked_memory_ratio"] = _ratio(big["ours_chunked"], big["ours"])
+    result["gradient_checkpointing"] = checkpointing(cfg, repeats, ids)
+    return result
+
+
+def _ratio(a: dict, b: dict) -> float | None:
+    if "peak_mib" in a and "peak_mib" in b and b["peak_mib"]:
+        return round(a["peak_mib"] / b["peak_mib"], 3)
+    return None
+
+
+def checkpointing(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
+    """Speed and peak memory of `gradient_checkpointing: true` vs false (our model, full loss)."""
+    steps = {}
+    for flag in (False, True):
+        model, opt = build("ours", cfg.vocab_size, flag)
+        steps[f"checkpointing_{str(flag).lower()}"] = step_fn("ours", model, opt, ids)
+    times = common.interleaved(steps, max(2, repeats - 2))
+    mem = {flag: common.peak_rss_of("train_step.py", ["ours", str(cfg.vocab_size), str(BATCH), str(int(flag))])
+           for flag in (False, True)}
+    off, on = tokens_per_s(times["checkpointing_false"]), tokens_per_s(times["checkpointing_true"])
+    return {"tokens_per_s_off": round(off), "tokens_per_s_on": round(on), "speed_ratio_on_off": round(on / off, 3),
+            "peak_mib_off": mem[False].get("peak_mib"), "peak_mib_on": mem[True].get("peak_mib"),
+            "memory_ratio_on_off": _ratio(mem[True], mem[False])}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    common.script_main(__doc__, run)
+
+
+if __name__ == "__main__":
+    main()
