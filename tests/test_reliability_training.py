@@ -245,10 +245,6 @@ def test_sigterm_during_an_rl_rollout_saves_latest_exits_0_and_resumes(tmp_path,
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="train/sft.py + train/loop.py: with skip_invalid_records=true the SFT "
-                   "batches count skipped records (SFTBatches.skipped_invalid/skipped_empty) but run_sft never "
-                   "logs or reports them (metrics.jsonl, console); the count survives only inside the data "
-                   "position in trainer_state.json")
 def test_sft_reports_skipped_records(tmp_path, tok_dir):
     from llmlab.config import SFTConfig
     from llmlab.data.tokenizer import load_tokenizer
