@@ -59,16 +59,9 @@ def _distinctive(cls: type[ConfigBase]) -> set[str]:
 
 def config_from_checkpoint(cls: type[ConfigBase], path: str | os.PathLike) -> ConfigBase:
     """The stage config a checkpoint was trained with (its training_config.json), for resuming."""
-    from llmlab.checkpoint import read_checkpoint
+    from llmlab.train.stage import stage_config_from_checkpoint
 
-    ckpt = read_checkpoint(path)
-    data = ckpt.training_config()
-    if data is None:
-        raise ConfigError(f"{ckpt.path}: no training_config.json; pass --config with the training config")
-    stage = data.pop("stage", cls.__name__)
-    if stage != cls.__name__:
-        raise ConfigError(f"{ckpt.path}: was written by {stage}, not {cls.__name__}; resume it with its own command")
-    return cls.from_dict(data, source=str(ckpt.path / "training_config.json"))
+    return stage_config_from_checkpoint(path, cls)
 
 
 def stage_estimate_args(stage: ConfigBase | None, model_cfg: ModelConfig) -> dict[str, Any]:

@@ -19,7 +19,6 @@ with the same trainable set, the optimizer, schedule, RNG and data position.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -27,22 +26,23 @@ from typing import Any
 
 from llmlab.checkpoint import load_model, load_state_into, read_checkpoint
 from llmlab.config import ModelConfig, SFTConfig
-from llmlab.errors import ConfigError, LLMLabError
+from llmlab.errors import ConfigError
 from llmlab.train.distributed import DistInfo, init_distributed, rank0_print, shutdown
 from llmlab.train.loop import resume_state, train_loop
-from llmlab.train.pretrain import _print_resolved, _tokenizer_for, seed_everything
+from llmlab.train.stage import (
+    check_optimizer_switch,
+    save_resolved,
+    seed_everything,
+    stage_config_from_checkpoint,
+    stage_main,
+    stage_seq_len,
+    tokenizer_for,
+)
 
 
 def sft_config_from_checkpoint(path: str | Path) -> SFTConfig:
     """The SFTConfig a checkpoint was trained with (its training_config.json)."""
-    ckpt = read_checkpoint(path)
-    data = ckpt.training_config()
-    if data is None:
-        raise ConfigError(f"{ckpt.path}: no training_config.json; pass --config with the SFT config")
-    stage = data.pop("stage", "SFTConfig")
-    if stage != "SFTConfig":
-        raise ConfigError(f"{ckpt.path}: was written by {stage}, not by SFT; resume it with its own stage")
-    return SFTConfig.from_dict(data, source=str(ckpt.path / "training_config.json"))
+    return stage_config_from_checkpoint(path, SFTConfig)
 
 
 def sft_batches(cfg: SFTConfig, tokenizer: Any, seq_len: int, split: str, info: DistInfo | None = None):
@@ -83,8 +83,9 @@ def _resumed_model(cfg: SFTConfig, ckpt: Any):
 
 
 def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
-            load_optimizer_state: bool = True, tokenizer: Any = None) -> Path:
-    """Fine-tune (or resume fine-tuning); returns the output folder. See the module docstring."""
+            load_optimizer_state: bool = True, tokenizer: Any = None, show_config: bool = True) -> Path:
+    """Fine-tune (or resume fine-tuning); returns the output folder. See the module docstring.
+    show_config=False prints the saved config files' paths instead of the resolved config itself."""
     from llmlab.lora import apply_lora, lora_save_hook
 
     info = init_distributed()
@@ -95,31 +96,20 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
             ckpt = read_checkpoint(resume)
             model = _resumed_model(cfg, ckpt)
             start = resume_state(ckpt.path)
-            saved_opt = (ckpt.trainer_state() or {}).get("optimizer")
-            if not load_optimizer_state:
-                start.optimizer = None
-            elif saved_opt is not None and saved_opt != cfg.optimizer:
-                raise ConfigError(f"optimizer: the checkpoint was trained with {saved_opt!r}; to switch to "
-                                  f"{cfg.optimizer!r} resume without its optimizer state (--no-optimizer-state)")
+            check_optimizer_switch(start, ckpt, cfg, load_optimizer_state)
         else:
             model, ckpt = _policy_model(cfg, info)
             start = None
         model_cfg: ModelConfig = ckpt.model_config
-        tok = tokenizer if tokenizer is not None else _tokenizer_for(model_cfg, ckpt)
+        tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, ckpt)
         if model_cfg.vocab_size < len(tok):
             raise ConfigError(f"policy_checkpoint: the model has {model_cfg.vocab_size} embedding rows but the "
                               f"tokenizer has {len(tok)} tokens; use the tokenizer the model was pretrained with")
-        seq_len = cfg.max_seq_len or model_cfg.max_seq_len
-        if seq_len > model_cfg.max_seq_len:
-            raise ConfigError(f"max_seq_len: {seq_len} is longer than the model's max_seq_len "
-                              f"{model_cfg.max_seq_len}; lower it or leave it None")
+        seq_len = stage_seq_len(cfg, model_cfg)
 
         out = Path(cfg.output_dir)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            model_cfg.save(out / "model_config.json")
-            cfg.save(out / SFTConfig.config_name)
-            _print_resolved(info, cfg, model_cfg, seq_len, len(tok), ckpt if resume is not None else None)
+        save_resolved(out, cfg, model_cfg, info, seq_len=seq_len, n_tokens=len(tok),
+                      resumed_from=ckpt if resume is not None else None, show_config=show_config)
         if cfg.use_lora and resume is None:
             seed_everything(cfg.seed)  # the same adapter initialisation on every rank
             model = apply_lora(model, cfg, verbose=info.is_main)
@@ -151,26 +141,8 @@ def _report_skipped(batches: Any, info: DistInfo) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-less entry for torchrun: `python -m llmlab.train.sft ...`; exit 0 also on Ctrl-C/SIGTERM."""
-    p = argparse.ArgumentParser(prog="python -m llmlab.train.sft", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="sft_config.json (default: the checkpoint's when resuming)")
-    p.add_argument("--resume", help="checkpoint folder to continue from (e.g. sft_checkpoints/latest)")
-    p.add_argument("--no-optimizer-state", action="store_true", help="start the optimizer afresh when resuming")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
-    p.add_argument("overrides", nargs="*", help="key=value SFT config overrides, e.g. max_steps=2000")
-    args = p.parse_args(argv)
-    try:
-        if args.config:
-            cfg = SFTConfig.load(args.config)
-        elif args.resume:
-            cfg = sft_config_from_checkpoint(args.resume)
-        else:
-            raise ConfigError("--config: give an SFT config (or --resume CHECKPOINT)")
-        run_sft(cfg.with_overrides(args.overrides), resume=args.resume,
-                load_optimizer_state=not args.no_optimizer_state, progress=not args.no_progress)
-    except LLMLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(argv, SFTConfig, run_sft, prog="python -m llmlab.train.sft",
+                      description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

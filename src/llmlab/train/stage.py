@@ -1,0 +1,140 @@
+"""What the pretraining and SFT stages share around the loop: configs from checkpoints, the resolved-config
+printout, tokenizer choice, seeding, the optimizer-switch check and the `python -m` entry.
+
+    python -m llmlab.train.pretrain --resume checkpoints/latest max_steps=20000
+    python -m llmlab.train.sft --resume sft_checkpoints/latest max_steps=8000
+
+Each stage module keeps its own setup (which model, which batches); this module holds the steps whose
+logic is the same for both, so a fix lands in both stages at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from llmlab.config import ConfigBase, ModelConfig
+from llmlab.errors import ConfigError, LLMLabError
+from llmlab.train.distributed import DistInfo, rank0_print
+from llmlab.train.loop import StartState
+
+C = TypeVar("C", bound=ConfigBase)
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), numpy and Python RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stage_config_from_checkpoint(path: str | Path, cls: type[C]) -> C:
+    """The `cls` config a checkpoint was trained with (its training_config.json), the starting point for
+    resuming; a checkpoint written by another stage is refused."""
+    from llmlab.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    data = ckpt.training_config()
+    if data is None:
+        raise ConfigError(f"{ckpt.path}: no training_config.json; pass --config with the training config")
+    stage = data.pop("stage", cls.__name__)
+    if stage != cls.__name__:
+        raise ConfigError(f"{ckpt.path}: was written by {stage}, not {cls.__name__}; resume it with its own command")
+    return cls.from_dict(data, source=str(ckpt.path / "training_config.json"))
+
+
+def tokenizer_for(model_cfg: ModelConfig, ckpt: Any) -> Any:
+    """The checkpoint's own tokenizer/ folder when it has one, else `model_cfg.tokenizer_name`."""
+    from llmlab.data.tokenizer import load_tokenizer
+
+    if ckpt is not None and ckpt.tokenizer_path is not None:
+        return load_tokenizer(str(ckpt.tokenizer_path))
+    return load_tokenizer(model_cfg.tokenizer_name)
+
+
+def stage_seq_len(cfg: Any, model_cfg: ModelConfig) -> int:
+    """The training sequence length: `cfg.max_seq_len`, else the model's; longer than the model is an error."""
+    seq_len = cfg.max_seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"max_seq_len: {seq_len} is longer than the model's max_seq_len "
+                          f"{model_cfg.max_seq_len}; lower it or leave it None")
+    return seq_len
+
+
+def check_optimizer_switch(start: StartState, ckpt: Any, cfg: Any, load_optimizer_state: bool) -> None:
+    """Drop the saved optimizer state when asked; otherwise refuse to load one written by another optimizer."""
+    saved = (ckpt.trainer_state() or {}).get("optimizer")
+    if not load_optimizer_state:
+        start.optimizer = None
+    elif saved is not None and saved != cfg.optimizer:
+        raise ConfigError(f"optimizer: the checkpoint was trained with {saved!r}; to switch to "
+                          f"{cfg.optimizer!r} resume without its optimizer state (--no-optimizer-state)")
+
+
+def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *, seq_len: int, n_tokens: int,
+                  resumed_from: Any = None, show_config: bool = True) -> None:
+    """Rank 0: create `out`, save model_config.json and the stage config, and print what the run will do.
+
+    show_config=False (the pipeline) names the saved config files instead of printing them in full."""
+    if not info.is_main:
+        return
+    from llmlab.model.estimate import count_parameters
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = model_cfg.save(out / ModelConfig.config_name)
+    cfg_path = cfg.save(out / type(cfg).config_name)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
+    if show_config:
+        lines = ["resolved training config:", json.dumps(cfg.to_dict(), indent=2),
+                 f"model: {json.dumps(model_cfg.to_dict())}"]
+    else:
+        lines = [f"resolved training config: {cfg_path}; model: {model_path}"]
+    lines += [
+        f"tokenizer: {n_tokens} tokens; sequence length {seq_len}; device {info.device}; processes {info.world_size}"
+        + (f" ({cfg.distributed})" if info.distributed else ""),
+        f"one step = {per_step} sequences = {per_step * seq_len:,} tokens",
+        f"parameters: {count_parameters(model_cfg):,}",
+    ]
+    if resumed_from is not None:
+        lines.append(f"resuming from {resumed_from.path}")
+    rank0_print(info, "\n".join(lines))
+
+
+def stage_main(argv: list[str] | None, cls: type[C], run: Callable[..., Any], *, prog: str, description: str,
+               model_config: bool = False) -> int:
+    """The console-less entry of a stage (`python -m llmlab.train.<stage>`, torchrun): parse the flags,
+    build the config (the file, else the resumed checkpoint's, then key=value overrides) and call
+    `run(cfg, [model_cfg,] resume=..., load_optimizer_state=..., progress=...)`. Returns the exit code:
+    0 (also after Ctrl-C/SIGTERM, which save latest/), 2 with a one-line error for bad input."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help=f"{cls.config_name} (default: the checkpoint's when resuming)")
+    if model_config:
+        p.add_argument("--model-config", help="model_config.json (default: the checkpoint's when resuming)")
+    p.add_argument("--resume", help="checkpoint folder to continue from (e.g. checkpoints/latest)")
+    p.add_argument("--no-optimizer-state", action="store_true", help="start the optimizer afresh when resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=2000")
+    args = p.parse_args(argv)
+    try:
+        if args.config:
+            cfg = cls.load(args.config)
+        elif args.resume:
+            cfg = stage_config_from_checkpoint(args.resume, cls)
+        else:
+            raise ConfigError("--config: give a config file (or --resume CHECKPOINT)")
+        cfg = cfg.with_overrides(args.overrides)
+        extra = [ModelConfig.load(args.model_config) if args.model_config else None] if model_config else []
+        run(cfg, *extra, resume=args.resume, load_optimizer_state=not args.no_optimizer_state,
+            progress=not args.no_progress)
+    except LLMLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
