@@ -42,7 +42,7 @@ from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.optim import set_lr
 from llmlab.rlhf.rollout import Reference, build_reference, greedy_reward, prompt_budget
 from llmlab.train.loop import StopFlag, TrainingError, capture_rng, restore_rng
-from llmlab.train.metrics import MetricsLogger, read_metrics
+from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
 
 REWARD_PLOT = "rewards.png"
 
@@ -189,59 +189,13 @@ def save_rlhf_checkpoint(path: Path, session: Session, stage: Any, *, trainer_st
     return save_checkpoint(path, session.policy, **common)
 
 
+REWARD_CURVES = {k: k for k in ("reward", "best_of_n", "val_reward", "reward_accuracy", "val_reward_accuracy", "kl")}
+BAR_FIELDS = {"ppo": ("reward", "kl"), "grpo": ("reward", "kl"), "dpo": ("reward_accuracy",)}
+
+
 def plot_rewards(output_dir: Path) -> Path | None:
     """rewards.png: training reward, held-out reward / accuracy and KL against step, from metrics.jsonl."""
-    records = read_metrics(output_dir)
-    series = {}
-    for key in ("reward", "best_of_n", "val_reward", "reward_accuracy", "val_reward_accuracy", "kl"):
-        points = [(r["step"], r[key]) for r in records
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if points:
-            series[key] = points
-    if not series:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for key, points in series.items():
-        ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key, linewidth=1.2, markersize=3)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = output_dir / REWARD_PLOT
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-class _RLScalars:
-    """TensorBoard scalars of the RL numbers (reward, KL, clip fraction, ...) under `rlhf/`, in their own
-    event file beside MetricsLogger's (which writes loss, lr, grad norm and tokens/s)."""
-
-    SKIP = ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "elapsed_s")
-
-    def __init__(self, output_dir: Path, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1,
-                                    filename_suffix=".rlhf")
-
-    def log(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key not in self.SKIP and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"rlhf/{key}", value, int(record["step"]))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _fmt(record: dict[str, Any], key: str, spec: str = ".4f") -> str:
-    value = record.get(key)
-    return "-" if value is None else format(value, spec)
+    return plot_curves(output_dir / REWARD_PLOT, read_metrics(output_dir), REWARD_CURVES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,8 +260,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(output_dir / cfg.config_name)
     logger = MetricsLogger(output_dir, total_steps=cfg.max_steps, start_step=step, progress=progress,
-                           description=f"rlhf {cfg.algorithm}")
-    scalars = _RLScalars(output_dir, step)
+                           description=f"rlhf {cfg.algorithm}", extra_fields=BAR_FIELDS[cfg.algorithm],
+                           tb_prefix="rlhf")
     for m in messages:
         logger.message(m, always=True)
     session.notice = lambda m: logger.message(m, always=True)
@@ -388,12 +342,6 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                     consider_best(record.get(stage.best_metric.removeprefix("val_")))
             if record:
                 logger.log(record)
-                scalars.log(record)
-                if "loss" in record:
-                    logger.message(f"step {step} | reward {_fmt(record, 'reward')} | kl {_fmt(record, 'kl')} | "
-                                   f"loss {_fmt(record, 'loss')} | {_fmt(record, 'tokens_per_sec', ',.0f')} tok/s"
-                                   + (f" | {stage.best_metric} {_fmt(record, stage.best_metric)}"
-                                      if stage.best_metric in record else ""))
             if (not cfg.save_best_only and (step % cfg.save_every == 0 or final)) or stop.requested:
                 save("latest")
             interval_time += time.perf_counter() - paused
@@ -403,7 +351,6 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     finally:
         stop.restore()
         logger.close()
-        scalars.close()
         plot_rewards(output_dir)
     if stopped == "interrupted":
         print(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n"

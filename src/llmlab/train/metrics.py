@@ -7,13 +7,15 @@
 `val_tokens` (an evaluation step that is not a log step gets a line with the validation numbers only).
 `loss` is the mean over the steps since the previous log line. Under `nan_policy=skip`, `nan_skips` counts
 the skipped updates and a skipped step logged on its own has `"skipped": true` and no loss; a data iterator
-that counts skipped records adds `skipped_invalid` / `skipped_empty` (summed over ranks). TensorBoard gets
-the same numbers under `train/*` and `val/*`. On resume, lines after the resumed step are dropped first
-(they came from the part of a run that is being redone) and TensorBoard purges them too.
+that counts skipped records adds `skipped_invalid` / `skipped_empty` (summed over ranks); RLHF adds its own
+numbers (reward, kl, ...). TensorBoard gets every number of a record: `val_*` under `val/*`, the rest under
+the logger's prefix (`train/*`, `rlhf/*`). On resume, lines after the resumed step are dropped first (they
+came from the part of a run that is being redone) and TensorBoard purges them too.
 
-The progress bar (rich) shows step, loss, lr, grad norm, tokens/s and ETA. It is drawn only on a TTY and
-when `progress=True`; otherwise each log step prints one plain line, unless `progress=False`, which keeps
-the run quiet (tests). Only rank 0 writes anything.
+The progress bar (rich) shows step, loss, lr, grad norm, tokens/s, the logger's extra fields (RLHF: reward
+and KL) and ETA. It is drawn only on a TTY and when `progress=True`; otherwise each log step prints one
+plain line (and each evaluation one line of its `val_*` numbers), unless `progress=False`, which keeps the
+run quiet (tests). Only rank 0 writes anything.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +57,17 @@ def _truncate_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_losses(output_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path | None:
-    """Write `loss.png` (train and validation loss against step) from metrics.jsonl; None if no data."""
-    output_dir = Path(output_dir)
-    records = read_metrics(output_dir) if records is None else records
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records
-           if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
-    if not train and not val:
+def plot_curves(path: str | Path, records: list[dict[str, Any]], curves: dict[str, str], *,
+                xlabel: str = "step", ylabel: str | None = None) -> Path | None:
+    """Write a PNG of `records`' keys against their step, one curve per key of `curves` (key -> legend
+    label); validation keys (`val_*`, logged only at evaluations) get markers. None if no key has data."""
+    series = {}
+    for key in curves:
+        points = [(r["step"], r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            series[key] = points
+    if not series:
         return None
     import matplotlib
 
@@ -69,34 +75,42 @@ def plot_losses(output_dir: str | Path, records: list[dict[str, Any]] | None = N
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=4)
-    ax.set_xlabel("step (optimizer updates)")
-    ax.set_ylabel("cross entropy (nats/token)")
+    for key, points in series.items():
+        ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=curves[key], linewidth=1.2,
+                markersize=4)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = output_dir / PLOT_FILE
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return Path(path)
+
+
+def plot_losses(output_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path | None:
+    """Write `loss.png` (train and validation loss against step) from metrics.jsonl; None if no data."""
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir) if records is None else records
+    return plot_curves(output_dir / PLOT_FILE, records, {"loss": "train loss", "val_loss": "validation loss"},
+                       xlabel="step (optimizer updates)", ylabel="cross entropy (nats/token)")
 
 
 class _Bar:
-    """rich progress bar with the run's numbers as fields."""
+    """rich progress bar with the run's numbers as fields (the standard ones, then `extra` record keys)."""
 
-    def __init__(self, total: int, start: int, description: str) -> None:
+    def __init__(self, total: int, start: int, description: str, extra: Sequence[str] = ()) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("gnorm {task.fields[gnorm]}"), TextColumn("{task.fields[tps]} tok/s"),
+            *(TextColumn(f"{key} {{task.fields[{key}]}}") for key in extra),
             TextColumn("ETA"), TimeRemainingColumn(), refresh_per_second=4, transient=False)
         self.task = self.progress.add_task(description, total=total, completed=start, loss="-", lr="-",
-                                           gnorm="-", tps="-")
+                                           gnorm="-", tps="-", **dict.fromkeys(extra, "-"))
         self.progress.start()
 
     def advance(self, step: int) -> None:
@@ -112,14 +126,25 @@ class _Bar:
         self.progress.stop()
 
 
+VAL_PREFIX = "val_"
+_VAL_FORMATS = {"val_ppl": ".2f"}
+
+
 class MetricsLogger:
-    """Rank 0's sink for per-step numbers. Create with `enabled=False` on other ranks (does nothing)."""
+    """Rank 0's sink for per-step numbers. Create with `enabled=False` on other ranks (does nothing).
+
+    `extra_fields`: record keys shown on the progress bar (and the plain per-step line) after loss, lr,
+    grad norm and tokens/s, e.g. ("reward", "kl") for RLHF. `tb_prefix`: the TensorBoard section of the
+    record's numbers (`train`, `rlhf`); `val_*` keys go to `val/*` whatever the prefix."""
 
     def __init__(self, output_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress: bool = True, description: str = "train") -> None:
+                 progress: bool = True, description: str = "train", extra_fields: Sequence[str] = (),
+                 tb_prefix: str = "train") -> None:
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.quiet = not progress
+        self.extra_fields = tuple(extra_fields)
+        self.tb_prefix = tb_prefix
         self._bar: _Bar | None = None
         self._writer = None
         self._file = None
@@ -137,15 +162,22 @@ class MetricsLogger:
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self._writer = None
         if progress and sys.stdout.isatty():
-            self._bar = _Bar(total_steps, start_step, description)
+            self._bar = _Bar(total_steps, start_step, description, self.extra_fields)
 
     def advance(self, step: int) -> None:
         """Move the bar (no numbers, so no synchronisation needed)."""
         if self._bar is not None:
             self._bar.advance(step)
 
+    def tb_tag(self, key: str) -> str:
+        """The TensorBoard tag of a record key: `val_x` -> `val/x`, anything else -> `{tb_prefix}/key`."""
+        if key.startswith(VAL_PREFIX):
+            return f"val/{key.removeprefix(VAL_PREFIX)}"
+        return f"{self.tb_prefix}/{key}"
+
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record (must hold `step`) to metrics.jsonl and TensorBoard; refresh the display."""
+        """Append one record (must hold `step`) to metrics.jsonl and every finite number in it to
+        TensorBoard; refresh the display."""
         if not self.enabled:
             return
         record = {k: v for k, v in record.items() if v is not None}
@@ -154,23 +186,22 @@ class MetricsLogger:
         self._file.flush()
         step = int(record["step"])
         if self._writer is not None:
-            for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                             ("tokens_per_sec", "train/tokens_per_sec"), ("val_loss", "val/loss"),
-                             ("val_ppl", "val/ppl")):
-                v = record.get(key)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._writer.add_scalar(tag, v, step)
+            for key, v in record.items():
+                if key != "step" and _is_number(v) and math.isfinite(v):
+                    self._writer.add_scalar(self.tb_tag(key), v, step)
         if "loss" in record:
             fields = dict(loss=_fmt(record.get("loss")), lr=_fmt(record.get("lr"), ".2e"),
                           gnorm=_fmt(record.get("grad_norm"), ".3f"), tps=_fmt(record.get("tokens_per_sec"), ",.0f"))
+            extra = {k: _fmt(record[k]) for k in self.extra_fields if k in record}
             if self._bar is not None:
-                self._bar.fields(**fields)
+                self._bar.fields(**fields, **extra)
             elif not self.quiet:
                 print(f"step {step} | loss {fields['loss']} | lr {fields['lr']} | grad norm {fields['gnorm']} | "
-                      f"{fields['tps']} tok/s", flush=True)
-        if "val_loss" in record:
-            self.message(f"step {step} | val loss {_fmt(record['val_loss'])} | val ppl "
-                         f"{_fmt(record.get('val_ppl'), '.2f')}")
+                      f"{fields['tps']} tok/s" + "".join(f" | {k} {v}" for k, v in extra.items()), flush=True)
+        val = {k: v for k, v in record.items() if k.startswith(VAL_PREFIX) and isinstance(v, float)}
+        if val:
+            self.message(f"step {step} | " + " | ".join(f"{k.replace('_', ' ')} {_fmt(v, _VAL_FORMATS.get(k, '.4f'))}"
+                                                        for k, v in val.items()))
 
     def message(self, msg: str, *, always: bool = False) -> None:
         """A line for the user, above the bar when there is one (printed even when quiet if `always`)."""
@@ -195,6 +226,10 @@ class MetricsLogger:
             self._writer.close()
             self._writer = None
         return plot_losses(self.output_dir) if plot else None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
