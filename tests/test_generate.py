@@ -64,3 +64,13 @@ def test_samplers():
     assert set(draws.flatten().tolist()) == {1, 2}
     frac = (draws == 1).float().mean().item()
     assert abs(frac - 1 / (1 + torch.e**-1)) < 0.08  # p(1) = e^3 / (e^3 + e^2)
+
+
+def test_forward_hooks_on_lm_head_fire_during_cached_generation():
+    """The CPU decode fast path must not bypass user hooks on the head: forcing a token through a hook
+    changes what is generated."""
+    m = _m()
+    handle = m.lm_head.register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.tensor([7]), 1e4))
+    out = generate_tokens(m, [[1, 2, 3]], max_new_tokens=10, temperature=0).responses[0]
+    handle.remove()
+    assert out == [7] * 10

@@ -34,13 +34,18 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 @contextlib.contextmanager
 def decode_weights(model: nn.Module) -> Iterator[None]:
     """Within the block, every CPU `Linear` of `model` multiplies by a transposed copy of its weight
     (taken on entry: do not change the weights inside the block). Freed on exit."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"]
+    # the head's copy bypasses lm_head.forward, so a head with hooks (user code, tests) keeps its module
     heads = [m for m in model.modules() if hasattr(m, "head_decode_weight") and type(m.lm_head) is nn.Linear
-             and m.lm_head.weight.device.type == "cpu"]
+             and m.lm_head.weight.device.type == "cpu" and not _has_hooks(m.lm_head)]
     try:
         with torch.no_grad():
             for m in layers:
