@@ -34,3 +34,15 @@ def test_pipeline_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path, capsys
     assert main.main(["pipeline", "--preset", "micro", "--out", str(tmp_path)]) == 2
     assert "pass --force" in capsys.readouterr().err and (tmp_path / "notes.txt").is_file()
     assert main.main(["pipeline", "--preset", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_pipeline_stops_after_an_interrupted_stage(tmp_path):
+    from llmlab.pipeline import _stop_if_interrupted
+    from llmlab.train.loop import write_run_status
+
+    _stop_if_interrupted(tmp_path)  # no run there: nothing to say
+    write_run_status(tmp_path, "finished", step=4, max_steps=4, kind="sft")
+    _stop_if_interrupted(tmp_path)
+    write_run_status(tmp_path, "interrupted", step=2, max_steps=4, kind="sft")
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 2 of 4"):
+        _stop_if_interrupted(tmp_path)

@@ -15,6 +15,7 @@ from llmlab.model import build_model
 from llmlab.rlhf.grpo import group_reward_stats, grpo_update
 from llmlab.rlhf.rollout import build_reference, generate_rollout
 from llmlab.rlhf.run import run_rlhf
+from llmlab.train.loop import last_run_status
 from llmlab.train.metrics import read_metrics
 from test_rlhf_rollout import (
     PROMPTS,
@@ -109,8 +110,10 @@ def test_sigterm_during_rollout_saves_and_lora_resume_is_exact(policy_dir, rewar
     run_rlhf(part, progress=False)
     latest = read_checkpoint(tmp_path / "part" / "latest")
     assert latest.trainer_state()["step"] == 2 and [r["step"] for r in read_metrics(tmp_path / "part")] == [1, 2]
+    assert last_run_status(tmp_path / "part").stopped == "interrupted"
     monkeypatch.setattr(grpo, "generate_rollout", real)
     run_rlhf(part, resume="latest", progress=False)
+    assert last_run_status(tmp_path / "part").stopped == "finished"
 
     def numbers(d):
         return [(r["step"], r["loss"], r["reward"], r["kl"]) for r in read_metrics(tmp_path / d)]

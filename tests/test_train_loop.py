@@ -12,7 +12,14 @@ from conftest import tiny_config
 from llmlab.checkpoint import read_checkpoint, save_checkpoint
 from llmlab.config import TrainConfig
 from llmlab.model import build_model
-from llmlab.train.loop import LMLoss, TrainingError, forward_backward, resume_state, train_loop
+from llmlab.train.loop import (
+    LMLoss,
+    TrainingError,
+    forward_backward,
+    last_run_status,
+    resume_state,
+    train_loop,
+)
 from llmlab.train.metrics import read_metrics
 
 V = 64
@@ -269,6 +276,7 @@ def test_nan_stop_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in latest.state_dict().values())
     assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "loss.png").exists()
+    assert last_run_status(cfg.output_dir).stopped == "nan"
 
 
 def test_nan_skip_counts_skipped_updates_and_stops_after_max(tmp_path):
@@ -342,11 +350,15 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_losses(tmp_path, to
     monkeypatch.undo()
     out = capsys.readouterr().out
     assert f"llm-lab pretrain --resume {tmp_path / 'b' / 'latest'}" in out
+    status = last_run_status(tmp_path / "b")
+    assert (status.stopped, status.step, status.max_steps) == ("interrupted", stop_at, 8)
+    assert status.resume == f"llm-lab pretrain --resume {tmp_path / 'b' / 'latest'}"
     assert read_checkpoint(tmp_path / "b" / "latest").trainer_state()["step"] == stop_at
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, stop_at + 1))
 
     pretrain.run_pretrain(cfg_b, resume=str(tmp_path / "b" / "latest"), progress=False)
     resumed = read_metrics(tmp_path / "b")
+    assert last_run_status(tmp_path / "b").stopped == "finished"
     for key in ("step", "loss", "lr", "grad_norm", "val_loss", "tokens_seen"):
         assert [r.get(key) for r in resumed] == [r.get(key) for r in full], key
 

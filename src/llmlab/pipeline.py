@@ -374,7 +374,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     before = validation_loss(build_model(cfgs["model"]).eval(), tok, pre.datasets, seq, p.eval_batches)
     try:
         commands.pretrain(pre, cfgs["model"], progress=progress)
-        _finished(out / "pretrain", pre.max_steps)
+        _stop_if_interrupted(out / "pretrain")
     except commands.StageMissing as e:
         run.missing("pretrain", e)
     else:
@@ -390,7 +390,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         acc_before = answer_accuracy(base, tok, questions)
         try:
             commands.sft(sft, progress=progress)
-            _finished(out / "sft", sft.max_steps)
+            _stop_if_interrupted(out / "sft")
         except commands.StageMissing as e:
             run.missing("sft", e)
         else:
@@ -418,7 +418,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         t0 = run.begin("dpo", f"{dpo.max_steps} steps on bundled:preference, beta {dpo.dpo_beta}")
         try:
             commands.rlhf(dpo, progress=progress)
-            _finished(out / "dpo", dpo.max_steps)
+            _stop_if_interrupted(out / "dpo")
         except commands.StageMissing as e:
             run.missing("dpo", e)
         else:
@@ -438,7 +438,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         reward_before = mean_reward(_load(out / "dpo"), tok, prompts, grpo)
         try:
             commands.rlhf(grpo, progress=progress)
-            _finished(out / "grpo", grpo.max_steps)
+            _stop_if_interrupted(out / "grpo")
         except commands.StageMissing as e:
             run.missing("grpo", e)
         else:
@@ -477,16 +477,13 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     return run.summary
 
 
-def _finished(folder: Path, max_steps: int) -> None:
+def _stop_if_interrupted(folder: Path) -> None:
     """Stop the pipeline when a stage was interrupted (Ctrl-C/SIGTERM: it saved latest/ and returned early)."""
-    from llmlab.checkpoint import read_checkpoint
+    from llmlab.train.loop import last_run_status
 
-    try:
-        step = (read_checkpoint(folder / "latest").trainer_state() or {}).get("step")
-    except LLMLabError:
-        return
-    if isinstance(step, int) and step < max_steps:
-        raise KeyboardInterrupt(f"{folder.name} stopped at step {step} of {max_steps}")
+    status = last_run_status(folder)
+    if status is not None and status.stopped == "interrupted":
+        raise KeyboardInterrupt(f"{folder.name} stopped at step {status.step} of {status.max_steps}")
 
 
 def _load(path: Path):

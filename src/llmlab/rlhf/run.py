@@ -41,7 +41,15 @@ from llmlab.config import RLHFConfig
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.optim import set_lr
 from llmlab.rlhf.rollout import Reference, build_reference, greedy_reward, prompt_budget
-from llmlab.train.loop import StopFlag, TrainingError, capture_rng, restore_rng
+from llmlab.train.loop import (
+    StopFlag,
+    StopReason,
+    TrainingError,
+    capture_rng,
+    restore_rng,
+    resume_command,
+    write_run_status,
+)
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
 
 REWARD_PLOT = "rewards.png"
@@ -291,7 +299,14 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
             best = value
             save("best")
 
-    stopped = "completed"
+    config_path = output_dir / cfg.config_name
+
+    def record_status(stopped: StopReason) -> None:
+        write_run_status(output_dir, stopped, step=step, max_steps=cfg.max_steps, kind="rlhf",
+                         resume=resume_command("rlhf", output_dir, config_path) if stopped == "interrupted" else None)
+
+    record_status("running")
+    stopped: StopReason = "finished"
     window: list[dict[str, Any]] = []
     interval_time, interval_tokens = time.perf_counter(), 0
     stop.install()
@@ -310,6 +325,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                 break
             if not math.isfinite(metrics.get("loss", 0.0)) or metrics.get("skipped_updates"):
                 nan_skips += 1
+                if cfg.nan_policy == "stop" or nan_skips >= cfg.max_nan_skips:
+                    record_status("nan")
                 if cfg.nan_policy == "stop":
                     last = paths["latest"] or paths["best"] or resume_dir
                     raise TrainingError(f"loss became NaN/Inf at step {step + 1}; stopped without saving that model. "
@@ -352,9 +369,10 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         stop.restore()
         logger.close()
         plot_rewards(output_dir)
+    record_status(stopped)
     if stopped == "interrupted":
         print(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n"
-              f"  llm-lab rlhf --config {output_dir / cfg.config_name} --resume {output_dir / 'latest'}")
+              f"  {resume_command('rlhf', output_dir, config_path)}")
     result = paths["best"] or paths["latest"]
     if result is None:  # save_best_only and nothing evaluated better: keep the final policy anyway
         save("latest")

@@ -32,6 +32,10 @@ seen, best loss, data positions per rank, ...) and `trainer_state.pt` (optimizer
 states of torch, CUDA, numpy and Python per rank). Resuming restores all of it, so on CPU with the same
 seed a resumed run's losses equal an uninterrupted run's bit for bit.
 
+How the run ended goes to `{output_dir}/run_state.json` (`"stopped"`: finished, interrupted or nan; read
+it with `last_run_status(output_dir)`), so callers of a stage that returns only a folder can tell an
+interrupted run from a finished one.
+
 NaN/Inf: with `nan_policy="stop"` the run stops at the first non-finite loss or gradient norm with a
 `TrainingError` naming the step and the last good checkpoint; the broken model is never saved. To keep the
 GPU queue full the check reads the device only at log, eval and save steps (every step on CPU, where it
@@ -47,6 +51,7 @@ evaluations and saves. Inputs go to the GPU from pinned memory without blocking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -116,7 +121,7 @@ class TrainResult:
     output_dir: Path
     step: int
     tokens_seen: int
-    stopped: Literal["completed", "interrupted"]
+    stopped: Literal["finished", "interrupted"]
     last_loss: float | None = None
     last_val_loss: float | None = None
     best_val_loss: float | None = None
@@ -336,6 +341,52 @@ class StopFlag:
 
 
 # --------------------------------------------------------------------------------------------------
+# How the last run in an output folder ended: run_state.json
+# --------------------------------------------------------------------------------------------------
+
+RUN_STATE_FILE = "run_state.json"
+StopReason = Literal["running", "finished", "interrupted", "nan"]
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What `{output_dir}/run_state.json` says about the last run there. `stopped` is "finished" (max_steps
+    reached), "interrupted" (Ctrl-C/SIGTERM: latest/ saved, `resume` continues it), "nan" (stopped by a
+    NaN/Inf loss or gradient) or "running" (still running, or ended by an error)."""
+
+    stopped: StopReason
+    step: int
+    max_steps: int
+    kind: str
+    resume: str | None = None
+
+
+def resume_command(kind: str, output_dir: str | Path, config: str | Path | None = None) -> str:
+    """The command that continues an interrupted run from its latest/ checkpoint."""
+    return f"llm-lab {kind}" + (f" --config {config}" if config else "") + f" --resume {Path(output_dir) / 'latest'}"
+
+
+def write_run_status(output_dir: str | Path, stopped: StopReason, *, step: int, max_steps: int, kind: str,
+                     resume: str | None = None) -> None:
+    """Record how the run in `output_dir` stands (rank 0 calls this at the start and the end of a run)."""
+    from llmlab.atomic import atomic_write_text
+
+    status = RunStatus(stopped=stopped, step=step, max_steps=max_steps, kind=kind, resume=resume)
+    atomic_write_text(Path(output_dir) / RUN_STATE_FILE, json.dumps(dataclasses.asdict(status), indent=2) + "\n")
+
+
+def last_run_status(output_dir: str | Path) -> RunStatus | None:
+    """How the last run in `output_dir` ended (see RunStatus); None when no run wrote run_state.json there."""
+    path = Path(output_dir) / RUN_STATE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RunStatus(stopped=data["stopped"], step=int(data["step"]), max_steps=int(data["max_steps"]),
+                         kind=str(data.get("kind", "")), resume=data.get("resume"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 
@@ -468,8 +519,15 @@ def train_loop(
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     paths = {"best": None, "latest": None}
     last_loss: float | None = None
-    stopped: Literal["completed", "interrupted"] = "completed"
+    stopped: Literal["finished", "interrupted"] = "finished"
     is_cpu = device.type == "cpu"
+
+    def record_status(stopped: StopReason) -> None:
+        if info.is_main:
+            write_run_status(output_dir, stopped, step=step, max_steps=cfg.max_steps, kind=kind,
+                             resume=resume_command(kind, output_dir) if stopped == "interrupted" else None)
+
+    record_status("running")
 
     def check_finite() -> None:
         """stop policy: raise if any step so far had a non-finite loss or gradient (a host sync)."""
@@ -477,6 +535,7 @@ def train_loop(
             return
         if any_rank(bool(bad_seen.item()), info):
             bad_step = int(first_bad.item())
+            record_status("nan")
             last = paths["latest"] or paths["best"] or start.checkpoint
             raise TrainingError(
                 f"loss or gradient became NaN/Inf at step {bad_step if bad_step >= 0 else step}; stopped without "
@@ -562,6 +621,7 @@ def train_loop(
             logger.advance(step)
 
             if skipped and nan_skips >= cfg.max_nan_skips:
+                record_status("nan")
                 last = paths["latest"] or paths["best"] or start.checkpoint
                 raise TrainingError(f"{nan_skips} steps had a NaN/Inf loss or gradient (max_nan_skips="
                                     f"{cfg.max_nan_skips}); stopped at step {step}. Last good checkpoint: "
@@ -594,15 +654,15 @@ def train_loop(
             interval_time += time.perf_counter() - paused
             if interrupted and not final:
                 stopped = "interrupted"
-                cmd = f"llm-lab {kind} --resume {output_dir / 'latest'}"
-                logger.message(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n  {cmd}",
-                               always=True)
+                logger.message(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n  "
+                               f"{resume_command(kind, output_dir)}", always=True)
                 break
     finally:
         stop.restore()
         logger.close()
 
-    if stopped == "completed" and info.is_main:
+    record_status(stopped)
+    if stopped == "finished" and info.is_main:
         where = ", ".join(f"{k}/" for k, v in paths.items() if v is not None) or "no checkpoint"
         logger.message(f"done: {step} steps, {tokens_seen:,} tokens; best val loss "
                        f"{best_val if best_val is None else round(best_val, 4)}; saved {where} in {output_dir}")
