@@ -27,6 +27,9 @@ def test_micro_pipeline_runs_every_stage_and_writes_the_summary(tmp_path, capsys
               "sft_merged/model.safetensors", "dpo/metrics.jsonl", "grpo/metrics.jsonl"):
         assert (out / f).exists(), f
     assert "measured effect of each stage" in printed and "GRPO mean reward" in printed
+    # one line per stage config instead of the resolved JSON
+    assert f"resolved training config: {out / 'pretrain' / 'train_config.json'}" in printed
+    assert f"resolved config: {out / 'configs' / 'grpo.json'}" in printed and '"gradient_accumulation_steps":' not in printed
 
 
 def test_pipeline_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path, capsys):

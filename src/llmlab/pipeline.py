@@ -13,7 +13,8 @@ what a stage chooses to log:
   log-probs) before and after, and the implicit-reward accuracy (beta x log-ratio to the reference);
 - GRPO: mean exact-match reward of sampled answers to held-out `bundled:prompts` before and after.
 
-Plots land in each stage's folder (the stage's own) and `summary.png`; `summary.json` holds the numbers.
+Each stage's resolved config is saved (`configs/` and the stage's folder) and named in one line rather
+than printed in full as the standalone commands do. Plots land in each stage's folder (the stage's own) and `summary.png`; `summary.json` holds the numbers.
 A stage that this install lacks is reported as missing and the stages that need it are skipped.
 Held-out data: every stage trains with the same `val_fraction`, and the measurements read the `val`
 split (chosen by content hash, see `llmlab.data.sources`), so they never see a training record.
@@ -373,7 +374,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     torch.manual_seed(pre.seed)
     before = validation_loss(build_model(cfgs["model"]).eval(), tok, pre.datasets, seq, p.eval_batches)
     try:
-        commands.pretrain(pre, cfgs["model"], progress=progress)
+        commands.pretrain(pre, cfgs["model"], progress=progress, show_config=False)
         _stop_if_interrupted(out / "pretrain")
     except commands.StageMissing as e:
         run.missing("pretrain", e)
@@ -389,7 +390,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         t0 = run.begin("sft", f"LoRA ({sft.lora_preset}, r={sft.lora_r}) for {sft.max_steps} steps on bundled:sft")
         acc_before = answer_accuracy(base, tok, questions)
         try:
-            commands.sft(sft, progress=progress)
+            commands.sft(sft, progress=progress, show_config=False)
             _stop_if_interrupted(out / "sft")
         except commands.StageMissing as e:
             run.missing("sft", e)
@@ -416,6 +417,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     if run.ok("merge"):
         dpo = cfgs["dpo"]
         t0 = run.begin("dpo", f"{dpo.max_steps} steps on bundled:preference, beta {dpo.dpo_beta}")
+        run.console.print(f"resolved config: {out / 'configs' / 'dpo.json'}", soft_wrap=True)
         try:
             commands.rlhf(dpo, progress=progress)
             _stop_if_interrupted(out / "dpo")
@@ -436,6 +438,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
                                f"exact-match reward")
         prompts = heldout_prompts(tok, p.eval_prompts, grpo.max_prompt_len)
         reward_before = mean_reward(_load(out / "dpo"), tok, prompts, grpo)
+        run.console.print(f"resolved config: {out / 'configs' / 'grpo.json'}", soft_wrap=True)
         try:
             commands.rlhf(grpo, progress=progress)
             _stop_if_interrupted(out / "grpo")

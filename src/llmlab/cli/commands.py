@@ -172,22 +172,26 @@ def default_model_config(resume: str | None) -> ModelConfig | None:
 
 
 def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: str | None = None,
-             load_optimizer_state: bool = True, progress: bool = True, estimate: bool = True) -> Path:
-    """Base training (the estimate first); returns the output folder."""
+             load_optimizer_state: bool = True, progress: bool = True, estimate: bool = True,
+             show_config: bool = True) -> Path:
+    """Base training (the estimate first); returns the output folder. show_config=False names the saved
+    resolved config instead of printing it (the pipeline)."""
     run = _stage_function("llmlab.train.pretrain", "run_pretrain", "base training")
     if model_cfg is None:
         model_cfg = default_model_config(resume)
     if estimate:
         show_stage_estimate(cfg, model_cfg, resume)
-    return run(cfg, model_cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress)
+    return run(cfg, model_cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress,
+               show_config=show_config)
 
 
-def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True) -> Path:
-    """Supervised fine-tuning (the estimate first); returns the output folder."""
+def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True,
+        show_config: bool = True) -> Path:
+    """Supervised fine-tuning (the estimate first); returns the output folder. show_config as for pretrain."""
     run = _stage_function("llmlab.train.sft", "run_sft", "SFT")
     if estimate:
         show_stage_estimate(cfg, None, resume)
-    return run(cfg, resume=resume, progress=progress)
+    return run(cfg, resume=resume, progress=progress, show_config=show_config)
 
 
 def rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True) -> Path:
