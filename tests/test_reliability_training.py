@@ -26,7 +26,9 @@ from llmlab.checkpoint import load_model, read_checkpoint, save_checkpoint  # no
 from llmlab.config import RLHFConfig, TrainConfig  # noqa: E402
 from llmlab.model import build_model  # noqa: E402
 
-FORK = mp.get_context("fork")
+# spawn, not fork: a child forked from a pytest worker that already ran torch/tokenizers thread pools can
+# deadlock (it did, under xdist); spawn starts clean and re-imports this module for the target.
+SPAWN = mp.get_context("spawn")
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +52,24 @@ def pretrain_files(tmp_path, tok_dir):
     return cfg, model_cfg, tmp_path
 
 
-def _in_child(target, *args) -> int:
-    """Run target(*args) in a forked child; its return value is the exit code."""
-    def body():
-        try:
-            code = target(*args)
-        except BaseException as e:  # noqa: BLE001 - report and fail
-            print(f"child raised {type(e).__name__}: {e}", flush=True)
-            code = 99
-        os._exit(code)
+def _child_body(target, args) -> None:
+    torch.set_num_threads(1)
+    try:
+        code = target(*args)
+    except BaseException as e:  # noqa: BLE001 - report and fail
+        print(f"child raised {type(e).__name__}: {e}", flush=True)
+        code = 99
+    os._exit(code)
 
-    child = FORK.Process(target=body)
+
+def _in_child(target, *args) -> int:
+    """Run target(*args) (a module-level function) in a fresh child process; its return value is the
+    exit code."""
+    child = SPAWN.Process(target=_child_body, args=(target, args))
     child.start()
-    child.join(120)
+    child.join(240)
+    if child.exitcode is None:
+        child.kill()
     return child.exitcode
 
 
