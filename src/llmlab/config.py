@@ -408,14 +408,40 @@ class RunFields:
     val_fraction: float = _help("Share of documents (by content hash) held out for validation", default=0.02)
 
 
-def _validate_schedule(cfg: Any) -> None:
-    _non_negative(cfg, "warmup_steps")
+@dataclass
+class ScheduleFields:
+    """Shape of the decay after warmup (all stages; `scheduler` and `warmup_steps` are per stage)."""
+
+    min_lr_ratio: float = _help("Schedules decay to lr x min_lr_ratio", default=0.0)
+    poly_power: float = _help("Polynomial schedule power", default=2.0)
+
+
+class FineTuneLR:
+    """SFT and RLHF name the peak lr `learning_rate` and the clip `max_grad_norm` (the spec's names);
+    the loop reads `peak_lr` and `clip_norm` from every stage."""
+
+    @property
+    def peak_lr(self) -> float:
+        return self.learning_rate
+
+    @property
+    def clip_norm(self) -> float:
+        return self.max_grad_norm
+
+
+def _validate_training(cfg: Any, lr_field: str, clip_field: str) -> None:
+    """Checks every training stage shares; each stage adds its own."""
+    _positive(cfg, "max_steps", lr_field, "batch_size", "eval_every", "eval_steps", "log_every", "save_every")
+    _non_negative(cfg, "weight_decay", clip_field, "warmup_steps")
+    _unit_interval(cfg, "min_lr_ratio", closed_right=True)
     _check(cfg.warmup_steps <= cfg.max_steps or cfg.max_steps == 0,
            f"warmup_steps: {cfg.warmup_steps} is more than max_steps={cfg.max_steps}")
+    cfg._validate_optimizer()
+    _check(len(cfg.datasets) > 0, "datasets: give at least one dataset line")
 
 
 @dataclass
-class TrainConfig(OptimizerFields, RunFields, ConfigBase):
+class TrainConfig(OptimizerFields, ScheduleFields, RunFields, ConfigBase):
     """Base training (pretraining). Spec: "Base Training (Pretraining)"."""
 
     config_name: typing.ClassVar[str] = "train_config.json"
@@ -435,8 +461,6 @@ class TrainConfig(OptimizerFields, RunFields, ConfigBase):
     save_best_only: bool = _help("Only save best/ when validation loss improves", default=True)
     datasets: list[Any] = _help('Dataset lines "name | subset | weight" or {name, subset, weight} objects',
                                 default_factory=lambda: ["HuggingFaceFW/fineweb-edu"])
-    min_lr_ratio: float = _help("Schedules decay to lr x min_lr_ratio", default=0.0)
-    poly_power: float = _help("Polynomial schedule power", default=2.0)
 
     @property
     def peak_lr(self) -> float:
@@ -447,17 +471,12 @@ class TrainConfig(OptimizerFields, RunFields, ConfigBase):
         return self.grad_clip
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "lr", "batch_size", "gradient_accumulation_steps", "eval_every",
-                  "eval_steps", "log_every", "save_every")
-        _non_negative(self, "weight_decay", "grad_clip")
-        _unit_interval(self, "min_lr_ratio", closed_right=True)
-        _validate_schedule(self)
-        self._validate_optimizer()
-        _check(len(self.datasets) > 0, "datasets: give at least one dataset line")
+        _validate_training(self, "lr", "grad_clip")
+        _positive(self, "gradient_accumulation_steps")
 
 
 @dataclass
-class SFTConfig(OptimizerFields, LoraFields, RunFields, ConfigBase):
+class SFTConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFields, ConfigBase):
     """Supervised fine-tuning. Spec: "Supervised Fine-Tuning (SFT)" and "LoRA for SFT"."""
 
     config_name: typing.ClassVar[str] = "sft_config.json"
@@ -479,35 +498,17 @@ class SFTConfig(OptimizerFields, LoraFields, RunFields, ConfigBase):
                                 default_factory=lambda: ["tatsu-lab/alpaca"])
     skip_invalid_records: bool = _help("Skip (and count) records in no known format instead of failing",
                                        default=False)
-    min_lr_ratio: float = _help("Schedules decay to lr x min_lr_ratio", default=0.0)
-    poly_power: float = _help("Polynomial schedule power", default=2.0)
 
-    def __post_init__(self) -> None:
-        if self.output_dir == "checkpoints":
-            self.output_dir = "sft_checkpoints"
-        super().__post_init__()
-
-    @property
-    def peak_lr(self) -> float:
-        return self.learning_rate
-
-    @property
-    def clip_norm(self) -> float:
-        return self.max_grad_norm
+    output_dir: str = _help("Where checkpoints, metrics and plots go", default="sft_checkpoints")
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
-                  "eval_every", "eval_steps", "log_every", "save_every")
-        _non_negative(self, "weight_decay", "max_grad_norm")
-        _unit_interval(self, "min_lr_ratio", closed_right=True)
-        _validate_schedule(self)
-        self._validate_optimizer()
+        _validate_training(self, "learning_rate", "max_grad_norm")
+        _positive(self, "gradient_accumulation_steps")
         self._validate_lora()
-        _check(len(self.datasets) > 0, "datasets: give at least one dataset line")
 
 
 @dataclass
-class RLHFConfig(OptimizerFields, LoraFields, RunFields, ConfigBase):
+class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFields, ConfigBase):
     """RLHF with PPO, DPO or GRPO. Spec: "RLHF Training" and "Common RLHF Parameters"."""
 
     config_name: typing.ClassVar[str] = "rlhf_config.json"
@@ -562,32 +563,18 @@ class RLHFConfig(OptimizerFields, LoraFields, RunFields, ConfigBase):
     save_best_only: bool = _help("Only save best/ (by mean reward or DPO val accuracy)", default=True)
     datasets: list[Any] = _help("Prompt datasets (PPO/GRPO) or preference pairs (DPO)",
                                 default_factory=lambda: ["Anthropic/hh-rlhf"])
-    min_lr_ratio: float = _help("Schedules decay to lr x min_lr_ratio", default=0.0)
-    poly_power: float = _help("Polynomial schedule power", default=2.0)
 
-    def __post_init__(self) -> None:
-        if self.output_dir == "checkpoints":
-            self.output_dir = "rlhf_checkpoints"
-        super().__post_init__()
-
-    @property
-    def peak_lr(self) -> float:
-        return self.learning_rate
-
-    @property
-    def clip_norm(self) -> float:
-        return self.max_grad_norm
+    output_dir: str = _help("Where checkpoints, metrics and plots go", default="rlhf_checkpoints")
 
     @property
     def dpo_beta(self) -> float:
         return self.beta if self.beta is not None else self.clip_range
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs",
-                  "max_new_tokens", "max_prompt_len", "group_size", "eval_every", "eval_steps", "log_every",
-                  "save_every", "clip_range", "grpo_temperature")
-        _non_negative(self, "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "temperature", "top_k",
-                      "cliprange_value")
+        _validate_training(self, "learning_rate", "max_grad_norm")
+        _positive(self, "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_len", "group_size",
+                  "clip_range", "grpo_temperature")
+        _non_negative(self, "vf_coef", "kl_coef", "temperature", "top_k", "cliprange_value")
         _unit_interval(self, "gamma", "gae_lambda", closed_right=True)
         _check(0.0 < self.top_p <= 1.0, f"top_p: must be in (0, 1], got {self.top_p}")
         _check(self.batch_size % self.mini_batch_size == 0,
@@ -598,10 +585,7 @@ class RLHFConfig(OptimizerFields, LoraFields, RunFields, ConfigBase):
         if self.algorithm == "grpo":
             _check(self.group_size >= 2, f"group_size: GRPO needs at least 2 responses per prompt, got "
                                          f"{self.group_size}")
-        _validate_schedule(self)
-        self._validate_optimizer()
         self._validate_lora()
-        _check(len(self.datasets) > 0, "datasets: give at least one dataset line")
 
 
 STAGE_CONFIGS: dict[str, type[ConfigBase]] = {
