@@ -13,6 +13,10 @@ Nothing is downloaded at run time. Each name is written once, deterministically,
   two user/assistant turns.
 - `bundled:preference` — `{"prompt", "chosen", "rejected"}`: chosen is the right answer, rejected a wrong one.
 - `bundled:prompts` — `{"prompt", "answer", "task"}` for checkable rewards (PPO/GRPO).
+- `bundled:tasks` — the same tasks as plain pretraining text, `{"text": "Question:\nWhat is 3 + 4?\nAnswer:\n7",
+  "task"}`, drawn with their own seed (not copies of the `bundled:sft` records), so that a base model can
+  learn the tasks before SFT teaches it the chat format. Question and answer each start a line, as in
+  the chat template's rendering, so they are the same tokens there.
 
 The generated sets are small, checkable tasks a 2-layer model can learn in a few hundred CPU steps:
 one-digit addition and subtraction, the number after n, repeating a word, a word in capitals, the first
@@ -194,6 +198,8 @@ def _generated(name: str, subset: str | None) -> Iterator[dict]:
             yield {"messages": messages, "task": task}
         elif name == "preference":
             yield {"prompt": question, "chosen": answer, "rejected": wrong, "task": task}
+        elif name == "tasks":
+            yield {"text": f"Question:\n{question}\nAnswer:\n{answer}", "task": task}
         else:
             yield {"prompt": question, "answer": answer, "task": task}
 
@@ -203,6 +209,7 @@ GENERATORS: dict[str, Callable[[str | None], Iterator[dict]]] = {
     "sft": lambda subset: _generated("sft", subset),
     "preference": lambda subset: _generated("preference", subset),
     "prompts": lambda subset: _generated("prompts", subset),
+    "tasks": lambda subset: _generated("tasks", subset),
 }
 
 
