@@ -184,3 +184,16 @@ def test_hash_fraction_is_uniform_enough():
     values = [sources.hash_fraction(f"doc {i}") for i in range(2000)]
     assert 0.45 < sum(values) / len(values) < 0.55
     assert 150 < sum(v < 0.1 for v in values) < 250
+
+
+def test_bundled_tasks_are_question_answer_text_with_correct_answers():
+    tasks = list(bundled.records("tasks"))
+    assert len(tasks) == bundled.N_RECORDS and tasks == list(bundled.records("tasks"))
+    adds = [t for t in tasks if t["task"] == "add"]
+    assert adds
+    for t in adds[:50]:
+        question, answer = t["text"].removeprefix("Question:\n").split("\nAnswer:\n")
+        a, b = map(int, question.removeprefix("What is ").rstrip("?").split(" + "))
+        assert answer == str(a + b)
+    texts = [r["text"] for r in load_sources(["bundled:tasks"])]
+    assert all(t.startswith("Question:\n") for t in texts)

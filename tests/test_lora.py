@@ -200,3 +200,16 @@ def test_adapter_config_fallback_and_save_adapter_needs_lora(tmp_path):
         assert (llmlab.load_model(tmp_path / "merged")(x) - model(x)).abs().max() < 1e-5
     with pytest.raises(LLMLabError, match="no LoRA adapters"):
         save_adapter(build_model(cfg), tmp_path / "x")
+
+
+def test_lora_on_a_tied_lm_head_is_refused():
+    from llmlab.config import SFTConfig
+    from llmlab.errors import ConfigError
+    from llmlab.lora import target_modules
+    from llmlab.model import build_model
+    from tests.conftest import tiny_config
+
+    cfg = SFTConfig(use_lora=True, lora_preset="custom", lora_target_modules=["q_proj", "lm_head"])
+    assert target_modules(cfg, build_model(tiny_config())) == ["q_proj", "lm_head"]
+    with pytest.raises(ConfigError, match="lm_head shares its weight with embed_tokens"):
+        target_modules(cfg, build_model(tiny_config(tie_embeddings=True)))

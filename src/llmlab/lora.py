@@ -81,6 +81,11 @@ def target_modules(cfg: Any, model: nn.Module) -> list[str]:
             if not any(n == t or n.endswith("." + t) for n in full):
                 raise ConfigError(f"lora_target_modules: {t!r} matches no module of this model; "
                                   f"modules that exist: {', '.join(existing)}")
+        if base.config.tie_embeddings and "lm_head" in wanted:
+            # merging B A into a tied lm_head would change the input embeddings too
+            raise ConfigError("lora_target_modules: lm_head shares its weight with embed_tokens "
+                              "(tie_embeddings=true), so a merged adapter would also change the input "
+                              "embeddings; leave lm_head out or use a model with tie_embeddings=false")
         return wanted
     if cfg.lora_preset not in LORA_PRESETS:
         raise ConfigError(f"lora_preset: {cfg.lora_preset!r} is not one of "

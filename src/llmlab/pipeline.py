@@ -7,7 +7,9 @@ followed by a measurement of its effect, computed here on held-out data so that 
 what a stage chooses to log:
 
 - pretraining: validation loss (on held-out Shakespeare) before and after;
-- SFT: answer accuracy (greedy, exact match) on held-out `bundled:sft` questions before and after,
+- SFT: answer accuracy (greedy, exact match) on held-out `bundled:sft` records before and after (the
+  tasks' question space is small, so a held-out record's question usually also occurs in training: this
+  measures learnt skills and the chat format, not generalisation to unseen questions),
   and again after merging the adapter (it must not change);
 - DPO: on held-out preference pairs, the share where the policy prefers the chosen answer (summed
   log-probs) before and after, and the implicit-reward accuracy (beta x log-ratio to the reference);
@@ -294,7 +296,7 @@ def _fmt(v: Any) -> str:
 
 SUMMARY_ROWS = [
     ("pretrain", "validation loss", "val_loss_before", "val_loss_after"),
-    ("sft", "answer accuracy (held-out SFT questions)", "accuracy_before", "accuracy_after"),
+    ("sft", "answer accuracy (held-out SFT records)", "accuracy_before", "accuracy_after"),
     ("merge", "answer accuracy after merging", "accuracy_unmerged", "accuracy_merged"),
     ("dpo", "policy prefers the chosen answer", "prefers_chosen_before", "prefers_chosen_after"),
     ("dpo", "DPO implicit-reward accuracy", "reward_accuracy_before", "reward_accuracy_after"),
@@ -386,7 +388,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
 
     pre = cfgs["pretrain"]
     seq = pre.max_seq_len or cfgs["model"].max_seq_len
-    t0 = run.begin("pretrain", f"{pre.max_steps} steps on bundled:shakespeare")
+    t0 = run.begin("pretrain", f"{pre.max_steps} steps on {' + '.join(str(d) for d in pre.datasets)}")
     torch.manual_seed(pre.seed)
     before = validation_loss(build_model(cfgs["model"]).eval(), tok, pre.datasets, seq, p.eval_batches)
     try:
