@@ -203,11 +203,12 @@ def test_adapter_config_fallback_and_save_adapter_needs_lora(tmp_path):
 
 
 def test_lora_on_a_tied_lm_head_is_refused():
+    from tests.conftest import tiny_config
+
     from llmlab.config import SFTConfig
     from llmlab.errors import ConfigError
     from llmlab.lora import target_modules
     from llmlab.model import build_model
-    from tests.conftest import tiny_config
 
     cfg = SFTConfig(use_lora=True, lora_preset="custom", lora_target_modules=["q_proj", "lm_head"])
     assert target_modules(cfg, build_model(tiny_config())) == ["q_proj", "lm_head"]
