@@ -246,3 +246,16 @@ def test_pretrain_then_resume_from_the_checkpoints_own_config(tok_dir, tmp_path,
     assert saved["max_steps"] == 3 and saved["batch_size"] == 2  # the rest came from the checkpoint
     code, _, err = run(["sft", "--resume", str(out / "latest")], capsys)
     assert code == 2 and "not SFTConfig" in err
+
+
+def test_configure_sizes_vocab_from_the_tokenizer_and_rounds_up(tok_dir, tmp_path):
+    from llmlab.config import ModelConfig
+    from llmlab.data.tokenizer import load_tokenizer
+
+    n = len(load_tokenizer(str(tok_dir)))
+    for extra, expected in (([], n), (["--vocab-multiple-of", "64"], -(-n // 64) * 64)):
+        out = tmp_path / f"m{len(extra)}.json"
+        assert main.main(["configure", "--out", str(out), "--vocab-from-tokenizer", *extra, f"tokenizer_name={tok_dir}",
+                     "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64", "n_layers=2"]) == 0
+        assert ModelConfig.load(out).vocab_size == expected
+    assert expected % 64 == 0 and expected > n  # 300 tokens + specials: rounding adds rows

@@ -124,12 +124,13 @@ def print_estimate(model_cfg: ModelConfig, stage: ConfigBase | None = None, **kw
 
 
 def configure(cfg: ModelConfig, out: str | os.PathLike = "model_config.json", *,
-              vocab_from_tokenizer: bool = False) -> Path:
+              vocab_from_tokenizer: bool = False, vocab_multiple_of: int | None = None) -> Path:
     """Save a model config (optionally sizing vocab_size from its tokenizer) and print its estimate."""
     if vocab_from_tokenizer:
         from llmlab.data.tokenizer import load_tokenizer, model_vocab_size
 
-        cfg = cfg.with_overrides({"vocab_size": model_vocab_size(load_tokenizer(cfg.tokenizer_name))})
+        vocab = model_vocab_size(load_tokenizer(cfg.tokenizer_name), multiple_of=vocab_multiple_of)
+        cfg = cfg.with_overrides({"vocab_size": vocab})
     path = cfg.save(out)
     print_estimate(cfg)
     console().print(f"saved model config to {path}")

@@ -53,7 +53,8 @@ def _model_config_arg(path: str | None) -> ModelConfig | None:
 def _configure(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    commands.configure(args.cfg, args.out, vocab_from_tokenizer=args.vocab_from_tokenizer)
+    commands.configure(args.cfg, args.out, vocab_from_tokenizer=args.vocab_from_tokenizer,
+                       vocab_multiple_of=args.vocab_multiple_of)
     return 0
 
 
@@ -183,6 +184,9 @@ def _args_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="model_config.json", help="where to save the model config (default: %(default)s)")
     p.add_argument("--vocab-from-tokenizer", action="store_true",
                    help="set vocab_size to the size of tokenizer_name's vocabulary (loads the tokenizer)")
+    p.add_argument("--vocab-multiple-of", type=int, default=None, metavar="N",
+                   help="with --vocab-from-tokenizer: round vocab_size up to a multiple of N (e.g. 64, for "
+                        "faster matmuls; the extra rows are never produced by the tokenizer)")
 
 
 def _args_estimate(p: argparse.ArgumentParser) -> None:
