@@ -1,6 +1,6 @@
 """The `llm-lab` command: the interactive menu (no arguments) and one table of scriptable subcommands.
 
-    llm-lab pretrain --config configs/tiny/train_config.json --model-config configs/tiny/model_config.json max_steps=20
+    llm-lab pretrain --config configs/pretrain_tiny.json --model-config configs/model_tiny.json max_steps=20
 
 Every subcommand that trains or configures reads a config file (`--config`) and then `key=value`
 overrides (dataclass default, then the file, then the overrides; unknown keys are an error). Its
