@@ -38,7 +38,9 @@ def check_error(error: BaseException, cls: type[ConfigBase], blamed: set[str] | 
     assert isinstance(error, ConfigError), f"{type(error).__name__}: {message}"
     assert message and "\n" not in message and "Traceback" not in message
     names = blamed if blamed is not None else set(cls.field_names())
-    assert any(re.search(rf"\b{re.escape(n)}\b", message) if n.isidentifier() else n in message or repr(n) in message
+    # the name stands alone (not inside a longer word); lookarounds rather than \b, which fails next to
+    # identifier characters that are not \w (hypothesis found 'A·')
+    assert any(re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", message) or repr(n) in message
                for n in names), message
     return message
 
