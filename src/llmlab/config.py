@@ -150,6 +150,17 @@ def _parse_override_value(raw: str) -> Any:
         return raw
 
 
+def read_config_json(path: str | os.PathLike) -> Any:
+    """A config file's JSON, or a one-line ConfigError naming the file and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; create it with `llm-lab configure` or check the path")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}); fix the file or recreate it") from None
+
+
 class ConfigBase:
     """Shared behaviour of all config dataclasses."""
 
@@ -192,14 +203,7 @@ class ConfigBase:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> typing.Self:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found; create it with `llm-lab configure` or check the path")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({e}); fix the file or recreate it") from None
-        return cls.from_dict(data, source=str(p))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
         from llmlab.atomic import atomic_write_text

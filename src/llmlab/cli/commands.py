@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmlab.config import STAGE_CONFIGS, ConfigBase, ModelConfig, RLHFConfig, SFTConfig, TrainConfig
+from llmlab.config import (
+    STAGE_CONFIGS,
+    ConfigBase,
+    ModelConfig,
+    RLHFConfig,
+    SFTConfig,
+    TrainConfig,
+    read_config_json,
+)
 from llmlab.errors import ConfigError, LLMLabError
 
 
@@ -33,12 +41,7 @@ STAGE_BY_NAME = {cls.__name__: cls for cls in STAGE_CONFIGS.values()}
 def load_stage_config(path: str | os.PathLike) -> ConfigBase:
     """A train/sft/rlhf config file, its class told by the `stage` key (checkpoints write it) or its keys."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} not found; check the path")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e}); fix the file or recreate it") from None
+    data = read_config_json(p)
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a JSON object of config fields")
     stage = data.pop("stage", None)
