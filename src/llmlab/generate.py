@@ -18,7 +18,7 @@ from torch import nn
 
 from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
-from llmlab.model.linear import decode_weights
+from llmlab.model.decode import decode_weights
 
 # --------------------------------------------------------------------------------------------------
 # Samplers (pure)
@@ -124,9 +124,10 @@ def generate_tokens(
     preallocated buffers: positions are counted, not recomputed from the mask; without stop tokens
     nothing is checked; with them, "all stopped?" (a host sync) is asked every STOP_CHECK_EVERY steps
     (every step when streaming), and the result is cut where the last sequence stopped, as if asked
-    every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens hold a transposed copy of the
-    linear weights while they run (`llmlab.model.linear.decode_weights`: about 2x faster decoding
-    matmuls, one extra copy of those weights in memory)."""
+    every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens decode with a second copy of
+    the linear weights laid out for one-row products (`llmlab.model.decode`: transposed, q/k/v and
+    gate/up fused, split across threads); a model in eval mode keeps that copy for its next call (until
+    its weights change), one in training mode (RL rollouts) frees it on return."""
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
@@ -150,7 +151,7 @@ def generate_tokens(
         next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1): position of each row's first new token
         cache = base_transformer(model).new_cache(P + N) if use_cache else None
         n_out = N
-        fast = decode_weights(model) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
+        fast = decode_weights(model, keep=not was_training) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
         with fast, autocast(device):
             for t in range(N):
                 if use_cache and t > 0:

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmlab.config import ModelConfig
 from llmlab.model.cache import KVCache
-from llmlab.model.linear import Linear
+from llmlab.model.linear import Linear, decode_mm
 from llmlab.model.positions import PositionScheme
 
 
@@ -66,6 +66,8 @@ class AttentionMask:
 
 
 class Attention(nn.Module):
+    qkv_decode: torch.Tensor | None = None  # q/k/v weights fused for CPU decoding (llmlab.model.decode)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, positions: PositionScheme) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -78,13 +80,23 @@ class Attention(nn.Module):
         self.positions = positions
         self.dropout = cfg.dropout
         self.sdpa_kwargs = {"enable_gqa": True} if cfg.n_kv_heads != cfg.n_heads else {}
+        self.qkv_sizes = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_decode is None or torch.is_grad_enabled():
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = decode_mm(x, self.qkv_decode).split(self.qkv_sizes, -1)  # one product for the three
+        if self.q_proj.bias is None:
+            return q, k, v
+        return q + self.q_proj.bias, k + self.k_proj.bias, v + self.v_proj.bias
 
     def forward(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
         """rope: the position scheme's `prepare(position_ids)`, computed once per forward pass."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.positions.rotate(q, k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)

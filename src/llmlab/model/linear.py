@@ -1,60 +1,51 @@
 """The model's linear layer: `nn.Linear` (same parameters, state-dict keys, and LoRA / HF compatibility)
-that can multiply by a transposed copy of its weight while generating on CPU.
-
-Decoding multiplies one row per sequence by every weight matrix. On CPU the BLAS computes
-`x @ W.T` with W stored (out, in) for so few rows markedly slower than `x @ Wt` with Wt stored
-(in, out), contiguous (about 2x per matrix on this project's 2-core AMD machine, see
-`bench/generation.py`). `decode_weights(model)` holds such copies for the duration of one generation
-call, so decoding reads the fast layout; it costs one extra copy of the linear weights while it runs
-and is never used with gradients enabled, so training and everything outside generation see plain
-`nn.Linear`.
-
-The LM head stays a plain `nn.Linear` (the chunked loss in `llmlab.train.losses` takes its fused path
-only for exactly that type); its transposed copy lives on the transformer (`head_decode_weight`).
+that multiplies by a decode weight while generating on CPU (see `llmlab.model.decode`), and the two
+helpers that make and use decode weights.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ONE_THREAD_MAX_ROWS = 4  # on one thread, products with more rows than this go to F.linear
+
+
+def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks.
+    `torch.bmm` over the blocks reads the weight at close to memory bandwidth where MKL's one-row
+    product does not (see `llmlab.model.decode`)."""
+    P, n, K = w.shape
+    rows = x.reshape(-1, K)  # (R, in)
+    if rows.shape[0] > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1:
+        return F.linear(x, w.view(P * n, K))
+    y = torch.bmm(w, rows.t().expand(P, K, rows.shape[0]))  # (P, n, R)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
+
+
+def split_count(out_features: int, threads: int) -> int:
+    """Row blocks for a decode weight: one per thread, at least 2 (faster even on one thread)."""
+    for p in (max(2, threads), 4, 2):
+        if out_features % p == 0:
+            return p
+    return 1
+
+
+def pack(weights: list[torch.Tensor], threads: int) -> torch.Tensor:
+    """(out_i, in) weights -> the decode weight of their concatenated outputs, (P, out / P, in). A single
+    weight is only viewed (no copy); several are concatenated (one copy)."""
+    w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    P = split_count(w.shape[0], threads)
+    return w.view(P, w.shape[0] // P, w.shape[1])
+
 
 class Linear(nn.Linear):
-    decode_weight: torch.Tensor | None = None  # (in, out) contiguous copy, set by `decode_weights`
+    decode_weight: torch.Tensor | None = None  # set by `llmlab.model.decode.decode_weights` while decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.decode_weight
         if wt is None or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        y = x @ wt  # (..., out)
+        y = decode_mm(x, wt)
         return y if self.bias is None else y + self.bias
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-@contextlib.contextmanager
-def decode_weights(model: nn.Module) -> Iterator[None]:
-    """Within the block, every CPU `Linear` of `model` multiplies by a transposed copy of its weight
-    (taken on entry: do not change the weights inside the block). Freed on exit."""
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"]
-    # the head's copy bypasses lm_head.forward, so a head with hooks (user code, tests) keeps its module
-    heads = [m for m in model.modules() if hasattr(m, "head_decode_weight") and type(m.lm_head) is nn.Linear
-             and m.lm_head.weight.device.type == "cpu" and not _has_hooks(m.lm_head)]
-    try:
-        with torch.no_grad():
-            for m in layers:
-                m.decode_weight = m.weight.t().contiguous()
-            for m in heads:
-                m.head_decode_weight = m.lm_head.weight.t().contiguous()
-        yield
-    finally:
-        for m in layers:
-            m.decode_weight = None
-        for m in heads:
-            m.head_decode_weight = None

@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.config import ModelConfig
-from llmlab.model.linear import Linear
+from llmlab.model.linear import Linear, decode_mm
 
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x))."""
+
+    gate_up_decode: torch.Tensor | None = None  # gate/up weights fused for CPU decoding (llmlab.model.decode)
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
@@ -21,7 +23,10 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_decode is None or torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = decode_mm(x, self.gate_up_decode).chunk(2, -1)  # one product for the two
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MLP(nn.Module):

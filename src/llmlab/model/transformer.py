@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from llmlab.config import ModelConfig
 from llmlab.model.attention import Attention, AttentionMask, MaskSpec
 from llmlab.model.cache import KVCache
+from llmlab.model.linear import decode_mm
 from llmlab.model.mlp import build_mlp
 from llmlab.model.norms import build_norm
 from llmlab.model.positions import PositionScheme, build_positions
@@ -45,7 +46,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    head_decode_weight: torch.Tensor | None = None  # lm_head.weight transposed, only while generating on CPU
+    head_decode_weight: torch.Tensor | None = None  # lm_head's decode weight, only while decoding on CPU
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i, self.positions) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # exactly nn.Linear: see model.linear
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # exactly nn.Linear (the chunked loss's fused path)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_mask = AttentionMask(cfg, self.positions)
@@ -120,7 +121,7 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         if self.head_decode_weight is not None and not torch.is_grad_enabled():
-            return h @ self.head_decode_weight  # (B, T, V), see llmlab.model.linear.decode_weights
+            return decode_mm(h, self.head_decode_weight)  # (B, T, V), see llmlab.model.decode
         return self.lm_head(h)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:

@@ -1,0 +1,98 @@
+"""CPU decode weights (llmlab.model.decode): the same numbers as the plain forward, rebuilt when the
+weights change, freed when asked, never bypassing PEFT wrappers or hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import tiny_config
+
+from llmlab.generate import generate_tokens
+from llmlab.model import build_model
+from llmlab.model.decode import decode_weights
+from llmlab.model.linear import decode_mm, pack, split_count
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out", [96, 50, 7])
+def test_decode_mm_equals_linear(threads, rows, out):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ws = [torch.randn(out, 24), torch.randn(out // 2 + 1, 24)]
+        x = torch.randn(2, rows, 24)
+        w = pack(ws, threads)
+        assert w.shape[0] == split_count(sum(t.shape[0] for t in ws), threads)
+        torch.testing.assert_close(decode_mm(x, w), F.linear(x, torch.cat(ws)), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_single_weight_is_a_view_not_a_copy():
+    w = torch.randn(64, 16)
+    assert pack([w], 2).data_ptr() == w.data_ptr()
+    assert pack([w, w], 2).data_ptr() != w.data_ptr()
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_model(tiny_config(init_std=0.2, **kw)).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"activation": "gelu"}, {"n_kv_heads": 4}])
+def test_decode_logits_equal_plain_forward(kw):
+    m = _model(**kw)
+    ids = torch.randint(0, 128, (3, 9))
+    with torch.no_grad():
+        plain = m(ids)
+        with decode_weights(m):
+            assert m.layers[0].self_attn.qkv_decode is not None  # the fast path is really on
+            fast = m(ids)
+        assert m.layers[0].self_attn.qkv_decode is None  # and off again outside the block
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_reference(m, prompt, n):
+    """Greedy continuation through the plain (training) forward: gradients on, no cache, no decode path."""
+    ids = torch.tensor([prompt])
+    with torch.enable_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, m(ids)[:, -1:].argmax(-1)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_changed_weights_rebuild_the_cached_copies():
+    m = _model()
+    prompt = [1, 2, 3]
+    before = generate_tokens(m, [prompt], max_new_tokens=12, temperature=0).responses[0]
+    assert "qkv_decode" in m.layers[0].self_attn._decode_cache  # eval mode keeps the fused copies
+    with torch.no_grad():  # an in-place edit, as an optimizer step makes
+        for layer in m.layers:
+            layer.self_attn.k_proj.weight.mul_(-3.0)
+            layer.mlp.up_proj.weight.add_(0.3)
+    after = generate_tokens(m, [prompt], max_new_tokens=12, temperature=0).responses[0]
+    assert after != before
+    assert after == _greedy_reference(m, prompt, 12)
+
+
+def test_training_mode_frees_the_copies():
+    m = _model()
+    m.train()
+    generate_tokens(m, [[1, 2, 3]], max_new_tokens=10, temperature=0)
+    assert m.training
+    assert not m.layers[0].self_attn.__dict__.get("_decode_cache")
+    assert not m.layers[0].mlp.__dict__.get("_decode_cache")
+
+
+def test_hooks_on_fused_projections_still_fire():
+    m = _model()
+    prompt = [4, 5, 6]
+    free = generate_tokens(m, [prompt], max_new_tokens=10, temperature=0).responses[0]
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda mod, args, out: -out) for layer in m.layers]
+    hooks += [layer.mlp.gate_proj.register_forward_hook(lambda mod, args, out: out * 4) for layer in m.layers]
+    hooked = generate_tokens(m, [prompt], max_new_tokens=10, temperature=0).responses[0]
+    reference = _greedy_reference(m, prompt, 10)
+    for h in hooks:
+        h.remove()
+    assert hooked == reference
+    assert hooked != free
