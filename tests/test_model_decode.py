@@ -39,7 +39,9 @@ def _model(**kw):
     return build_model(tiny_config(init_std=0.2, **kw)).eval()
 
 
-@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"activation": "gelu"}, {"n_kv_heads": 4}])
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"activation": "gelu"}, {"n_kv_heads": 4},
+                                {"positional_encoding": "alibi"}, {"positional_encoding": "sinusoidal"},
+                                {"positional_encoding": "yarn", "rope_scaling_factor": 2.0}, {"sliding_window": 4}])
 def test_decode_logits_equal_plain_forward(kw):
     m = _model(**kw)
     ids = torch.randint(0, 128, (3, 9))

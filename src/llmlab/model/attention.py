@@ -66,7 +66,9 @@ class AttentionMask:
 
 
 class Attention(nn.Module):
-    qkv_decode: torch.Tensor | None = None  # q/k/v weights fused for CPU decoding (llmlab.model.decode)
+    # q/k/v weights (and biases) fused for CPU decoding, set only while decoding (llmlab.model.decode)
+    qkv_decode: torch.Tensor | None = None
+    qkv_decode_bias: torch.Tensor | None = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, positions: PositionScheme) -> None:
         super().__init__()
@@ -80,24 +82,29 @@ class Attention(nn.Module):
         self.positions = positions
         self.dropout = cfg.dropout
         self.sdpa_kwargs = {"enable_gqa": True} if cfg.n_kv_heads != cfg.n_heads else {}
-        self.qkv_sizes = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def heads(self, x: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), q and k rotated."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_decode is None or torch.is_grad_enabled():
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = decode_mm(x, self.qkv_decode).split(self.qkv_sizes, -1)  # one product for the three
-        if self.q_proj.bias is None:
-            return q, k, v
-        return q + self.q_proj.bias, k + self.k_proj.bias, v + self.v_proj.bias
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+            return self.positions.rotate(q, rope), self.positions.rotate(k, rope), v
+        # decoding: one product for q, k and v, one rotation for q and k together
+        y = decode_mm(x, self.qkv_decode)
+        if self.qkv_decode_bias is not None:
+            y = y + self.qkv_decode_bias
+        y = y.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+        qk, v = y.split([H + Hkv, Hkv], 1)
+        q, k = self.positions.rotate(qk, rope).split([H, Hkv], 1)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
         """rope: the position scheme's `prepare(position_ids)`, computed once per forward pass."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.positions.rotate(q, k, rope)
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
         attn_mask = mask.mask

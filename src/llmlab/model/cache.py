@@ -25,9 +25,10 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        kb, vb = self.k[layer], self.v[layer]
+        kb.narrow(2, self.length, k.shape[2]).copy_(k)
+        vb.narrow(2, self.length, v.shape[2]).copy_(v)
+        return kb.narrow(2, 0, end), vb.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -81,9 +81,13 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
                     cache.pop(attr, None)  # free the stale copy before making the new one
                     cache[attr] = (key, pack([s.weight for s in sources], threads))
                 setattr(module, attr, cache[attr][1])
+                if attr == "qkv_decode" and sources[0].bias is not None:
+                    module.qkv_decode_bias = torch.cat([s.bias for s in sources])
         yield
     finally:
         for module, attr, _ in targets:
             setattr(module, attr, None)
+            if attr == "qkv_decode":
+                module.qkv_decode_bias = None
             if not keep:
                 module.__dict__.get("_decode_cache", {}).pop(attr, None)

@@ -2,8 +2,9 @@
 the config string:
 
 - `embed(h, position_ids)`: what to add to the token embeddings (sinusoidal only);
-- `prepare(position_ids)` once per forward pass, then `rotate(q, k, prepared)` in every layer: how to
-  rotate queries and keys (rope, yarn: the cos/sin tables are computed once and shared by the layers);
+- `prepare(position_ids)` once per forward pass, then `rotate(x, prepared)` in every layer: how to
+  rotate queries and keys, (B, heads, T, head_dim) (rope, yarn: the cos/sin tables are computed once
+  and shared by the layers);
 - `score_bias(n_heads, q_slots, k_slots)`: an additive bias on attention scores (alibi), or None.
 
 RoPE follows the Llama "rotate_half" layout (first half / second half of each head), which is what
@@ -35,8 +36,8 @@ class PositionScheme(nn.Module):
         """What `rotate` needs, computed once per forward pass and shared by all layers."""
         return position_ids
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, prepared: Any):
-        return q, k
+    def rotate(self, x: torch.Tensor, prepared: Any) -> torch.Tensor:
+        return x
 
     def score_bias(self, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -80,12 +81,12 @@ class Rotary(PositionScheme):
             cos, sin = cos * self.attn_factor, sin * self.attn_factor
         return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]):
-        # q: (B, H, T, hd), k: (B, Hkv, T, hd); cos, signed_sin: (B, 1, T, hd)
+    def rotate(self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: (B, heads, T, hd); cos, signed_sin: (B, 1, T, hd)
         cos, sin = prepared
-        if cos.dtype != q.dtype:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x * cos + _swap_halves(x) * sin
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
