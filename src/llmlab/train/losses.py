@@ -93,15 +93,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = target[start:end]
                 valid = t != ignore_index  # (n,)
                 t_safe = torch.where(valid, t, torch.zeros_like(t))
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
                 picked = logits.gather(1, t_safe[:, None]).squeeze(1)
+                # one exp pass serves both the log-sum-exp and the softmax (in place on the fresh logits)
+                top = logits.amax(-1, keepdim=True)
+                e = logits.sub_(top).exp_()  # (n, V)
+                total = e.sum(-1)  # (n,)
+                lse = top.squeeze(1) + total.log()
                 loss += ((lse - picked) * valid).sum()
                 if grad_x is None and grad_w is None and grad_b is None:
                     continue
-                # d loss / d logits = softmax - onehot(target), zero on ignored rows; in place on logits
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(end - start, device=probs.device), t_safe] -= 1.0
-                probs *= valid[:, None]
+                # d loss / d logits = softmax - onehot(target), zero on ignored rows
+                keep = valid.to(acc)
+                probs = e.mul_((keep / total)[:, None])
+                probs[torch.arange(end - start, device=probs.device), t_safe] -= keep
                 g = probs.to(compute_dtype)
                 if grad_x is not None:
                     grad_x[start:end] = (g @ w).to(x.dtype)
