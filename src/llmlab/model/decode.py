@@ -30,13 +30,8 @@ import torch
 from torch import nn
 
 from llmlab.model.attention import Attention
-from llmlab.model.linear import Linear, pack
+from llmlab.model.linear import Linear, pack, plain
 from llmlab.model.mlp import GatedMLP
-
-
-def _plain(m: nn.Module) -> bool:
-    """Exactly our Linear, with no hooks (so bypassing its forward changes nothing)."""
-    return type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def _plain_head(m: nn.Module) -> bool:
@@ -48,10 +43,10 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
     out: list[tuple[nn.Module, str, list[nn.Module]]] = []
     fused: set[int] = set()
     for m in model.modules():
-        if isinstance(m, Attention) and all(map(_plain, (m.q_proj, m.k_proj, m.v_proj))):
+        if isinstance(m, Attention) and plain(m.q_proj, m.k_proj, m.v_proj):
             out.append((m, "qkv_decode", [m.q_proj, m.k_proj, m.v_proj]))
             fused.update(map(id, (m.q_proj, m.k_proj, m.v_proj)))
-        elif isinstance(m, GatedMLP) and all(map(_plain, (m.gate_proj, m.up_proj))):
+        elif isinstance(m, GatedMLP) and plain(m.gate_proj, m.up_proj):
             out.append((m, "gate_up_decode", [m.gate_proj, m.up_proj]))
             fused.update(map(id, (m.gate_proj, m.up_proj)))
         elif hasattr(m, "head_decode_weight") and _plain_head(m.lm_head):

@@ -45,6 +45,12 @@ def pack(weights: list[torch.Tensor], threads: int) -> torch.Tensor:
     return w.view(P, w.shape[0] // P, w.shape[1])
 
 
+def plain(*modules: nn.Module) -> bool:
+    """Exactly our Linear, with no hooks: computing its product elsewhere (fused with its siblings while
+    decoding) changes nothing. A PEFT-wrapped or hooked projection is never fused."""
+    return all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
 class Linear(nn.Linear):
     decode_weight: torch.Tensor | None = None  # set by `llmlab.model.decode.decode_weights` while decoding
 
