@@ -99,7 +99,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 
 STOP_CHECK_EVERY = 8  # steps between "has every sequence stopped?" checks (each one syncs with the host)
-DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with transposed weights
+DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with `decode_weights`
 
 
 @torch.no_grad()
@@ -124,10 +124,10 @@ def generate_tokens(
     preallocated buffers: positions are counted, not recomputed from the mask; without stop tokens
     nothing is checked; with them, "all stopped?" (a host sync) is asked every STOP_CHECK_EVERY steps
     (every step when streaming), and the result is cut where the last sequence stopped, as if asked
-    every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens decode with a second copy of
-    the linear weights laid out for one-row products (`llmlab.model.decode`: transposed, q/k/v and
-    gate/up fused, split across threads); a model in eval mode keeps that copy for its next call (until
-    its weights change), one in training mode (RL rollouts) frees it on return."""
+    every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens multiply through
+    `llmlab.model.decode` (each weight read in row blocks by `torch.bmm`; q/k/v and gate/up as one
+    concatenated copy each): a model in eval mode keeps those copies for its next call (until its
+    weights change), one in training mode (RL rollouts) frees them on return."""
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
