@@ -81,7 +81,7 @@ def main() -> None:
     if "generation" in only:
         import generation
 
-        part("generation", lambda: generation.run(a.quick))
+        part("generation", lambda: generation.run(a.quick, compile_=True))
     if "loader" in only:
         import loader
 

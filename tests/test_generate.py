@@ -74,3 +74,25 @@ def test_forward_hooks_on_lm_head_fire_during_cached_generation():
     out = generate_tokens(m, [[1, 2, 3]], max_new_tokens=10, temperature=0).responses[0]
     handle.remove()
     assert out == [7] * 10
+
+
+@pytest.mark.parametrize("pe,window", [("rope", None), ("alibi", None), ("sinusoidal", None), ("rope", 4),
+                                       ("yarn", None)])
+def test_static_cache_steps_equal_the_growing_cache(pe, window, monkeypatch):
+    """compile=True's static cache (whole-buffer attention, unfilled slots masked, fill level a tensor),
+    run eagerly: the same tokens as the growing cache, left padding and sliding windows included."""
+    m = _m(positional_encoding=pe, sliding_window=window, rope_scaling_factor=2.0 if pe == "yarn" else 1.0)
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4], [11, 12, 13, 14]]
+    plain = generate_tokens(m, prompts, max_new_tokens=12, temperature=0).responses
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    static = generate_tokens(m, prompts, max_new_tokens=12, temperature=0, compile=True).responses
+    assert static == plain
+
+
+def test_compiled_generation_equals_eager():
+    m = _m()
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4]]
+    eager = generate_tokens(m, prompts, max_new_tokens=10, temperature=0)
+    compiled = generate_tokens(m, prompts, max_new_tokens=10, temperature=0, compile=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert compiled.responses == eager.responses

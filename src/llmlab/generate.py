@@ -18,6 +18,7 @@ from torch import nn
 
 from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
+from llmlab.model.cache import StaticKVCache
 from llmlab.model.decode import decode_weights
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Batched sampling. `prompts`: a (B, T) tensor or lists of token ids (different lengths are left-padded).
     Stops per sequence at any id in `eos_token_id`; bounded by max_new_tokens and the model's max_seq_len
@@ -127,7 +129,12 @@ def generate_tokens(
     every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens multiply through
     `llmlab.model.decode` (each weight read in row blocks by `torch.bmm`; q/k/v and gate/up as one
     concatenated copy each): a model in eval mode keeps those copies for its next call (until its
-    weights change), one in training mode (RL rollouts) frees them on return."""
+    weights change), one in training mode (RL rollouts) frees them on return.
+
+    compile=True runs the decode steps through `torch.compile` over a `StaticKVCache`: every step has
+    the same shapes, the cache length is marked dynamic, so one compiled step serves every prompt and
+    output length of a batch size and is reused by later calls; the prefill stays eager. Worth it for
+    long or repeated generation: the first call pays the compilation (10-20 s on this 2-core CPU)."""
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
@@ -149,17 +156,31 @@ def generate_tokens(
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
         next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1): position of each row's first new token
-        cache = base_transformer(model).new_cache(P + N) if use_cache else None
+        step_model = model
+        if compile and use_cache:  # the decode steps compiled, over a static cache
+            cache = StaticKVCache(cfg.n_layers, P + N, device)
+            step_model = torch.compile(model)
+        else:
+            cache = base_transformer(model).new_cache(P + N) if use_cache else None
+
+        def padding(upto: int) -> torch.Tensor | None:  # key padding for attention over `upto` slots
+            return None if mask is None else mask if isinstance(cache, StaticKVCache) else mask[:, :upto]
+
         n_out = N
         fast = decode_weights(model, keep=not was_training) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
         with fast, autocast(device):
             for t in range(N):
                 if use_cache and t > 0:
-                    logits = model(seq[:, P + t - 1 : P + t], attention_mask=None if mask is None else mask[:, : P + t],
-                                   position_ids=next_pos + (t - 1), cache=cache, last_only=True)
+                    if t == 1 and step_model is not model:  # any cache length, one compiled step
+                        cache.mark_dynamic()
+                        if mask is not None:
+                            torch._dynamo.mark_dynamic(mask, 1)
+                    # a fresh (B, 1) column: the same strides whatever the buffer's length
+                    logits = step_model(seq[:, P + t - 1 : P + t].clone(memory_format=torch.contiguous_format),
+                                        attention_mask=padding(P + t),
+                                        position_ids=next_pos + (t - 1), cache=cache, last_only=True)
                 else:  # the prefill, or the whole sequence again without a cache
-                    logits = model(seq[:, : P + t], attention_mask=None if mask is None else mask[:, : P + t],
-                                   cache=cache, last_only=True)
+                    logits = model(seq[:, : P + t], attention_mask=padding(P + t), cache=cache, last_only=True)
                 nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
                 if stop is not None:
                     nxt = nxt.masked_fill(finished, pad)

@@ -50,12 +50,24 @@ class AttentionMask:
                 return MaskSpec(allowed, is_causal=False)
         q_slots = torch.arange(past, k_len, device=device)
         k_slots = torch.arange(k_len, device=device)
+        return self.explicit(q_slots, k_slots, None if key_padding is None else key_padding[:, :k_len])
+
+    def static(self, q_len: int, past: torch.Tensor, key_padding: torch.Tensor | None, slots: int, device) -> MaskSpec:
+        """For a `StaticKVCache`: queries at slots past .. past + q_len - 1 (past a 0-d tensor) against
+        all `slots` keys of the buffer, unfilled ones masked. Same shapes at every step."""
+        q_slots = past + torch.arange(q_len, device=device)
+        k_slots = torch.arange(slots, device=device)
+        return self.explicit(q_slots, k_slots, None if key_padding is None else key_padding[:, :slots])
+
+    def explicit(self, q_slots: torch.Tensor, k_slots: torch.Tensor, key_padding: torch.Tensor | None) -> MaskSpec:
+        """Causal (and windowed) mask of these query slots over these key slots, with padding and any
+        score bias."""
         allowed = k_slots[None, :] <= q_slots[:, None]  # (Tq, Tk)
         if self.window is not None:
             allowed = allowed & (q_slots[:, None] - k_slots[None, :] < self.window)
         allowed = allowed[None, None]  # (1, 1, Tq, Tk)
         if key_padding is not None:
-            allowed = allowed & key_padding[:, None, None, :k_len].bool()
+            allowed = allowed & key_padding[:, None, None, :].bool()
             # a padding query would see nothing (NaN softmax): let every query see its own slot
             allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None, None]
         bias = self.positions.score_bias(q_slots, k_slots)

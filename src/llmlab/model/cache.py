@@ -1,7 +1,13 @@
-"""A static key/value cache for generation: one preallocated buffer per layer, filled left to right.
+"""Key/value caches for generation: one preallocated buffer per layer, filled left to right.
 
 Slots are shared by the whole batch (prompts are left-padded), so causality and sliding windows are
 slot arithmetic; padding is masked through the attention mask the generation engine keeps.
+
+`KVCache` counts its fill level in Python and hands attention the filled prefix (the least work, eager).
+`StaticKVCache` keeps the fill level in a 0-d tensor and hands attention the whole buffer with unfilled
+slots masked: no shape and no Python number changes from one decode step to the next, so a
+`torch.compile`d step is traced once (`generate_tokens(..., compile=True)`); `mark_dynamic()` lets that
+one trace serve buffers of any length.
 """
 
 from __future__ import annotations
@@ -33,8 +39,45 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def attention_mask(self, builder, q_len: int, key_padding: torch.Tensor | None, device):
+        """The mask for q_len new queries (`builder`: the model's `AttentionMask`)."""
+        return builder(q_len, self.length, key_padding, device)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (drop finished sequences)."""
         for i, (k, v) in enumerate(zip(self.k, self.v)):
             if k is not None:
                 self.k[i], self.v[i] = k[index], v[index]
+
+
+class StaticKVCache(KVCache):
+    """Whole-buffer attention, fill level as a tensor (see the module docstring). `key_padding` given to
+    the model must then cover all `max_len` slots."""
+
+    def __init__(self, n_layers: int, max_len: int, device=None) -> None:
+        super().__init__(n_layers, max_len)
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # filled slots, a 0-d tensor
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, T, hd) at slots [length, length+T); return the whole buffers."""
+        if self.k[layer] is None:  # zeros: unfilled slots are read (and masked), never garbage
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        slots = self.length + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        self.length.add_(n)
+
+    def mark_dynamic(self) -> None:
+        """Tell torch.compile the buffers' length varies between calls (after the prefill allocated them)."""
+        for buf in self.k + self.v:
+            if buf is not None:
+                torch._dynamo.mark_dynamic(buf, 2)
+
+    def attention_mask(self, builder, q_len: int, key_padding: torch.Tensor | None, device):
+        slots = self.max_len if self.k[0] is None else self.k[0].shape[2]  # the buffer's own (maybe symbolic) size
+        return builder.static(q_len, self.length, key_padding, slots, device)

@@ -68,7 +68,7 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
     threads = torch.get_num_threads()
     targets = _targets(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # plain tensors, reusable in any mode
             for module, attr, sources in targets:
                 cache = module.__dict__.setdefault("_decode_cache", {})
                 key = _key(sources, threads)
@@ -76,8 +76,9 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
                     cache.pop(attr, None)  # free the stale copy before making the new one
                     cache[attr] = (key, pack([s.weight for s in sources], threads))
                 setattr(module, attr, cache[attr][1])
-                if attr == "qkv_decode" and sources[0].bias is not None:
-                    module.qkv_decode_bias = torch.cat([s.bias for s in sources])
+                if attr == "qkv_decode":  # set even when None: the same instance state at every call
+                    has_bias = sources[0].bias is not None
+                    module.qkv_decode_bias = torch.cat([s.bias for s in sources]) if has_bias else None
         yield
     finally:
         for module, attr, _ in targets:

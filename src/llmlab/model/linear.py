@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONE_THREAD_MAX_ROWS = 4  # on one thread, products with more rows than this go to F.linear
-
 
 def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks.
@@ -23,8 +21,6 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if R == 1 and x.stride(-1) == 1:  # the decode step at batch 1: views only around the product
         y = torch.bmm(w, x.as_strided((P, K, 1), (0, 1, K)))  # (P, n, 1): the output's memory order
         return y.view(*x.shape[:-1], P * n)
-    if R > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1:
-        return F.linear(x, w.view(P * n, K))
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
 

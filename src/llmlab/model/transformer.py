@@ -97,13 +97,16 @@ class Transformer(nn.Module):
         losses). last_only: logits for the last position only (B, 1, V) (generation prefill).
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None else 0  # an int, or a 0-d tensor (StaticKVCache)
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).narrow(1, past, T)
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = self.attention_mask(T, past, attention_mask, input_ids.device)
+                position_ids = (torch.arange(T, device=input_ids.device) + past).expand(B, T)
+        if cache is not None:
+            mask = cache.attention_mask(self.attention_mask, T, attention_mask, input_ids.device)
+        else:
+            mask = self.attention_mask(T, 0, attention_mask, input_ids.device)
         h = self.positions.embed(self.embed_tokens(input_ids), position_ids)  # (B, T, D)
         if self.config.dropout > 0:
             h = self.embed_dropout(h)
