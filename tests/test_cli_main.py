@@ -147,6 +147,20 @@ def test_generate_greedy_matches_the_engine_and_uses_raw_text_for_base_models(ch
     assert out == tok.decode(new, skip_special_tokens=True) + "\n"
 
 
+def test_generate_compile_flag_compiles_and_gives_the_same_greedy_text(checkpoints, capsys, monkeypatch):
+    root, _, _ = checkpoints
+    args = ["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be, or not", "--temperature", "0",
+            "--max-new-tokens", "12"]
+    code, eager, _ = run(args, capsys)
+    compiled_models = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled_models.append(model) or real_compile(model, **kw))
+    code_c, compiled, _ = run(args + ["--compile"], capsys)
+    assert code == code_c == 0
+    assert len(compiled_models) == 1
+    assert compiled == eager and eager.strip()
+
+
 def test_sft_checkpoints_chat_through_the_template_and_keep_history(checkpoints):
     root, _, tok = checkpoints
     session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=5))

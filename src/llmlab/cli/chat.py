@@ -34,6 +34,7 @@ class Settings:
     top_p: float = 0.9
     top_k: int = 0
     max_new_tokens: int = 256
+    compile: bool = False  # decode steps through torch.compile (generate_tokens(compile=True))
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -47,7 +48,7 @@ class Settings:
 
 
 def settings_from_args(args: Any) -> Settings:
-    return Settings(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    return Settings(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.compile)
 
 
 class StreamDecoder:
@@ -171,7 +172,7 @@ class ChatSession:
             generate_tokens(self.model, [self.prompt_ids(user_text)], max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                             eos_token_id=sorted(stops) or None, pad_token_id=self.tokenizer.pad_token_id,
-                            generator=generator, on_tokens=on_tokens)
+                            generator=generator, on_tokens=on_tokens, compile=s.compile)
         except KeyboardInterrupt:
             if stream is not None:
                 stream.write(" [stopped]")

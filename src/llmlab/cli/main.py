@@ -236,6 +236,8 @@ def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:
     p.add_argument("--system", help="system message in chat mode")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (pays 10-30 s once, then faster tokens)")
 
 
 def _args_merge(p: argparse.ArgumentParser) -> None:
