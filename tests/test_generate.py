@@ -1,5 +1,7 @@
 """Generation: cached greedy equals uncached greedy; batched equals one at a time; samplers."""
 
+import shutil
+
 import pytest
 import torch
 from tests.conftest import tiny_config
@@ -89,6 +91,18 @@ def test_static_cache_steps_equal_the_growing_cache(pe, window, monkeypatch):
     assert static == plain
 
 
+def test_compile_without_a_compiler_is_a_one_line_error(monkeypatch):
+    from llmlab.errors import ConfigError
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="compile: torch.compile on CPU needs a C/C.. compiler"):
+        generate_tokens(_m(), [[1, 2]], max_new_tokens=8, temperature=0, compile=True)
+
+
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_generation_equals_eager():
     m = _m()
     prompts = [[5, 6, 7, 8, 9, 10], [3, 4]]

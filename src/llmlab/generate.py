@@ -9,6 +9,7 @@ are thin layers over `generate_tokens`.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 
 from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
+from llmlab.errors import ConfigError
 from llmlab.model.cache import StaticKVCache
 from llmlab.model.decode import decode_weights
 
@@ -99,6 +101,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels: fail early, in one line, when no compiler is there."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cc", "gcc", "clang")):
+        raise ConfigError("compile: torch.compile on CPU needs a C/C++ compiler (install g++ or clang), "
+                          "or generate without --compile")
+
+
 STOP_CHECK_EVERY = 8  # steps between "has every sequence stopped?" checks (each one syncs with the host)
 DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with `decode_weights`
 
@@ -158,6 +167,7 @@ def generate_tokens(
         next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1): position of each row's first new token
         step_model = model
         if compile and use_cache:  # the decode steps compiled, over a static cache
+            check_compiler(device)
             cache = StaticKVCache(cfg.n_layers, P + N, device)
             step_model = torch.compile(model)
         else:
