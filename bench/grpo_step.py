@@ -46,17 +46,24 @@ def run(quick: bool = False) -> dict[str, Any]:
         return generate_tokens(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
                                generator=torch.Generator().manual_seed(0))
 
+    def batched_compiled():  # compile=True, as `compile: true` makes RLHF sample (the warm-up round compiles)
+        return generate_tokens(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
+                               generator=torch.Generator().manual_seed(0), compile=True)
+
     def one_at_a_time():
         g = torch.Generator().manual_seed(0)
         return [generate_tokens(policy, [r], max_new_tokens=NEW, temperature=1.0, top_p=1.0, generator=g) for r in rows]
 
-    times = common.interleaved({"batched": batched, "loop": one_at_a_time}, repeats)
-    b, loop = (n_tokens / common.median(times[k]) for k in ("batched", "loop"))
+    times = common.interleaved({"batched": batched, "batched_compiled": batched_compiled, "loop": one_at_a_time},
+                               repeats)
+    b, bc, loop = (n_tokens / common.median(times[k]) for k in ("batched", "batched_compiled", "loop"))
     out: dict[str, Any] = {
         "bench": "grpo_step", "prompts": PROMPTS, "group_size": GROUP, "sequences": len(rows), "new_tokens": NEW,
         "vocab_size": cfg.vocab_size, "repeats": repeats,
-        "rollout_tokens_per_s": {"batched": round(b, 1), "one_at_a_time": round(loop, 1)},
+        "rollout_tokens_per_s": {"batched": round(b, 1), "batched_compiled": round(bc, 1),
+                                 "one_at_a_time": round(loop, 1)},
         "batched_speedup": round(b / loop, 2),
+        "compiled_vs_eager": round(bc / b, 2),
     }
     out["grpo_step_split_s"] = grpo_split(policy, tok, examples, repeats)
     return out

@@ -5,6 +5,7 @@ SIGTERM during a rollout saves latest/ so that the resumed LoRA run repeats the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -123,3 +124,15 @@ def test_sigterm_during_rollout_saves_and_lora_resume_is_exact(policy_dir, rewar
     final = read_checkpoint(tmp_path / "part" / "best")  # save_best_only: the final evaluation wrote best/
     assert final.trainer_state()["step"] == 4 and final.has_adapter
     assert all(torch.equal(start[k], v) for k, v in final.state_dict().items())  # base weights bit-identical
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="needs a C++ compiler")
+def test_compile_samples_rollouts_through_the_compiled_decoder(policy_dir, reward_file, tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or real_compile(model, **kw))
+    run_rlhf(_cfg(policy_dir, reward_file, tmp_path, compile=True, max_steps=4, eval_every=4), progress=False)
+    assert len(compiled) >= 5  # 4 rollouts and the greedy evaluation
+    logged = [r for r in read_metrics(tmp_path) if "reward" in r]
+    assert logged and all(0 <= r["reward"] <= 1 for r in logged)
+    assert (tmp_path / "best" / "config.json").is_file()

@@ -109,7 +109,8 @@ class GRPOStage:
         rollout = generate_rollout(
             s.policy, [ex["prompt_ids"] for ex in examples for _ in range(G)], max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.grpo_temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=s.stop_ids,
-            pad_id=s.pad_id, generator=s.sample_gen, reference=s.reference, on_tokens=s.on_tokens)
+            pad_id=s.pad_id, generator=s.sample_gen, reference=s.reference, on_tokens=s.on_tokens,
+            compile=cfg.compile)
         rewards, _ = score_rollout(self.reward_fn, s.tokenizer, examples, rollout, s.stop_ids, repeat=G)
         s.policy.train()
         metrics = grpo_update(s.policy, self.optimizer, rollout, rewards, group_size=G, clip_range=cfg.clip_range,

@@ -143,7 +143,8 @@ class PPOStage:
         rollout = generate_rollout(
             s.policy, [ex["prompt_ids"] for ex in examples], max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=s.stop_ids, pad_id=s.pad_id,
-            generator=s.sample_gen, reference=s.reference, value_head=self.value_head, on_tokens=s.on_tokens)
+            generator=s.sample_gen, reference=s.reference, value_head=self.value_head, on_tokens=s.on_tokens,
+            compile=cfg.compile)
         scores, _ = score_rollout(self.reward_fn, s.tokenizer, examples, rollout, s.stop_ids)
         kl_coef = self.kl_ctl.value
         advantages, returns, info = ppo_advantages(rollout, scores, kl_coef=kl_coef, gamma=cfg.gamma,

@@ -216,12 +216,14 @@ def generate_rollout(
     reference: Reference | None = None,
     value_head: nn.Module | None = None,
     on_tokens: Callable[[Tensor], None] | None = None,
+    compile: bool = False,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups) and score the sampled tokens: policy
     log-probs (and values) in one batched forward pass, reference log-probs in another.
 
     Without a reference, `ref_logprobs` is a copy of `logprobs` (zero KL). `on_tokens(next_ids)` is
     called after every generated column (an exception raised there abandons the rollout, e.g. on Ctrl-C).
+    compile: sample through `generate_tokens(compile=True)`.
     """
     if any(len(p) == 0 for p in prompt_ids):
         raise DataError("rollout: an empty prompt; every prompt needs at least one token")
@@ -229,7 +231,7 @@ def generate_rollout(
     out = generate_tokens(policy, [list(p) for p in prompt_ids], max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_token_id=list(stop_ids) or None, pad_token_id=pad_id, generator=generator,
-                          on_tokens=on_tokens)
+                          on_tokens=on_tokens, compile=compile)
     sequences, P = out.sequences, out.prompt_len
     response_mask = out.response_mask.float()
     mask = forward_mask(out.prompt_mask, response_mask.shape[1])
@@ -381,13 +383,14 @@ def rollout_stats(rollout: Rollout) -> dict[str, float]:
 @torch.no_grad()
 def greedy_reward(policy: nn.Module, tokenizer: Any, reward_fn: Callable[..., Sequence[float]],
                   batches: Sequence[Sequence[dict[str, Any]]], *, max_new_tokens: int, stop_ids: Sequence[int],
-                  pad_id: int) -> dict[str, Any]:
+                  pad_id: int, compile: bool = False) -> dict[str, Any]:
     """Mean reward of greedy responses to held-out prompt batches (deterministic, so evaluations of
     one run compare), plus one example completion."""
     total, count, example = 0.0, 0, None
     for examples in batches:
         out = generate_tokens(policy, [ex["prompt_ids"] for ex in examples], max_new_tokens=max_new_tokens,
-                              temperature=0.0, eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
+                              temperature=0.0, eos_token_id=list(stop_ids) or None, pad_token_id=pad_id,
+                              compile=compile)
         completions = decode_responses(tokenizer, out.responses, stop_ids)
         prompts, columns = reward_columns(examples)
         values = [float(v) for v in reward_fn(prompts, completions, **columns)]

@@ -39,6 +39,7 @@ from torch import nn
 from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
 from llmlab.config import RLHFConfig
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
+from llmlab.generate import check_compiler
 from llmlab.optim import set_lr
 from llmlab.rlhf.rollout import Reference, build_reference, greedy_reward, prompt_budget
 from llmlab.train.loop import (
@@ -111,7 +112,7 @@ class Session:
         if not batches:
             return {}
         return greedy_reward(self.policy, self.tokenizer, reward_fn, batches, max_new_tokens=self.cfg.max_new_tokens,
-                             stop_ids=self.stop_ids, pad_id=self.pad_id)
+                             stop_ids=self.stop_ids, pad_id=self.pad_id, compile=self.cfg.compile)
 
 
 def _stage_class(algorithm: str) -> type:
@@ -246,7 +247,13 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                       sample_gen=sample_gen, shuffle_gen=shuffle_gen, notice=messages.append)
     stage = _stage_class(cfg.algorithm)(session)
     if cfg.compile:
-        messages.append("rlhf: compile is ignored (rollout shapes change every step)")
+        if cfg.algorithm == "dpo":
+            messages.append("rlhf: compile has no effect on dpo (it generates nothing; its forward shapes "
+                            "change every step)")
+        else:
+            check_compiler(device)
+            messages.append("rlhf: compile applies to generation (rollouts, greedy evaluation); the update "
+                            "runs eager (its shapes change every step)")
 
     step, best, nan_skips = 0, None, 0
     if resume_dir is not None:
