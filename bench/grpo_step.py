@@ -77,7 +77,7 @@ def grpo_split(policy, tok, examples, repeats: int) -> dict[str, Any]:
     except ImportError as e:
         return {"skipped": f"llmlab.rlhf.grpo not available ({e})"}
     reference = build_reference(policy)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, fused=True)
     rows = [ex["prompt_ids"] for ex in examples for _ in range(GROUP)]
 
     def reward_fn(prompts, completions, **columns):  # cheap and deterministic: favours longer words

@@ -165,7 +165,30 @@ def test_adamw_uses_cfg_betas_and_a_fast_path():
     opt = build_optimizer(TinyLM(), make_cfg(adamw_beta1=0.8, adamw_beta2=0.95, adamw_eps=1e-6))
     assert isinstance(opt, torch.optim.AdamW)
     g = opt.param_groups[0]
-    assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["foreach"] is True  # CPU: foreach
+    assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["fused"] is True  # CPU has the fused kernel
+
+
+def test_fused_adamw_steps_like_the_reference_implementation():
+    """The fused kernel takes the same steps as torch's single-tensor AdamW (decay and no-decay groups)."""
+    torch.manual_seed(0)
+    fast_model, slow_model = TinyLM(), TinyLM()
+    slow_model.load_state_dict(fast_model.state_dict())
+    start = [p.detach().clone() for p in fast_model.parameters()]
+    fast = build_optimizer(fast_model, make_cfg(adamw_beta1=0.8, adamw_beta2=0.95, weight_decay=0.1))
+    slow_params = dict(slow_model.named_parameters())
+    fast_names = {id(p): n for n, p in fast_model.named_parameters()}
+    slow = torch.optim.AdamW([{"params": [slow_params[fast_names[id(p)]] for p in g["params"]], "lr": g["lr"],
+                               "weight_decay": g["weight_decay"]} for g in fast.param_groups],
+                             betas=(0.8, 0.95), eps=fast.defaults["eps"], foreach=False)
+    for seed in range(3):
+        x, y = batch(seed)
+        for model, opt in ((fast_model, fast), (slow_model, slow)):
+            opt.zero_grad()
+            lm_loss(model, x, y).backward()
+            opt.step()
+    for (name, a), b, s0 in zip(fast_model.named_parameters(), slow_model.parameters(), start):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(a, s0), name  # every parameter moved
 
 
 def test_adafactor_follows_the_external_lr():
