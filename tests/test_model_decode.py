@@ -86,6 +86,18 @@ def test_training_mode_frees_the_copies():
     assert not m.layers[0].mlp.__dict__.get("_decode_cache")
 
 
+def test_copies_over_the_size_cap_are_not_kept(monkeypatch):
+    import llmlab.model.decode as decode
+
+    m = _model()
+    monkeypatch.setattr(decode, "KEEP_MAX_BYTES", 1000)  # the tiny model's fused copies are larger than this
+    generate_tokens(m, [[1, 2, 3]], max_new_tokens=10, temperature=0)
+    assert not m.layers[0].self_attn.__dict__.get("_decode_cache")
+    monkeypatch.setattr(decode, "KEEP_MAX_BYTES", 1 << 30)
+    generate_tokens(m, [[1, 2, 3]], max_new_tokens=10, temperature=0)
+    assert "qkv_decode" in m.layers[0].self_attn._decode_cache
+
+
 def test_hooks_on_fused_projections_still_fire():
     m = _model()
     prompt = [4, 5, 6]

@@ -16,7 +16,9 @@ call, what each module multiplies by:
 The concatenated copies are cached on the modules and reused while the source parameters are unchanged
 (same storage, same in-place version counter): an optimizer step, `load_state_dict` or any in-place edit
 makes the next call rebuild them. `keep=False` frees them on exit (generation from a model in training
-mode, e.g. RL rollouts, whose weights change after every rollout). A module wrapped by PEFT or carrying
+mode, e.g. RL rollouts, whose weights change after every rollout), and so does a model whose copies
+exceed KEEP_MAX_BYTES (a large model's fused copies are a lot of memory to hold between replies, and
+rebuilding them is small next to its generation time). A module wrapped by PEFT or carrying
 forward hooks is never fused or bypassed: it runs its own forward (its plain base `Linear` still gets the
 fast path). Never used with gradients enabled or off CPU.
 """
@@ -61,10 +63,14 @@ def _key(sources: list[nn.Module], threads: int) -> tuple:
     return (threads,) + tuple((s.weight.data_ptr(), s.weight._version, tuple(s.weight.shape)) for s in sources)
 
 
+KEEP_MAX_BYTES = 1 << 30  # fused copies larger than this are freed after each call even when keep=True
+
+
 @contextlib.contextmanager
 def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
     """Within the block, CPU decoding of `model` reads the decode weights (built or reused on entry: do
-    not change the weights inside the block). keep=False frees the cached copies on exit."""
+    not change the weights inside the block). keep=False (or copies over KEEP_MAX_BYTES) frees the
+    cached copies on exit."""
     threads = torch.get_num_threads()
     targets = _targets(model)
     try:
@@ -79,6 +85,8 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
                 if attr == "qkv_decode":  # set even when None: the same instance state at every call
                     has_bias = sources[0].bias is not None
                     module.qkv_decode_bias = torch.cat([s.bias for s in sources]) if has_bias else None
+        copies = sum(module._decode_cache[attr][1].nbytes for module, attr, sources in targets if len(sources) > 1)
+        keep = keep and copies <= KEEP_MAX_BYTES
         yield
     finally:
         for module, attr, _ in targets:
