@@ -103,10 +103,13 @@ HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_generation_equals_eager():
+def test_compiled_generation_equals_eager(monkeypatch):
     m = _m()
     prompts = [[5, 6, 7, 8, 9, 10], [3, 4]]
     eager = generate_tokens(m, prompts, max_new_tokens=10, temperature=0)
+    compiled_models, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled_models.append(model) or real_compile(model, **kw))
     compiled = generate_tokens(m, prompts, max_new_tokens=10, temperature=0, compile=True)
+    assert compiled_models == [m]  # the decode steps really went through torch.compile
     assert torch.equal(compiled.sequences, eager.sequences)
     assert compiled.responses == eager.responses

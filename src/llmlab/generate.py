@@ -165,8 +165,9 @@ def generate_tokens(
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
         next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1): position of each row's first new token
+        static = compile and use_cache  # the decode steps compiled, over a static cache
         step_model = model
-        if compile and use_cache:  # the decode steps compiled, over a static cache
+        if static:
             check_compiler(device)
             cache = StaticKVCache(cfg.n_layers, P + N, device)
             step_model = torch.compile(model)
@@ -174,14 +175,14 @@ def generate_tokens(
             cache = base_transformer(model).new_cache(P + N) if use_cache else None
 
         def padding(upto: int) -> torch.Tensor | None:  # key padding for attention over `upto` slots
-            return None if mask is None else mask if isinstance(cache, StaticKVCache) else mask[:, :upto]
+            return None if mask is None else mask if static else mask[:, :upto]
 
         n_out = N
         fast = decode_weights(model, keep=not was_training) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
         with fast, autocast(device):
             for t in range(N):
                 if use_cache and t > 0:
-                    if t == 1 and step_model is not model:  # any cache length, one compiled step
+                    if t == 1 and static:  # any cache length, one compiled step
                         cache.mark_dynamic()
                         if mask is not None:
                             torch._dynamo.mark_dynamic(mask, 1)

@@ -36,10 +36,6 @@ from llmlab.model.linear import Linear, pack, plain
 from llmlab.model.mlp import GatedMLP
 
 
-def _plain_head(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-
-
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
     """(module, attribute to set, source linears) for every decode weight of `model`."""
     out: list[tuple[nn.Module, str, list[nn.Module]]] = []
@@ -51,7 +47,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
         elif isinstance(m, GatedMLP) and plain(m.gate_proj, m.up_proj):
             out.append((m, "gate_up_decode", [m.gate_proj, m.up_proj]))
             fused.update(map(id, (m.gate_proj, m.up_proj)))
-        elif hasattr(m, "head_decode_weight") and _plain_head(m.lm_head):
+        elif hasattr(m, "head_decode_weight") and plain(m.lm_head, kind=nn.Linear):
             out.append((m, "head_decode_weight", [m.lm_head]))
     for m in model.modules():
         if isinstance(m, Linear) and id(m) not in fused:

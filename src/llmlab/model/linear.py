@@ -41,10 +41,11 @@ def pack(weights: list[torch.Tensor], threads: int) -> torch.Tensor:
     return w.view(P, w.shape[0] // P, w.shape[1])
 
 
-def plain(*modules: nn.Module) -> bool:
-    """Exactly our Linear, with no hooks: computing its product elsewhere (fused with its siblings while
-    decoding) changes nothing. A PEFT-wrapped or hooked projection is never fused."""
-    return all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+def plain(*modules: nn.Module, kind: type | None = None) -> bool:
+    """Exactly `kind` (default: our Linear), with no hooks: computing its product elsewhere (fused with
+    its siblings while decoding) changes nothing. A PEFT-wrapped or hooked projection is never fused."""
+    kind = kind or Linear
+    return all(type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
 class Linear(nn.Linear):
