@@ -16,6 +16,7 @@ from torch import nn
 
 from llmlab.config import ModelConfig
 from llmlab.model.cache import KVCache
+from llmlab.model.causal_blocks import block_causal_attention, levels_for
 from llmlab.model.linear import Linear, decode_mm
 from llmlab.model.positions import PositionScheme
 
@@ -26,6 +27,7 @@ class MaskSpec:
 
     mask: torch.Tensor | None  # bool (B|1, 1, Tq, Tk) or float (B|1, H|1, Tq, Tk)
     is_causal: bool
+    blocks: int = 0  # plain causal on CPU: halvings for `block_causal_attention` when training (0: none)
 
 
 class AttentionMask:
@@ -41,7 +43,8 @@ class AttentionMask:
         k_len = past + q_len
         if not self.always_explicit:
             if key_padding is None and past == 0:
-                return MaskSpec(None, is_causal=q_len > 1)
+                blocks = levels_for(q_len) if torch.device(device).type == "cpu" else 0
+                return MaskSpec(None, is_causal=q_len > 1, blocks=blocks)
             if q_len == 1:  # one new query sees every filled slot: padding is the only mask
                 if key_padding is None:
                     return MaskSpec(None, is_causal=False)
@@ -119,11 +122,14 @@ class Attention(nn.Module):
         q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
-        attn_mask = mask.mask
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
-            dropout_p=self.dropout if self.training else 0.0, **self.sdpa_kwargs,
-        )  # (B, H, T, hd)
+        if mask.blocks and q.requires_grad and q.dtype == torch.float32 and not (self.training and self.dropout):
+            y = block_causal_attention(q, k, v, mask.blocks)  # CPU training: skips the masked half
+        else:
+            attn_mask = mask.mask
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
+                dropout_p=self.dropout if self.training else 0.0, **self.sdpa_kwargs,
+            )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
