@@ -101,18 +101,44 @@ def sync() -> None:
 def matmul_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> float:
     """This machine's practical matmul throughput (FLOP/s): the best of `repeats` n x n x n products
-    (the best, not the median: the peak is what the hardware can do when the neighbours let it)."""
+    (the best, not the median: the peak is what the hardware can do when the neighbours let it). On CPU
+    in fp32 the best of MKL (`a @ b`) and oneDNN (`llmlab.model.linear.matmul_t`, faster on this AMD
+    machine), so the MFU of a model using either stays a fraction of what the machine reaches."""
+    from llmlab.model.linear import matmul_t
+
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
+    products = [lambda: a @ b]
+    if device == "cpu" and dtype == torch.float32:
+        products.append(lambda: matmul_t(a, b))
     best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            product()
+            sync()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def gemm_gflops(shapes: list[tuple[int, int, int]], repeats: int = 9) -> dict[str, dict[str, float]]:
+    """fp32 CPU GFLOP/s of x (M, K) @ W (N, K)^T through MKL (`F.linear`) and through oneDNN
+    (`llmlab.model.linear.matmul_t`), interleaved medians, per "MxKxN"."""
+    import torch.nn.functional as F
+
+    from llmlab.model.linear import matmul_t, onednn_ready
+
+    out: dict[str, dict[str, float]] = {}
+    for M, K, N in shapes:
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        fns = {"mkl": lambda x=x, w=w: F.linear(x, w)}
+        if onednn_ready():
+            fns["onednn"] = lambda x=x, w=w: matmul_t(x, w)
+        times = interleaved(fns, repeats)
+        out[f"{M}x{K}x{N}"] = {k: round(2 * M * K * N / median(v) / 1e9, 1) for k, v in times.items()}
+    return out
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -7,7 +7,9 @@ activation checkpointing, and their peak memory.
 
 Tokens/s counts the batch's tokens (batch x seq) per optimizer step (zero_grad, forward, loss, backward,
 AdamW step). MFU = model FLOPs/s (`common.train_flops_per_token`) over this machine's fp32 matmul peak
-measured in the same run. Peak memory is the rise of a fresh process's high-water RSS over what the
+measured in the same run (the best of MKL and oneDNN). `ours_chunked_mkl` is the default step with
+LLM-Lab's oneDNN products turned off (`llmlab.model.linear`), and `gemm_gflops` compares the two
+libraries on the step's product shapes: together they show what oneDNN buys. Peak memory is the rise of a fresh process's high-water RSS over what the
 model and optimizer objects held before the first step (activations, gradients, AdamW moments).
 """
 
@@ -66,7 +68,10 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def step_fn(kind: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], float]:
-    """One optimizer step for `kind` in ours | ours_chunked | hf."""
+    """One optimizer step for `kind` in ours | ours_chunked | ours_chunked_mkl | hf. `_mkl`: the same
+    step with LLM-Lab's oneDNN products turned off (every product on MKL, as F.linear does)."""
+    if kind.endswith("_mkl"):
+        return without_onednn(step_fn(kind.removesuffix("_mkl"), model, opt, ids))
     chunked = chunked_loss_fn() if kind == "ours_chunked" else None
 
     def step() -> float:
@@ -82,6 +87,21 @@ def step_fn(kind: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ids: 
         return float(loss.detach())
 
     return step
+
+
+def without_onednn(step: Callable[[], float]) -> Callable[[], float]:
+    """`step` with `llmlab.model.linear`'s oneDNN products turned off while it runs."""
+    linear = importlib.import_module("llmlab.model.linear")
+
+    def run() -> float:
+        real = linear._onednn
+        linear._onednn = lambda x, w: False
+        try:
+            return step()
+        finally:
+            linear._onednn = real
+
+    return run
 
 
 def build(kind: str, vocab: int, checkpointing: bool = False):
@@ -135,7 +155,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     peak = common.matmul_peak_flops()
     flops_tok = common.train_flops_per_token(cfg, SEQ)
     ids = make_batch(cfg.vocab_size, BATCH, SEQ)
-    kinds = ["ours", "hf"] + (["ours_chunked"] if chunked_loss_fn() else [])
+    kinds = ["ours", "hf"] + (["ours_chunked", "ours_chunked_mkl"] if chunked_loss_fn() else [])
     steps = {}
     for kind in kinds:
         model, opt = build(kind, cfg.vocab_size)
@@ -156,8 +176,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     }
     if "ours_chunked" in tps:
         result["speedup_chunked_vs_hf"] = round(tps["ours_chunked"] / tps["hf"], 3)
+        result["speedup_chunked_mkl_vs_hf"] = round(tps["ours_chunked_mkl"] / tps["hf"], 3)
     else:
         result["chunked_loss"] = "skipped: llmlab.train.losses has no chunked loss yet"
+
+    rows = BATCH * SEQ
+    result["gemm_gflops"] = common.gemm_gflops([(rows, 384, 1024), (rows, 1024, 384), (rows, 384, 384),
+                                                (rows, 384, 8192), (256, 384, 1024)])
 
     # Peak memory, each in a fresh process.
     mem = {k: common.peak_rss_of("train_step.py", [k, str(cfg.vocab_size), str(BATCH), "0"]) for k in ("ours", "hf")}

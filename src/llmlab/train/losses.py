@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from llmlab.model.linear import matmul_t
 from llmlab.optim import gnb_sampled_loss
 
 IGNORE_INDEX = -100
@@ -87,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n_rows, chunk_rows):
                 end = min(start + chunk_rows, n_rows)
                 h = x[start:end].to(compute_dtype)  # (n, D)
-                logits = (h @ w.t()).to(acc)  # (n, V)
+                logits = matmul_t(h, w).to(acc)  # (n, V); oneDNN on CPU fp32 (llmlab.model.linear)
                 if bias is not None:
                     logits += bias.to(acc)
                 t = target[start:end]
@@ -108,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(end - start, device=probs.device), t_safe] -= keep
                 g = probs.to(compute_dtype)
                 if grad_x is not None:
-                    grad_x[start:end] = (g @ w).to(x.dtype)
+                    grad_x[start:end] = matmul_t(g, w.t()).to(x.dtype)
                 if grad_w is not None:
                     grad_w += (g.t() @ h).to(acc)
                 if grad_b is not None:

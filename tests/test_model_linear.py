@@ -1,0 +1,81 @@
+"""The model's linear products on CPU (llmlab.model.linear.linear / matmul_t): oneDNN where it is there,
+with F.linear's values and gradients, and F.linear wherever oneDNN does not apply."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import tiny_config
+
+import llmlab.model.linear as linear_mod
+from llmlab.model import build_model
+from llmlab.model.linear import linear, matmul_t, onednn_ready
+
+needs_onednn = pytest.mark.skipif(not onednn_ready(), reason="this torch build has no oneDNN inner product")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_linear_equals_f_linear_values_and_gradients(shape, bias, strided):
+    x = torch.randn(*shape[:-1], 48)[..., ::2] if strided else torch.randn(shape)
+    x.requires_grad_()
+    w = torch.randn(16, 24, requires_grad=True)
+    b = torch.randn(16, requires_grad=True) if bias else None
+    g = torch.randn(*shape[:-1], 16)
+    y = linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "_CPULinearBackward"  # the oneDNN path, not F.linear
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    y_ref = F.linear(x, w, b)
+    refs = torch.autograd.grad(y_ref, [t for t in (x, w, b) if t is not None], g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, b), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_frozen_weight_gets_no_gradient_and_the_input_still_does():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8)  # frozen (a LoRA base weight)
+    y = linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 6) @ w)
+    assert w.grad is None
+
+
+def test_falls_back_to_f_linear_for_other_dtypes_and_when_turned_off(monkeypatch):
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert type(linear(x, w).grad_fn).__name__ != "_CPULinearBackward"
+    monkeypatch.setenv("LLMLAB_CPU_MATMUL", "mkl")
+    onednn_ready.cache_clear()
+    try:
+        assert not onednn_ready()
+        x32, w32 = x.float(), w.float()
+        assert type(linear(x32, w32).grad_fn).__name__ != "_CPULinearBackward"
+        torch.testing.assert_close(matmul_t(x32, w32), F.linear(x32, w32))
+    finally:
+        monkeypatch.delenv("LLMLAB_CPU_MATMUL")
+        onednn_ready.cache_clear()
+
+
+@needs_onednn
+def test_model_training_step_matches_the_mkl_path(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(init_std=0.3)).train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        loss = model(ids).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, g = grads()
+    monkeypatch.setattr(linear_mod, "_onednn", lambda x, w: False)
+    loss_ref, g_ref = grads()
+    torch.testing.assert_close(loss, loss_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
