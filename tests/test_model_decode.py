@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import tiny_config
 
+import llmlab.model.linear as linear_mod
 from llmlab.generate import generate_tokens
 from llmlab.model import build_model
 from llmlab.model.decode import decode_weights
@@ -15,7 +16,10 @@ from llmlab.model.linear import decode_mm, pack, split_count
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("out", [96, 50, 7])
-def test_decode_mm_equals_linear(threads, rows, out):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_decode_mm_equals_linear(threads, rows, out, onednn, monkeypatch):
+    if not onednn:  # several rows then go through the blocked bmm as well
+        monkeypatch.setattr(linear_mod, "_onednn", lambda x, w: False)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
