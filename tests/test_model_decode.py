@@ -19,7 +19,7 @@ from llmlab.model.linear import decode_mm, pack, split_count
 @pytest.mark.parametrize("onednn", [True, False])
 def test_decode_mm_equals_linear(threads, rows, out, onednn, monkeypatch):
     if not onednn:  # several rows then go through the blocked bmm as well
-        monkeypatch.setattr(linear_mod, "_onednn", lambda x, w: False)
+        monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: False)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -13,6 +13,12 @@ from llmlab.model.linear import linear, matmul_t, onednn_ready
 needs_onednn = pytest.mark.skipif(not onednn_ready(), reason="this torch build has no oneDNN inner product")
 
 
+@pytest.fixture(autouse=True)
+def _any_size(monkeypatch):
+    """These tests' products are tiny: let them through to oneDNN (the size floor has its own test)."""
+    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", 0)
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -74,8 +80,17 @@ def test_model_training_step_matches_the_mkl_path(monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     loss, g = grads()
-    monkeypatch.setattr(linear_mod, "_onednn", lambda x, w: False)
+    monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: False)
     loss_ref, g_ref = grads()
     torch.testing.assert_close(loss, loss_ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_small_products_stay_on_mkl(monkeypatch):
+    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", 1 << 24)
+    w = torch.randn(96, 96, requires_grad=True)
+    small, large = torch.randn(1024, 96), torch.randn(2048, 96)  # 2^23.2 and 2^24.2 multiply-adds
+    assert type(linear(small, w).grad_fn).__name__ != "_CPULinearBackward"
+    assert type(linear(large, w).grad_fn).__name__ == "_CPULinearBackward"

@@ -9,8 +9,9 @@ model (2,048 rows, interleaved medians, GFLOP/s, MKL -> oneDNN): forward 151-190
 gradient `g @ W` 168-184 -> 184-211, the LM head's 8,192-wide forward 126 -> 144, and 1.5x at 256 rows.
 The weight gradient `g^T @ x` was not faster through it (strided operands), so it stays on MKL. oneDNN
 sums in another order than MKL: results differ by float rounding (~1e-6 relative). `linear` checks the op
-once against `F.linear` and falls back to it when the op is missing or disagrees, and under
-`torch.compile` (which picks its own kernels); LLMLAB_CPU_MATMUL=mkl turns it off.
+once against `F.linear` and falls back to it when the op is missing or disagrees, for products below
+ONEDNN_MIN_MACS (MKL's call is cheaper there), and under `torch.compile` (which picks its own kernels);
+LLMLAB_CPU_MATMUL=mkl turns it off.
 """
 
 from __future__ import annotations
@@ -38,14 +39,22 @@ def onednn_ready() -> bool:
         return False
 
 
-def _onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+# Below this many multiply-adds MKL's call was as fast or faster (1024 x 96 x 96: 130 vs 150 us; 1024 x
+# 96 x 256, 2^24.6: 354 vs 355 us), and the demo's tiny model's step was 4 % slower with a floor of 2^24
+# and even with 2^25 (its layers stay on MKL, its LM head goes to oneDNN).
+ONEDNN_MIN_MACS = 1 << 25
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor, min_macs: int | None = None) -> bool:
+    """Whether x @ w^T goes to oneDNN: fp32 on CPU, outside torch.compile, large enough."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.numel() * w.shape[0] >= (ONEDNN_MIN_MACS if min_macs is None else min_macs)
             and not torch.compiler.is_compiling() and onednn_ready())
 
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ w (out, in)^T (+ bias), no autograd: oneDNN for fp32 on CPU, else F.linear. `w` may
-    be a strided view (e.g. `W.t()` for an input gradient)."""
+    """x (..., in) @ w (out, in)^T (+ bias), no autograd: oneDNN for large fp32 products on CPU, else
+    F.linear. `w` may be a strided view (e.g. `W.t()` for an input gradient)."""
     if _onednn(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
@@ -96,8 +105,8 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if R == 1 and x.stride(-1) == 1:  # the decode step at batch 1: views only around the product
         y = torch.bmm(w, x.as_strided((P, K, 1), (0, 1, K)))  # (P, n, 1): the output's memory order
         return y.view(*x.shape[:-1], P * n)
-    if _onednn(x, w):  # several rows: oneDNN's product (measured 1.4-2x the blocked bmm at 8 rows)
-        return matmul_t(x, w.view(P * n, K))
+    if _onednn(x, w, min_macs=0):  # several rows: oneDNN's product (1.4-2x the blocked bmm at 8 rows)
+        return torch.ops.mkldnn._linear_pointwise(x, w.view(P * n, K), None, "none", [], "")
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
 
