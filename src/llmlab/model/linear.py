@@ -40,16 +40,43 @@ def onednn_ready() -> bool:
 
 
 # Below this many multiply-adds MKL's call was as fast or faster (1024 x 96 x 96: 130 vs 150 us; 1024 x
-# 96 x 256, 2^24.6: 354 vs 355 us), and the demo's tiny model's step was 4 % slower with a floor of 2^24
-# and even with 2^25 (its layers stay on MKL, its LM head goes to oneDNN).
+# 96 x 256, 2^24.6: 354 vs 355 us); with a floor of 2^24 the demo's tiny model stepped 4 % slower, with
+# 2^25 even (its layers stay on MKL, its LM head goes to oneDNN).
 ONEDNN_MIN_MACS = 1 << 25
+# oneDNN builds (JIT-compiles) a kernel for each new product shape, ~0.5 ms, and keeps up to 1,024. A
+# shape goes to oneDNN from its third occurrence on, so fixed-shape training (pretraining: every step the
+# same) uses it from the third step, while shapes that come and go (SFT, DPO or rollouts with per-batch
+# padding: every length a new shape) stay on MKL until they recur. With every shape sent to oneDNN at
+# once the demo's SFT, DPO and GRPO stages took 1.4-1.5x as long. At most SHAPES_MAX shapes are
+# followed; later new shapes stay on MKL.
+ONEDNN_AFTER = 2
+SHAPES_MAX = 512
+_seen: dict[tuple[int, int, int], int] = {}
+
+
+def _recurring(rows: int, k: int, n: int) -> bool:
+    """Count this product shape; whether it has been seen ONEDNN_AFTER times before."""
+    key = (rows, k, n)
+    count = _seen.get(key)
+    if count is None:
+        if len(_seen) < SHAPES_MAX:
+            _seen[key] = 1
+        return ONEDNN_AFTER == 0
+    if count < ONEDNN_AFTER:
+        _seen[key] = count + 1
+        return False
+    return True
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, min_macs: int | None = None) -> bool:
-    """Whether x @ w^T goes to oneDNN: fp32 on CPU, outside torch.compile, large enough."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.numel() * w.shape[0] >= (ONEDNN_MIN_MACS if min_macs is None else min_macs)
-            and not torch.compiler.is_compiling() and onednn_ready())
+    """Whether x @ w^T goes to oneDNN: fp32 on CPU, outside torch.compile, large enough, a recurring
+    shape."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32):
+        return False
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    return (rows * k * w.shape[0] >= (ONEDNN_MIN_MACS if min_macs is None else min_macs)
+            and not torch.compiler.is_compiling() and onednn_ready() and _recurring(rows, k, w.shape[0]))
 
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,6 +119,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return matmul_t(x, weight, bias)
 
 
+DECODE_MIN_MACS = 1 << 20  # batched decoding: the bench model's smallest product at 8 rows is 2^20.2
+
+
 def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks.
     `torch.bmm` over the blocks reads the weight at close to memory bandwidth where MKL's one-row
@@ -105,7 +135,7 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if R == 1 and x.stride(-1) == 1:  # the decode step at batch 1: views only around the product
         y = torch.bmm(w, x.as_strided((P, K, 1), (0, 1, K)))  # (P, n, 1): the output's memory order
         return y.view(*x.shape[:-1], P * n)
-    if _onednn(x, w, min_macs=0):  # several rows: oneDNN's product (1.4-2x the blocked bmm at 8 rows)
+    if _onednn(x, w, min_macs=DECODE_MIN_MACS):  # several rows: oneDNN's product (1.4-2x the bmm at 8 rows)
         return torch.ops.mkldnn._linear_pointwise(x, w.view(P * n, K), None, "none", [], "")
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
