@@ -20,7 +20,6 @@ from llmlab.model.linear import decode_mm, pack, split_count
 def test_decode_mm_equals_linear(threads, rows, out, onednn, monkeypatch):
     if onednn:  # several rows to oneDNN at once, whatever the size
         monkeypatch.setattr(linear_mod, "DECODE_MIN_MACS", 0)
-        monkeypatch.setattr(linear_mod, "ONEDNN_AFTER", 0)
     else:  # several rows then go through the blocked bmm as well
         monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: False)
     prev = torch.get_num_threads()

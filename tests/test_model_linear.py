@@ -15,11 +15,8 @@ needs_onednn = pytest.mark.skipif(not onednn_ready(), reason="this torch build h
 
 @pytest.fixture(autouse=True)
 def _any_size(monkeypatch):
-    """These tests' products are tiny and new: let them through to oneDNN at once (the size floor and
-    the recurrence rule have their own tests)."""
+    """These tests' products are tiny: let them through to oneDNN (the size floor has its own test)."""
     monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", 0)
-    monkeypatch.setattr(linear_mod, "ONEDNN_AFTER", 0)
-    monkeypatch.setattr(linear_mod, "_seen", {})
 
 
 @needs_onednn
@@ -98,16 +95,3 @@ def test_small_products_stay_on_mkl(monkeypatch):
     assert type(linear(small, w).grad_fn).__name__ != "_CPULinearBackward"
     assert type(linear(large, w).grad_fn).__name__ == "_CPULinearBackward"
 
-
-@needs_onednn
-def test_a_shape_goes_to_onednn_once_it_recurs(monkeypatch):
-    monkeypatch.setattr(linear_mod, "ONEDNN_AFTER", 2)
-    monkeypatch.setattr(linear_mod, "SHAPES_MAX", 2)
-    w = torch.randn(8, 16, requires_grad=True)
-
-    def on_onednn(rows):
-        return type(linear(torch.randn(rows, 16), w).grad_fn).__name__ == "_CPULinearBackward"
-
-    assert [on_onednn(4) for _ in range(4)] == [False, False, True, True]  # from the third time on
-    assert [on_onednn(5) for _ in range(3)] == [False, False, True]
-    assert [on_onednn(6) for _ in range(3)] == [False, False, False]  # past SHAPES_MAX: never followed
