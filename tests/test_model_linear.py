@@ -95,3 +95,34 @@ def test_small_products_stay_on_mkl(monkeypatch):
     assert type(linear(small, w).grad_fn).__name__ != "_CPULinearBackward"
     assert type(linear(large, w).grad_fn).__name__ == "_CPULinearBackward"
 
+
+
+@needs_onednn
+def test_lora_training_through_onednn_matches_mkl(monkeypatch):
+    """PEFT wraps the model's Linear: the frozen base product runs on oneDNN, the adapters on top."""
+    from llmlab.config import SFTConfig
+    from llmlab.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(build_model(tiny_config(init_std=0.3)),
+                       SFTConfig(use_lora=True, lora_preset="all", lora_r=4, lora_alpha=8, lora_dropout=0.0), verbose=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero B: the adapter's path reaches the loss
+    ids = torch.randint(0, 128, (2, 16))
+    calls = []
+    real = linear_mod._CPULinear.apply
+    monkeypatch.setattr(linear_mod._CPULinear, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def lora_grads():
+        model.zero_grad()
+        model(ids).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    g = lora_grads()
+    assert calls  # the base products went through oneDNN
+    monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: False)
+    g_ref = lora_grads()
+    assert g.keys() == g_ref.keys() and g
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-5)
