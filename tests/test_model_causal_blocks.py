@@ -87,3 +87,16 @@ def test_not_used_without_gradients_with_dropout_or_at_other_lengths():
     dropped = build_model(tiny_config(max_seq_len=256, dropout=0.1)).train()
     assert not _uses_blocks(dropped, torch.randint(0, 128, (1, 256)))
     assert _uses_blocks(dropped.eval(), torch.randint(0, 128, (1, 256)))  # eval: dropout is off
+
+
+def test_gradient_checkpointing_recomputes_it_exactly():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(max_seq_len=256, init_std=0.3)).train()
+    ids = torch.randint(0, 128, (1, 256))
+    assert _uses_blocks(model, ids)
+    loss, grads = _grads(model, ids)
+    model.gradient_checkpointing = True
+    loss_ckpt, grads_ckpt = _grads(model, ids)
+    torch.testing.assert_close(loss, loss_ckpt)
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b)
