@@ -34,6 +34,20 @@ def test_decode_mm_equals_linear(threads, rows, out, onednn, monkeypatch):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.skipif(not linear_mod.onednn_ready(), reason="no oneDNN inner product in this torch build")
+def test_batched_decoding_products_go_to_onednn_from_the_size_floor(monkeypatch):
+    seen = []
+    real = linear_mod._onednn
+    monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    w = pack([torch.randn(1024, 384)], 2)  # 8 rows x 384 x 1024 = 2^21.6 multiply-adds
+    x = torch.randn(8, 1, 384)
+    torch.testing.assert_close(decode_mm(x, w), F.linear(x, w.view(1024, 384)), rtol=1e-5, atol=1e-4)
+    assert seen == [True]
+    seen.clear()
+    decode_mm(torch.randn(2, 1, 384), pack([torch.randn(256, 384)], 2))  # 2^17.6: the blocked bmm
+    assert seen == [False]
+
+
 def test_single_weight_is_a_view_not_a_copy():
     w = torch.randn(64, 16)
     assert pack([w], 2).data_ptr() == w.data_ptr()

@@ -112,8 +112,9 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if R == 1 and x.stride(-1) == 1:  # the decode step at batch 1: views only around the product
         y = torch.bmm(w, x.as_strided((P, K, 1), (0, 1, K)))  # (P, n, 1): the output's memory order
         return y.view(*x.shape[:-1], P * n)
-    if _onednn(x, w, min_macs=DECODE_MIN_MACS):  # several rows: oneDNN's product (1.4-2x the bmm at 8 rows)
-        return torch.ops.mkldnn._linear_pointwise(x, w.view(P * n, K), None, "none", [], "")
+    whole = w.view(P * n, K)
+    if _onednn(x, whole, min_macs=DECODE_MIN_MACS):  # several rows: oneDNN (1.4-2x the bmm at 8 rows)
+        return torch.ops.mkldnn._linear_pointwise(x, whole, None, "none", [], "")
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
 
