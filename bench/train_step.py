@@ -9,7 +9,9 @@ Tokens/s counts the batch's tokens (batch x seq) per optimizer step (zero_grad, 
 AdamW step). MFU = model FLOPs/s (`common.train_flops_per_token`) over this machine's fp32 matmul peak
 measured in the same run (the best of MKL and oneDNN). `ours_chunked_mkl` is the default step with
 LLM-Lab's oneDNN products turned off (`llmlab.model.linear`), and `gemm_gflops` compares the two
-libraries on the step's product shapes: together they show what oneDNN buys. Peak memory is the rise of a fresh process's high-water RSS over what the
+libraries on the step's product shapes: together they show what oneDNN buys. `attention_fwd_bwd_ms`
+times one layer's causal attention through SDPA and through `llmlab.model.causal_blocks`. Peak memory
+is the rise of a fresh process's high-water RSS over what the
 model and optimizer objects held before the first step (activations, gradients, AdamW moments).
 """
 
@@ -183,6 +185,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     rows = BATCH * SEQ
     result["gemm_gflops"] = common.gemm_gflops([(rows, 384, 1024), (rows, 1024, 384), (rows, 384, 384),
                                                 (rows, 384, 8192), (256, 384, 1024)])
+    result["attention_fwd_bwd_ms"] = attention_fwd_bwd(repeats)
 
     # Peak memory, each in a fresh process.
     mem = {k: common.peak_rss_of("train_step.py", [k, str(cfg.vocab_size), str(BATCH), "0"]) for k in ("ours", "hf")}
@@ -197,6 +200,24 @@ def run(quick: bool = False) -> dict[str, Any]:
         result["chunked_memory_ratio"] = _ratio(big["ours_chunked"], big["ours"])
     result["gradient_checkpointing"] = checkpointing(cfg, repeats, ids)
     return result
+
+
+def attention_fwd_bwd(repeats: int) -> dict[str, dict[str, float]]:
+    """One layer's causal attention, forward + backward, 2,048 tokens (6 heads of 64, 2 KV heads):
+    SDPA's CPU kernel vs `llmlab.model.causal_blocks` at the levels the model uses, per sequence length."""
+    return {f"T{T}": _attention_times(T, 3 * repeats) for T in (256, 512)}
+
+
+def _attention_times(T: int, repeats: int) -> dict[str, float]:
+    from llmlab.model.causal_blocks import block_causal_attention, levels_for
+
+    B, levels = BATCH * SEQ // T, levels_for(T)
+    q, k, v = (torch.randn(B, T, h, 64).transpose(1, 2).requires_grad_() for h in (6, 2, 2))
+    g = torch.randn(B, 6, T, 64)
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g),
+           "blocked": lambda: block_causal_attention(q, k, v, levels).backward(g)}
+    times = common.interleaved(fns, repeats)
+    return {name: round(common.median(t) * 1e3, 2) for name, t in times.items()}
 
 
 def _ratio(a: dict, b: dict) -> float | None:
