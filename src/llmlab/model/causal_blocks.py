@@ -24,7 +24,8 @@ All the pieces are views of the (B, T, heads, head_dim) projections: the kernel 
 Used by `Attention` for fp32 causal self-attention with gradients on CPU, without a mask or dropout,
 for sequences of 256 to 512 that split evenly (`levels_for`); everything else goes to
 `scaled_dot_product_attention`. Measured (fwd + bwd, 2,048 tokens, 6 heads, 2 KV heads, 2 threads):
-T = 256 20.3 -> 18.4 ms, T = 512 47 -> 33 ms; T = 128 slower (tiny tiles), T = 1,024 no gain; in the
+T = 256 20.3 -> 18.4 ms, T = 512 47 -> 33 ms; T = 128 slower (tiny tiles); T = 1,024 0 to 18 % less
+across four runs and T = 2,048 1 to 9 % across three, not settled, so left on the kernel; in the
 whole training step of the bench model +2 % at T = 256 and +3 % at T = 512. Forward alone gains
 nothing, so inference keeps the plain kernel.
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 
 MIN_BLOCK = 64  # smallest diagonal block: smaller tiles run the kernel's products inefficiently
-MIN_LEN, MAX_LEN = 256, 512  # measured: no gain at 128 (small tiles) nor at 1,024 (the kernel skips)
+MIN_LEN, MAX_LEN = 256, 512  # measured: slower at 128 (small tiles), unsettled from 1,024 (the kernel skips)
 
 
 def levels_for(seq_len: int) -> int:
