@@ -63,11 +63,17 @@ def _uses_blocks(model, ids, grad: bool = True) -> bool:
     return bool(calls)
 
 
-def test_model_training_uses_it_and_matches_plain_attention():
+def _blocked_model(batch: int):
+    """A tiny model in training mode and a 256-token batch that goes through the blocked attention."""
     torch.manual_seed(0)
     model = build_model(tiny_config(max_seq_len=256, init_std=0.3)).train()
-    ids = torch.randint(0, 128, (2, 256))
+    ids = torch.randint(0, 128, (batch, 256))
     assert _uses_blocks(model, ids)
+    return model, ids
+
+
+def test_model_training_uses_it_and_matches_plain_attention():
+    model, ids = _blocked_model(2)
     loss, grads = _grads(model, ids)
     plain = model.attention_mask
     model.attention_mask = lambda *a, **kw: dataclasses.replace(plain(*a, **kw), blocks=0)
@@ -90,10 +96,7 @@ def test_not_used_without_gradients_with_dropout_or_at_other_lengths():
 
 
 def test_gradient_checkpointing_recomputes_it_exactly():
-    torch.manual_seed(0)
-    model = build_model(tiny_config(max_seq_len=256, init_std=0.3)).train()
-    ids = torch.randint(0, 128, (1, 256))
-    assert _uses_blocks(model, ids)
+    model, ids = _blocked_model(1)
     loss, grads = _grads(model, ids)
     model.gradient_checkpointing = True
     loss_ckpt, grads_ckpt = _grads(model, ids)

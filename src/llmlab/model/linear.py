@@ -32,8 +32,8 @@ def onednn_ready() -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(5, 16, generator=g), torch.randn(7, 16, generator=g), torch.randn(7, generator=g)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        y_t = torch.ops.mkldnn._linear_pointwise(x.t().contiguous().t(), w.t().contiguous().t(), None, "none", [], "")
+        y = _product(x, w, b)
+        y_t = _product(x.t().contiguous().t(), w.t().contiguous().t())  # strided operands
         return bool(torch.allclose(y, F.linear(x, w, b), atol=1e-4) and torch.allclose(y_t, F.linear(x, w), atol=1e-4))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -56,22 +56,26 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, min_macs: int | None = None) -> bo
             and not torch.compiler.is_compiling() and onednn_ready())
 
 
+def _product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ w (out, in)^T (+ bias) on oneDNN, unchecked; `w` may be a strided view."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
 def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ w (out, in)^T (+ bias), no autograd: oneDNN for large fp32 products on CPU, else
     F.linear. `w` may be a strided view (e.g. `W.t()` for an input gradient)."""
-    if _onednn(x, w):
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    return F.linear(x, w, bias)
+    return _product(x, w, bias) if _onednn(x, w) else F.linear(x, w, bias)
 
 
 class _CPULinear(torch.autograd.Function):
-    """F.linear with the forward and the input gradient on oneDNN and the weight gradient on MKL."""
+    """F.linear with the forward and the input gradient on oneDNN and the weight gradient on MKL (for
+    products `linear` has checked: the input gradient has the forward's size, device and dtype)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return matmul_t(x, weight, bias)
+        return _product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -79,7 +83,7 @@ class _CPULinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = matmul_t(g, weight.t()).view(x.shape)
+            gx = _product(g, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
             gw = g.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -93,7 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _CPULinear.apply(x, weight, bias)
-    return matmul_t(x, weight, bias)
+    return _product(x, weight, bias)
 
 
 DECODE_MIN_MACS = 1 << 20  # batched decoding: the bench model's smallest product at 8 rows is 2^20.2
@@ -114,7 +118,7 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return y.view(*x.shape[:-1], P * n)
     whole = w.view(P * n, K)
     if _onednn(x, whole, min_macs=DECODE_MIN_MACS):  # several rows: oneDNN (1.4-2x the bmm at 8 rows)
-        return torch.ops.mkldnn._linear_pointwise(x, whole, None, "none", [], "")
+        return _product(x, whole)
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
 
