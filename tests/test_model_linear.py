@@ -126,3 +126,16 @@ def test_lora_training_through_onednn_matches_mkl(monkeypatch):
     assert g.keys() == g_ref.keys() and g
     for n in g:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_cpu_matmul_choice_is_a_one_line_error(monkeypatch):
+    from llmlab.errors import ConfigError
+
+    monkeypatch.setenv("LLMLAB_CPU_MATMUL", "blas")
+    onednn_ready.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="LLMLAB_CPU_MATMUL: expected 'onednn' or 'mkl', got 'blas'"):
+            linear(torch.randn(2, 4), torch.randn(3, 4))
+    finally:
+        monkeypatch.delenv("LLMLAB_CPU_MATMUL")
+        onednn_ready.cache_clear()

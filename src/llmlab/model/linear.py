@@ -23,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.errors import ConfigError
+
 
 @functools.cache
 def onednn_ready() -> bool:
     """oneDNN's fp32 inner product is there and agrees with F.linear (checked once per process)."""
-    if os.environ.get("LLMLAB_CPU_MATMUL", "onednn").lower() == "mkl" or not torch.backends.mkldnn.is_available():
+    choice = os.environ.get("LLMLAB_CPU_MATMUL", "onednn").lower()
+    if choice not in ("onednn", "mkl"):
+        raise ConfigError(f"LLMLAB_CPU_MATMUL: expected 'onednn' or 'mkl', got {choice!r}; unset it for the default")
+    if choice == "mkl" or not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
