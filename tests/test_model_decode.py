@@ -11,6 +11,7 @@ from llmlab.generate import generate_tokens
 from llmlab.model import build_model
 from llmlab.model.decode import decode_weights
 from llmlab.model.linear import decode_mm, pack, split_count
+from llmlab.model.norms import rms_norm_by_layer_norm
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -130,3 +131,32 @@ def test_hooks_on_fused_projections_still_fire():
         h.remove()
     assert hooked == reference
     assert hooked != free
+
+
+@pytest.mark.parametrize("shift", [0.0, 30.0])
+def test_rms_norm_by_layer_norm_equals_rms_norm(shift):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 48, generator=g) * 4 + shift  # far-from-zero means too: (x, -x) still has mean 0
+    w = torch.randn(48, generator=g)
+    got = rms_norm_by_layer_norm(x, torch.cat((w, w)), 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (48,), w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_steps_use_the_layer_norm_form_and_match_the_plain_forward(monkeypatch):
+    import llmlab.model.norms as norms
+
+    m = _model()
+    calls = []
+    real = norms.rms_norm_by_layer_norm
+    monkeypatch.setattr(norms, "rms_norm_by_layer_norm", lambda *a: calls.append(a[0].shape) or real(*a))
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        plain = m(ids)[:, -1]
+        with decode_weights(m):
+            cache = m.new_cache(16)
+            m(ids[:, :-1], cache=cache)  # the prefill (6 rows a sequence): F.rms_norm
+            assert not calls
+            step = m(ids[:, -1:], cache=cache)[:, -1]  # one row a sequence: the layer-norm form
+    assert len(calls) == 2 * len(m.layers) + 1
+    assert m.norm.decode_weight is None  # off again outside the block
+    torch.testing.assert_close(step, plain, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,9 @@ call, what each module multiplies by:
 - o_proj, down_proj, plain MLPs and the LM head: their own weight, viewed in P blocks (no memory);
 - q/k/v and gate/up: one concatenated weight each, one product instead of three / two (one copy of those
   weights; the modules and their names stay as they are: LoRA, HF conversion and checkpoints see
-  nothing).
+  nothing);
+- RMSNorms: their weight twice over, (2 D,), for `llmlab.model.norms.rms_norm_by_layer_norm` (one
+  fused op per norm instead of about ten small ones in a decode step).
 
 The concatenated copies are cached on the modules and reused while the source parameters are unchanged
 (same storage, same in-place version counter): an optimizer step, `load_state_dict` or any in-place edit
@@ -34,6 +36,7 @@ from torch import nn
 from llmlab.model.attention import Attention
 from llmlab.model.linear import Linear, pack, plain
 from llmlab.model.mlp import GatedMLP
+from llmlab.model.norms import RMSNorm
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
@@ -49,10 +52,23 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
             fused.update(map(id, (m.gate_proj, m.up_proj)))
         elif hasattr(m, "head_decode_weight") and plain(m.lm_head, kind=nn.Linear):
             out.append((m, "head_decode_weight", [m.lm_head]))
+        elif isinstance(m, RMSNorm):
+            out.append((m, "decode_weight", [m]))
     for m in model.modules():
         if isinstance(m, Linear) and id(m) not in fused:
             out.append((m, "decode_weight", [m]))
     return [t for t in out if all(s.weight.device.type == "cpu" for s in t[2])]
+
+
+def _build(module: nn.Module, sources: list[nn.Module], threads: int) -> torch.Tensor:
+    if isinstance(module, RMSNorm):
+        return torch.cat((module.weight, module.weight))
+    return pack([s.weight for s in sources], threads)
+
+
+def _copies(module: nn.Module, sources: list[nn.Module]) -> bool:
+    """Whether the decode weight is a copy (not a view of the parameter)."""
+    return len(sources) > 1 or isinstance(module, RMSNorm)
 
 
 def _key(sources: list[nn.Module], threads: int) -> tuple:
@@ -76,12 +92,12 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
                 key = _key(sources, threads)
                 if attr not in cache or cache[attr][0] != key:
                     cache.pop(attr, None)  # free the stale copy before making the new one
-                    cache[attr] = (key, pack([s.weight for s in sources], threads))
+                    cache[attr] = (key, _build(module, sources, threads))
                 setattr(module, attr, cache[attr][1])
                 if attr == "qkv_decode":  # set even when None: the same instance state at every call
                     has_bias = sources[0].bias is not None
                     module.qkv_decode_bias = torch.cat([s.bias for s in sources]) if has_bias else None
-        copies = sum(module._decode_cache[attr][1].nbytes for module, attr, sources in targets if len(sources) > 1)
+        copies = sum(module._decode_cache[attr][1].nbytes for module, attr, sources in targets if _copies(module, sources))
         keep = keep and copies <= KEEP_MAX_BYTES
         yield
     finally:
