@@ -1,6 +1,8 @@
 """CPU decode weights (llmlab.model.decode): the same numbers as the plain forward, rebuilt when the
 weights change, freed when asked, never bypassing PEFT wrappers or hooks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from tests.conftest import tiny_config
 import llmlab.model.linear as linear_mod
 from llmlab.generate import generate_tokens
 from llmlab.model import build_model
-from llmlab.model.decode import decode_weights
+from llmlab.model.decode import DecodeStep, decode_step, decode_weights
 from llmlab.model.linear import decode_mm, pack, split_count
 from llmlab.model.norms import rms_norm_by_layer_norm
 
@@ -160,3 +162,58 @@ def test_decode_steps_use_the_layer_norm_form_and_match_the_plain_forward(monkey
     assert len(calls) == 2 * len(m.layers) + 1
     assert m.norm.decode_weight is None  # off again outside the block
     torch.testing.assert_close(step, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"activation": "gelu"}, {"norm_type": "layernorm"},
+                                {"positional_encoding": "alibi"}, {"positional_encoding": "sinusoidal"},
+                                {"positional_encoding": "yarn", "rope_scaling_factor": 2.0}, {"sliding_window": 4}])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_the_models_forward(kw, padded):
+    m = _model(**kw)
+    ids = torch.randint(1, 128, (3, 8))
+    padding = torch.ones(3, 9, dtype=torch.long)
+    if padded:
+        padding[1, :3] = 0  # row 1 is left-padded
+    positions = (padding.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), decode_weights(m):
+        step = decode_step(m)
+        assert isinstance(step, DecodeStep)
+        caches = [m.new_cache(12), m.new_cache(12)]
+        for c in caches:
+            m(ids[:, :7], attention_mask=padding[:, :7], cache=c)
+        want = m(ids[:, 7:], attention_mask=padding[:, :8], position_ids=positions[:, 7:8], cache=caches[0], last_only=True)
+        got = step(ids[:, 7:], positions[:, 7:8], padding[:, :8], caches[1])
+        assert caches[1].length == caches[0].length == 8
+        torch.testing.assert_close(caches[1].k[1][:, :, :8], caches[0].k[1][:, :, :8], rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_step_only_for_plain_models_and_generation_uses_it(monkeypatch):
+    import llmlab.generate as gen
+    from llmlab.lora import apply_lora
+
+    m = _model()
+    with torch.no_grad(), decode_weights(m):
+        assert decode_step(m) is not None
+        m.train()
+        assert decode_step(m) is None  # dropout would apply
+        m.eval()
+        hook = m.layers[1].mlp.register_forward_hook(lambda mod, args, out: out)
+        assert decode_step(m) is None  # the step skips module calls: hooks would not fire
+        hook.remove()
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: out)
+        assert decode_step(m) is None
+        hook.remove()
+        assert decode_step(m) is not None
+    built = []
+    monkeypatch.setattr(gen, "decode_step", lambda model: built.append(decode_step(model)) or built[-1])
+    prompt = [3, 1, 4]
+    out = generate_tokens(m, [prompt], max_new_tokens=10, temperature=0).responses[0]
+    assert isinstance(built[0], DecodeStep)
+    assert out == _greedy_reference(m, prompt, 10)
+    lora = apply_lora(_model(), SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_preset="attention_only",
+                                                lora_target_modules=None), verbose=False).eval()
+    generate_tokens(lora, [prompt], max_new_tokens=10, temperature=0)
+    assert built[-1] is None  # a PEFT model: its own forward
+    with torch.no_grad(), decode_weights(lora.get_base_model()):
+        assert decode_step(lora.get_base_model()) is None  # LoRA layers injected into the base model

@@ -21,7 +21,7 @@ from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
 from llmlab.errors import ConfigError
 from llmlab.model.cache import StaticKVCache
-from llmlab.model.decode import decode_weights
+from llmlab.model.decode import decode_step, decode_weights
 
 # --------------------------------------------------------------------------------------------------
 # Samplers (pure)
@@ -178,10 +178,15 @@ def generate_tokens(
             return None if mask is None else mask if static else mask[:, :upto]
 
         n_out = N
-        fast = decode_weights(model, keep=not was_training) if device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS else nullcontext()
+        cpu_decode = device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS
+        fast = decode_weights(model, keep=not was_training) if cpu_decode else nullcontext()
         with fast, autocast(device):
+            # on CPU: one flat step over the blocks (llmlab.model.decode.DecodeStep) where the model allows
+            stepper = decode_step(model) if cpu_decode and use_cache and not static else None
             for t in range(N):
-                if use_cache and t > 0:
+                if stepper is not None and t > 0:
+                    logits = stepper(seq[:, P + t - 1 : P + t], next_pos + (t - 1), padding(P + t), cache)
+                elif use_cache and t > 0:
                     if t == 1 and static:  # any cache length, one compiled step
                         cache.mark_dynamic()
                         if mask is not None:
