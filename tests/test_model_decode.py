@@ -176,7 +176,7 @@ def test_decode_step_equals_the_models_forward(kw, padded):
         padding[1, :3] = 0  # row 1 is left-padded
     positions = (padding.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), decode_weights(m):
-        step = decode_step(m)
+        step = decode_step(m, 12)
         assert isinstance(step, DecodeStep)
         caches = [m.new_cache(12), m.new_cache(12)]
         for c in caches:
@@ -194,19 +194,19 @@ def test_decode_step_only_for_plain_models_and_generation_uses_it(monkeypatch):
 
     m = _model()
     with torch.no_grad(), decode_weights(m):
-        assert decode_step(m) is not None
+        assert decode_step(m, 16) is not None
         m.train()
-        assert decode_step(m) is None  # dropout would apply
+        assert decode_step(m, 16) is None  # dropout would apply
         m.eval()
         hook = m.layers[1].mlp.register_forward_hook(lambda mod, args, out: out)
-        assert decode_step(m) is None  # the step skips module calls: hooks would not fire
+        assert decode_step(m, 16) is None  # the step skips module calls: hooks would not fire
         hook.remove()
         hook = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: out)
-        assert decode_step(m) is None
+        assert decode_step(m, 16) is None
         hook.remove()
-        assert decode_step(m) is not None
+        assert decode_step(m, 16) is not None
     built = []
-    monkeypatch.setattr(gen, "decode_step", lambda model: built.append(decode_step(model)) or built[-1])
+    monkeypatch.setattr(gen, "decode_step", lambda model, n: built.append(decode_step(model, n)) or built[-1])
     prompt = [3, 1, 4]
     out = generate_tokens(m, [prompt], max_new_tokens=10, temperature=0).responses[0]
     assert isinstance(built[0], DecodeStep)
@@ -216,4 +216,14 @@ def test_decode_step_only_for_plain_models_and_generation_uses_it(monkeypatch):
     generate_tokens(lora, [prompt], max_new_tokens=10, temperature=0)
     assert built[-1] is None  # a PEFT model: its own forward
     with torch.no_grad(), decode_weights(lora.get_base_model()):
-        assert decode_step(lora.get_base_model()) is None  # LoRA layers injected into the base model
+        assert decode_step(lora.get_base_model(), 16) is None  # LoRA layers injected into the base model
+
+
+@pytest.mark.parametrize("kw", [{}, {"positional_encoding": "yarn", "rope_scaling_factor": 4.0},
+                                {"positional_encoding": "alibi"}])
+def test_step_prepare_equals_prepare(kw):
+    positions = build_model(tiny_config(**kw)).positions
+    ids = torch.tensor([[5], [0], [19]])
+    got, want = positions.step_prepare(20)(ids), positions.prepare(ids)
+    for g, w in zip(got, want) if isinstance(want, tuple) else [(got, want)]:
+        assert torch.equal(g, w)

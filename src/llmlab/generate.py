@@ -182,7 +182,7 @@ def generate_tokens(
         fast = decode_weights(model, keep=not was_training) if cpu_decode else nullcontext()
         with fast, autocast(device):
             # on CPU: one flat step over the blocks (llmlab.model.decode.DecodeStep) where the model allows
-            stepper = decode_step(model) if cpu_decode and use_cache and not static else None
+            stepper = decode_step(model, P + N) if cpu_decode and use_cache and not static else None
             for t in range(N):
                 if stepper is not None and t > 0:
                     logits = stepper(seq[:, P + t - 1 : P + t], next_pos + (t - 1), padding(P + t), cache)

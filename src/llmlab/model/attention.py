@@ -118,6 +118,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
         """rope: the position scheme's `prepare(position_ids)`, computed once per forward pass."""
+        return self.o_proj(self.attend(x, rope, mask, cache))
+
+    def attend(self, x: torch.Tensor, rope: Any, mask: MaskSpec, cache: KVCache | None = None) -> torch.Tensor:
+        """The heads' outputs, (B, T, H * hd): everything `forward` does before the output projection."""
         B, T, _ = x.shape
         q, k, v = self.heads(x, rope)
         if cache is not None:
@@ -132,4 +136,4 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
                 dropout_p=self.dropout if self.training else 0.0, **self.sdpa_kwargs,
             )  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)

@@ -24,7 +24,7 @@ rebuilding them is small next to its generation time). A module wrapped by PEFT 
 forward hooks is never fused or bypassed: it runs its own forward (its plain base `Linear` still gets the
 fast path). Never used with gradients enabled or off CPU.
 
-`decode_step(model)` (inside `decode_weights`) gives the generation loop a `DecodeStep`: the model's
+`decode_step(model, max_len)` (inside `decode_weights`) gives the generation loop a `DecodeStep`: the model's
 forward for one new token per sequence with the module calls taken out (see its docstring), for a
 plain model (no hooks, no PEFT wrappers); None otherwise, and the model's own forward runs.
 """
@@ -121,32 +121,39 @@ def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
 class DecodeStep:
     """`Transformer.forward(ids, attention_mask, position_ids, cache, last_only=True)` for one new token
     per sequence (ids (B, 1)), on a plain model inside `decode_weights`: the same operations on the same
-    tensors in the same order, each block's parts reached through their `forward` methods instead of
-    module calls. A module call (hook bookkeeping, `__getattr__` lookups) costs a few microseconds; a
-    decode step of the bench model made ~50 of them besides the block-general paths, about a tenth of
-    its time at batch 1 (3.58 -> 3.30 ms a token in an interleaved run, same tokens). Only for models
-    `decode_step` accepts: no module carries hooks, so skipping the calls changes nothing."""
+    tensors in the same order, with the parts of each block reached through methods (`Attention.attend`,
+    the MLP's `hidden`, the projections' and norms' `forward`) instead of module calls, none of the
+    forward's general paths (mask kinds, prefill, checkpointing), and RoPE's cos/sin looked up in tables
+    made once (`PositionScheme.step_prepare`). A module call (hook bookkeeping, `__getattr__` lookups)
+    costs several microseconds in a decode step, where the weights just streamed through the caches; the
+    bench model's forward made ~50 of them a token. Measured at batch 1 as paired medians of whole
+    generation calls: the methods -0.31 ms a token (3.41 -> 3.10), the projections and tables another
+    -0.13 ms, same tokens. Only for models `decode_step` accepts: no module carries hooks, so skipping
+    the calls changes nothing."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, max_len: int) -> None:
         self.model = model
         self.blocks = [(b.input_layernorm, b.self_attn, b.post_attention_layernorm, b.mlp) for b in model.layers]
+        self.prepare = model.positions.step_prepare(max_len)
 
     def __call__(self, ids: torch.Tensor, position_ids: torch.Tensor, key_padding: torch.Tensor | None,
                  cache: KVCache) -> torch.Tensor:
-        """ids, position_ids (B, 1); key_padding (B, >= filled slots + 1) or None -> logits (B, 1, V)."""
+        """ids, position_ids (B, 1) (positions below max_len); key_padding (B, >= filled slots + 1) or
+        None -> logits (B, 1, V)."""
         m = self.model
         spec = cache.attention_mask(m.attention_mask, 1, key_padding, ids.device)
         h = m.positions.embed(F.embedding(ids, m.embed_tokens.weight), position_ids)
-        rope: Any = m.positions.prepare(position_ids)
+        rope: Any = self.prepare(position_ids)
         for in_norm, attn, post_norm, mlp in self.blocks:
-            h = h + attn.forward(in_norm.forward(h), rope, spec, cache)
-            h = h + mlp.forward(post_norm.forward(h))
+            h = h + attn.o_proj.forward(attn.attend(in_norm.forward(h), rope, spec, cache))
+            h = h + mlp.down_proj.forward(mlp.hidden(post_norm.forward(h)))
         cache.advance(1)
         return decode_mm(m.norm.forward(h), m.head_decode_weight)
 
 
-def decode_step(model: nn.Module) -> DecodeStep | None:
-    """A `DecodeStep` for `model` (call inside `decode_weights`), or None where it does not apply: not an
+def decode_step(model: nn.Module, max_len: int) -> DecodeStep | None:
+    """A `DecodeStep` for `model` over positions below max_len (call inside `decode_weights`), or None
+    where it does not apply: not an
     LLM-Lab Transformer itself (PEFT or other wrappers), in training mode (dropout), a module that is
     not LLM-Lab's or torch's (LoRA layers), or forward hooks anywhere (on a module or global)."""
     if not isinstance(model, Transformer) or model.training or model.head_decode_weight is None:
@@ -157,4 +164,4 @@ def decode_step(model: nn.Module) -> DecodeStep | None:
         return None
     if not all(type(m).__module__.startswith(("llmlab.", "torch.nn.")) for m in model.modules()):
         return None  # e.g. PEFT's LoRA layers injected into the model
-    return DecodeStep(model)
+    return DecodeStep(model, max_len)

@@ -23,10 +23,14 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x), the input of down_proj."""
         if self.gate_up_decode is None or torch.is_grad_enabled():
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return F.silu(self.gate_proj(x)) * self.up_proj(x)
         gate, up = decode_mm(x, self.gate_up_decode).chunk(2, -1)  # one product for the two
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -39,7 +43,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(up(x)), the input of down_proj."""
+        return self.act(self.up_proj(x))
 
 
 def build_mlp(cfg: ModelConfig) -> nn.Module:
