@@ -111,7 +111,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x[start:end] = matmul_t(g, w.t()).to(x.dtype)
                 if grad_w is not None:
-                    grad_w += (g.t() @ h).to(acc)
+                    if g.dtype == acc:  # accumulate in place: no (V, D) temporary per chunk
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += (g.t() @ h).to(acc)
                 if grad_b is not None:
                     grad_b += probs.sum(0)
         ctx.save_for_backward(*(t for t in (grad_x, grad_w, grad_b) if t is not None))
