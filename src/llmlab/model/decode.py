@@ -156,7 +156,7 @@ def decode_step(model: nn.Module, max_len: int) -> DecodeStep | None:
     where it does not apply: not an
     LLM-Lab Transformer itself (PEFT or other wrappers), in training mode (dropout), a module that is
     not LLM-Lab's or torch's (LoRA layers), or forward hooks anywhere (on a module or global)."""
-    if not isinstance(model, Transformer) or model.training or model.head_decode_weight is None:
+    if type(model) is not Transformer or model.training or model.head_decode_weight is None:
         return None
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return None
