@@ -227,3 +227,39 @@ def test_step_prepare_equals_prepare(kw):
     got, want = positions.step_prepare(20)(ids), positions.prepare(ids)
     for g, w in zip(got, want) if isinstance(want, tuple) else [(got, want)]:
         assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(not linear_mod.onednn_ready(), reason="needs oneDNN")
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"activation": "gelu"}, {"tie_embeddings": True}])
+def test_packed_decode_weights_equal_plain_forward(kw):
+    m = _model(**kw)
+    ids = torch.randint(0, 128, (5, 9))
+    with torch.no_grad():
+        plain = m(ids)
+        with decode_weights(m, packed=True):
+            assert m.layers[0].self_attn.qkv_decode.is_mkldnn and m.layers[0].mlp.down_proj.decode_weight.is_mkldnn
+            assert m.head_decode_weight.is_mkldnn
+            fast = m(ids)  # the prefill shape: 45 rows
+            cache = m.new_cache(12)
+            m(ids[:, :-1], cache=cache)
+            step = m(ids[:, -1:], cache=cache)  # 5 rows
+        assert m.layers[0].self_attn.qkv_decode is None
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], plain[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not linear_mod.onednn_ready(), reason="needs oneDNN")
+def test_generation_packs_weights_from_four_rows(monkeypatch):
+    import llmlab.generate as gen
+    import llmlab.model.decode as decode
+
+    m = _model()
+    seen = []
+    real = decode.decode_weights
+    monkeypatch.setattr(gen, "decode_weights", lambda model, keep, packed: seen.append(packed) or real(model, keep, packed))
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    for rows in (1, 3, 4):
+        out = generate_tokens(m, prompts[:rows], max_new_tokens=10, temperature=0).responses
+        assert out[0] == _greedy_reference(m, prompts[0], 10)
+    assert seen == [False, False, True]
+    assert m.layers[0].mlp._decode_cache["gate_up_decode"][1].is_mkldnn  # kept for the next call (eval mode)

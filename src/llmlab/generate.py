@@ -21,7 +21,7 @@ from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast, model_device
 from llmlab.errors import ConfigError
 from llmlab.model.cache import StaticKVCache
-from llmlab.model.decode import decode_step, decode_weights
+from llmlab.model.decode import PACK_MIN_ROWS, decode_step, decode_weights
 
 # --------------------------------------------------------------------------------------------------
 # Samplers (pure)
@@ -179,7 +179,8 @@ def generate_tokens(
 
         n_out = N
         cpu_decode = device.type == "cpu" and N >= DECODE_WEIGHTS_MIN_TOKENS
-        fast = decode_weights(model, keep=not was_training) if cpu_decode else nullcontext()
+        packed = B >= PACK_MIN_ROWS and not static  # oneDNN-packed weights for several rows a step (eager)
+        fast = decode_weights(model, keep=not was_training, packed=packed) if cpu_decode else nullcontext()
         with fast, autocast(device):
             # on CPU: one flat step over the blocks (llmlab.model.decode.DecodeStep) where the model allows
             stepper = decode_step(model, P + N) if cpu_decode and use_cache and not static else None

@@ -42,7 +42,7 @@ from torch.nn.modules import module as module_hooks
 
 from llmlab.model.attention import Attention
 from llmlab.model.cache import KVCache
-from llmlab.model.linear import Linear, decode_mm, pack, plain
+from llmlab.model.linear import Linear, decode_mm, onednn_ready, pack, plain
 from llmlab.model.mlp import GatedMLP
 from llmlab.model.norms import RMSNorm
 from llmlab.model.transformer import Transformer
@@ -69,44 +69,62 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
     return [t for t in out if all(s.weight.device.type == "cpu" for s in t[2])]
 
 
-def _build(module: nn.Module, sources: list[nn.Module], threads: int) -> torch.Tensor:
+# From this many rows a decode step (the batch size) multiplies by oneDNN-packed weights. Measured on a
+# 2048 x 384 weight not in cache, 2 threads, us per product (blocked bmm / oneDNN on the plain weight /
+# oneDNN on the packed weight): 2 rows 109 / 204 / 167, 4 rows 235 / 390 / 179, 8 rows 307 / 404 / 167,
+# 16 rows 417 / 388 / 209; one row stays on the blocked bmm (126 / 200 / 189).
+PACK_MIN_ROWS = 4
+
+
+def _packable(sources: list[nn.Module]) -> bool:
+    return all(s.weight.dtype == torch.float32 for s in sources) and onednn_ready()
+
+
+def _build(module: nn.Module, sources: list[nn.Module], threads: int, packed: bool) -> torch.Tensor:
     if isinstance(module, RMSNorm):
         return torch.cat((module.weight, module.weight))
+    if packed and _packable(sources):  # oneDNN's own blocked layout of the (concatenated) weight
+        w = sources[0].weight if len(sources) == 1 else torch.cat([s.weight for s in sources], 0)
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
     return pack([s.weight for s in sources], threads)
 
 
-def _copies(module: nn.Module, sources: list[nn.Module]) -> bool:
-    """Whether the decode weight is a copy (not a view of the parameter)."""
-    return len(sources) > 1 or isinstance(module, RMSNorm)
+def _copy_bytes(module: nn.Module, sources: list[nn.Module], weight: torch.Tensor) -> int:
+    """Bytes the decode weight holds besides the parameters (0 for a view of the parameter)."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._nbytes(weight)
+    return weight.nbytes if len(sources) > 1 or isinstance(module, RMSNorm) else 0
 
 
-def _key(sources: list[nn.Module], threads: int) -> tuple:
-    return (threads,) + tuple((s.weight.data_ptr(), s.weight._version, tuple(s.weight.shape)) for s in sources)
+def _key(sources: list[nn.Module], threads: int, packed: bool) -> tuple:
+    return (threads, packed) + tuple((s.weight.data_ptr(), s.weight._version, tuple(s.weight.shape)) for s in sources)
 
 
 KEEP_MAX_BYTES = 1 << 30  # fused copies larger than this are freed after each call even when keep=True
 
 
 @contextlib.contextmanager
-def decode_weights(model: nn.Module, keep: bool = True) -> Iterator[None]:
+def decode_weights(model: nn.Module, keep: bool = True, packed: bool = False) -> Iterator[None]:
     """Within the block, CPU decoding of `model` reads the decode weights (built or reused on entry: do
     not change the weights inside the block). keep=False (or copies over KEEP_MAX_BYTES) frees the
-    cached copies on exit."""
+    cached copies on exit. packed=True (decoding PACK_MIN_ROWS or more rows a step, eagerly): every
+    projection's decode weight is a copy in oneDNN's packed layout instead (fp32, where oneDNN is
+    there), which multiplies several rows 1.3-2.3x faster than the blocked bmm."""
     threads = torch.get_num_threads()
     targets = _targets(model)
     try:
         with torch.no_grad(), torch.inference_mode(False):  # plain tensors, reusable in any mode
             for module, attr, sources in targets:
                 cache = module.__dict__.setdefault("_decode_cache", {})
-                key = _key(sources, threads)
+                key = _key(sources, threads, packed)
                 if attr not in cache or cache[attr][0] != key:
                     cache.pop(attr, None)  # free the stale copy before making the new one
-                    cache[attr] = (key, _build(module, sources, threads))
+                    cache[attr] = (key, _build(module, sources, threads, packed))
                 setattr(module, attr, cache[attr][1])
                 if attr == "qkv_decode":  # set even when None: the same instance state at every call
                     has_bias = sources[0].bias is not None
                     module.qkv_decode_bias = torch.cat([s.bias for s in sources]) if has_bias else None
-        copies = sum(module._decode_cache[attr][1].nbytes for module, attr, sources in targets if _copies(module, sources))
+        copies = sum(_copy_bytes(module, sources, module._decode_cache[attr][1]) for module, attr, sources in targets)
         keep = keep and copies <= KEEP_MAX_BYTES
         yield
     finally:

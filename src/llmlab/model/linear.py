@@ -109,11 +109,14 @@ DECODE_MIN_MACS = 1 << 20  # batched decoding: the bench model's smallest produc
 
 
 def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks.
+    """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks
+    (or w packed by oneDNN, see `llmlab.model.decode`).
     `torch.bmm` over the blocks reads the weight at close to memory bandwidth where MKL's one-row
     product does not (see `llmlab.model.decode`). Several rows (batched decoding) go to oneDNN's product
     over the whole weight where it is available: in generation at batch 8 and 16, 1.07-1.09x the tokens/s
     of the blocked bmm, with the same tokens."""
+    if w.is_mkldnn:  # oneDNN's packed layout (decoding several rows a step, `decode_weights(packed=True)`)
+        return _product(x, w)
     P, n, K = w.shape
     R = x.numel() // K
     # the rows enter as the transpose of (R, in), strides (0, 1, in): given as a fresh (in, R) column
