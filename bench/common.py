@@ -11,6 +11,7 @@ hits both sides alike, and reports medians. Peak memory is measured in a fresh c
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -241,3 +242,20 @@ def rounded(x: float, digits: int = 3) -> float:
 
 if __name__ == "__main__":
     emit({"machine": machine(), "fp32_matmul_peak_gflops": rounded(matmul_peak_flops() / 1e9)})
+
+
+def unpacked(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with `llmlab.model.decode`'s packed batched decoding turned off while it runs: on CPU,
+    `generate_tokens(compile=True)` at 4+ rows runs the eager packed decode; this shows what the compiled
+    decode itself does there."""
+    decode = importlib.import_module("llmlab.model.decode")
+
+    def run() -> Any:
+        real = decode.PACK_MIN_ROWS
+        decode.PACK_MIN_ROWS = 1 << 30
+        try:
+            return fn()
+        finally:
+            decode.PACK_MIN_ROWS = real
+
+    return run

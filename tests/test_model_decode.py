@@ -263,3 +263,12 @@ def test_generation_packs_weights_from_four_rows(monkeypatch):
         assert out[0] == _greedy_reference(m, prompts[0], 10)
     assert seen == [False, False, True]
     assert m.layers[0].mlp._decode_cache["gate_up_decode"][1].is_mkldnn  # kept for the next call (eval mode)
+
+
+@pytest.mark.skipif(not linear_mod.onednn_ready(), reason="needs oneDNN")
+def test_compile_with_four_rows_on_cpu_decodes_eagerly_packed(monkeypatch):
+    m = _model()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    eager = generate_tokens(m, prompts, max_new_tokens=10, temperature=0).responses
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: pytest.fail("compiled a 4-row CPU decode"))
+    assert generate_tokens(m, prompts, max_new_tokens=10, temperature=0, compile=True).responses == eager

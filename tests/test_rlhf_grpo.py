@@ -128,6 +128,11 @@ def test_sigterm_during_rollout_saves_and_lora_resume_is_exact(policy_dir, rewar
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="needs a C++ compiler")
 def test_compile_samples_rollouts_through_the_compiled_decoder(policy_dir, reward_file, tmp_path, monkeypatch):
+    import llmlab.model.decode as decode
+
+    # on CPU, 4+ rows a step decode eagerly with packed weights even under compile (faster there):
+    # raise that floor so these rollouts take the compiled decoder the option asks for
+    monkeypatch.setattr(decode, "PACK_MIN_ROWS", 1 << 20)
     compiled = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or real_compile(model, **kw))

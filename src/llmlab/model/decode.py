@@ -76,6 +76,13 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Module]]]:
 PACK_MIN_ROWS = 4
 
 
+def packs(model: nn.Module, rows: int) -> bool:
+    """Whether decoding `rows` rows a step multiplies by packed weights (`decode_weights(packed=True)`):
+    PACK_MIN_ROWS or more rows, an fp32 model, oneDNN there."""
+    weight = next(model.parameters(), None)
+    return rows >= PACK_MIN_ROWS and weight is not None and weight.dtype == torch.float32 and onednn_ready()
+
+
 def _packable(sources: list[nn.Module]) -> bool:
     return all(s.weight.dtype == torch.float32 for s in sources) and onednn_ready()
 
