@@ -15,7 +15,13 @@ call, what each module multiplies by:
 - RMSNorms: their weight twice over, (2 D,), for `llmlab.model.norms.rms_norm_by_layer_norm` (one
   fused op per norm instead of about ten small ones in a decode step).
 
-The concatenated copies are cached on the modules and reused while the source parameters are unchanged
+With `packed=True` (generation of PACK_MIN_ROWS or more sequences, eager, fp32, oneDNN there) every
+projection and the LM head multiply instead by a copy of their (concatenated) weight in oneDNN's packed
+layout: products of a few rows by a plain weight ran at 8-10 GB/s in every library call tried, by the
+packed weight about twice as fast (numbers at PACK_MIN_ROWS). That costs one copy of all those
+weights (0.66x of the layers' weights without packing), cached and freed by the same rules.
+
+The copies are cached on the modules and reused while the source parameters are unchanged
 (same storage, same in-place version counter): an optimizer step, `load_state_dict` or any in-place edit
 makes the next call rebuild them. `keep=False` frees them on exit (generation from a model in training
 mode, e.g. RL rollouts, whose weights change after every rollout), and so does a model whose copies
