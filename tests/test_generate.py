@@ -6,7 +6,15 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from llmlab.generate import generate, generate_tokens, sample_next, top_k_filter, top_p_filter
+from llmlab.generate import (
+    generate,
+    generate_tokens,
+    sample_from,
+    sample_next,
+    sampling_distribution,
+    top_k_filter,
+    top_p_filter,
+)
 from llmlab.model import build_model
 
 
@@ -113,3 +121,42 @@ def test_compiled_generation_equals_eager(monkeypatch):
     assert compiled_models == [m]  # the decode steps really went through torch.compile
     assert torch.equal(compiled.sequences, eager.sequences)
     assert compiled.responses == eager.responses
+
+
+def _reference_distribution(logits, top_k, top_p):
+    return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(-1)
+
+
+@pytest.mark.parametrize("vocab,scale", [(50, 2.0), (3000, 8.0), (3000, 0.05)])  # small; peaked; near-flat
+@pytest.mark.parametrize("top_k", [0, 5, 1500, 3000])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.3])
+def test_sampling_distribution_equals_the_filters(vocab, scale, top_k, top_p):
+    g = torch.Generator().manual_seed(vocab + top_k)
+    logits = torch.randn(3, vocab, generator=g) * scale
+    logits[1, 7] = float("-inf")  # a token masked out (e.g. by a hook)
+    weights, ids = sampling_distribution(logits, top_k, top_p)
+    dist = torch.zeros_like(logits)
+    dist = weights if ids is None else dist.scatter(-1, ids, weights)
+    dist = dist / dist.sum(-1, keepdim=True)
+    torch.testing.assert_close(dist, _reference_distribution(logits, top_k, top_p), rtol=1e-4, atol=1e-6)
+
+
+def test_nucleus_within_the_candidates_sorts_no_whole_vocabulary(monkeypatch):
+    import llmlab.generate as gen
+
+    logits = torch.randn(2, 20000, generator=torch.Generator().manual_seed(0)) * 8  # peaked: a small nucleus
+    want = _reference_distribution(logits, 0, 0.9)
+    monkeypatch.setattr(gen, "top_p_filter", lambda *a: pytest.fail("sorted the whole vocabulary"))
+    weights, ids = sampling_distribution(logits, 0, 0.9)
+    assert ids.shape[-1] == gen.NUCLEUS_CANDIDATES
+    got = torch.zeros_like(logits).scatter(-1, ids, weights)
+    torch.testing.assert_close(got / got.sum(-1, keepdim=True), want, rtol=1e-4, atol=1e-6)
+
+
+def test_sample_from_draws_in_proportion():
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0, 4.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_from(weights, g) for _ in range(4000)])
+    assert set(draws[:, 0].tolist()) == {1, 2, 4} and set(draws[:, 1].tolist()) == {0}
+    freq = torch.bincount(draws[:, 0], minlength=5).float() / 4000
+    torch.testing.assert_close(freq, weights[0] / 8, atol=0.03, rtol=0)

@@ -29,13 +29,15 @@ def test_ppo_raises_reward_with_bounded_kl(policy_dir, reward_file, tmp_path):
     from llmlab.rlhf.value_head import VALUE_HEAD_FILE
 
     run_rlhf(_cfg(policy_dir, reward_file, tmp_path), progress=False)
+    run_rlhf(_cfg(policy_dir, reward_file, tmp_path / "free", kl_coef=0.0), progress=False)
     logged = [r for r in read_metrics(tmp_path) if "reward" in r]
     first, last = logged[0], logged[-1]
     assert len(logged) == 6
     assert first["reward"] < 0.2 and last["reward"] > first["reward"] + 0.25
-    # The penalty binds: the KL levels off (~12 nats per 8-token response here; without the penalty, or at
-    # kl_coef=0.01, it passes 25 within these steps and keeps growing).
-    assert 1 < last["kl"] < 20 and last["kl_coef"] == 0.02
+    # The penalty binds: without it the KL passes 25 nats per 8-token response within these steps (35-42
+    # across seeds) and keeps growing; at kl_coef=0.02 it stays well below that (12-22 across seeds).
+    free = [r for r in read_metrics(tmp_path / "free") if "reward" in r][-1]
+    assert free["kl"] > 25 and 1 < last["kl"] < 0.7 * free["kl"] and last["kl_coef"] == 0.02
     assert (tmp_path / "best" / VALUE_HEAD_FILE).is_file()
 
 

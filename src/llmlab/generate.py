@@ -48,14 +48,54 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# top-p looks for its nucleus among this many most likely tokens first (a partial selection) and sorts
+# the whole vocabulary only for a row whose nucleus is larger. At Qwen's 151,936 tokens on this 2-core CPU
+# a full sort took 12.7 ms, the top 1,024 0.7 ms.
+NUCLEUS_CANDIDATES = 1024
+
+
+def sampling_distribution(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution `top_p_filter(top_k_filter(logits, top_k), top_p).softmax(-1)` samples from, as
+    (weights (B, C), ids (B, C) or None): unnormalised weights over candidate token ids (None: all V ids
+    in order), zero where a token is filtered out. Equal to the filters' distribution up to float
+    rounding (tested), computed without sorting the whole vocabulary when the top-k or the nucleus lies
+    within the NUCLEUS_CANDIDATES most likely tokens (on CPU for top-p alone: the check of that is a host
+    sync, free there; on CUDA a full sort is cheap)."""
+    V = logits.shape[-1]
+    k = top_k if 0 < top_k < V else V
+    if top_p >= 1.0:
+        if k == V:
+            return (logits - logits.amax(-1, keepdim=True)).exp(), None
+        vals, ids = torch.topk(logits, k, dim=-1)
+        return (vals - vals[:, :1]).exp(), ids
+    if k <= NUCLEUS_CANDIDATES or (k == V and logits.device.type == "cpu"):
+        vals, ids = torch.topk(logits, min(k, NUCLEUS_CANDIDATES), dim=-1)  # sorted, descending
+        probs = (vals - (vals if k <= NUCLEUS_CANDIDATES else logits).logsumexp(-1, keepdim=True)).exp()
+        if k <= NUCLEUS_CANDIDATES or bool((probs.sum(-1) >= top_p).all()):
+            drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+            return probs.masked_fill(drop, 0.0), ids
+    return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(-1), None  # sorts all V
+
+
+def sample_from(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C) non-negative weights -> (B,) column indices drawn in proportion to them: one uniform number
+    per row against the cumulative sum (fp64). torch.multinomial drew from 151,936 weights in ~3 ms here,
+    this in ~0.3."""
+    cdf = weights.double().cumsum(-1)
+    u = torch.rand((weights.shape[0], 1), generator=generator, dtype=torch.float64, device=weights.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy."""
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; otherwise a draw from the temperature-
+    scaled distribution after the top-k and nucleus (top-p) filters."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    weights, ids = sampling_distribution(logits.float() / temperature, top_k, top_p)
+    drawn = sample_from(weights, generator)
+    return drawn if ids is None else ids.gather(-1, drawn[:, None]).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------
