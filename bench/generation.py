@@ -4,7 +4,8 @@ same weights (LlamaForCausalLM, converted with `llmlab.hf.llmlab_state_to_hf`), 
     OMP_NUM_THREADS=2 .venv/bin/python bench/generation.py            # prints JSON
     OMP_NUM_THREADS=2 .venv/bin/python bench/generation.py --compile  # also generate_tokens(compile=True)
 
-Tokens/s = batch x new tokens / wall time of the whole call (prefill included). Both sides generate
+Tokens/s = batch x new tokens / wall time of the whole call (prefill included). `sampled_batch_1`: batch 1
+with temperature 0.7 and top-p 0.9 on both sides (speed only: the random streams differ). Both sides generate
 exactly `new` tokens (no stop token), and the greedy tokens are checked to agree. With --compile the
 compiled decode (`generate_tokens(..., compile=True)`: torch.compile over a static KV cache) is timed too;
 its first call, which compiles, is reported apart as `compile_s`. On CPU, `compile=True` at 4+ rows runs
@@ -71,7 +72,21 @@ def run(quick: bool = False, compile_: bool = False, device: str = "cpu", dtype:
             row["compiled_tokens_match"] = bool(torch.equal(fns["ours_compiled"]().cpu(), fns["ours"]().cpu()))
         row["greedy_tokens_match_hf"] = same
         out[f"batch_{B}"] = row
+    out["sampled_batch_1"] = sampled(model, hf, cfg, repeats, new, device)
     return out
+
+
+def sampled(model, hf, cfg, repeats: int, new: int, device: str) -> dict[str, Any]:
+    """Batch 1 with the chat defaults' sampling (temperature 0.7, nucleus 0.9, no top-k) on both sides:
+    speed only (the random streams differ)."""
+    ids = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(7)).to(device)
+    fns = {"ours": lambda: generate_tokens(model, ids, max_new_tokens=new, temperature=0.7, top_p=0.9),
+           "hf": lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=0.7,
+                                     top_p=0.9, top_k=0, pad_token_id=0, attention_mask=torch.ones_like(ids))}
+    times = common.interleaved(fns, repeats)
+    row: dict[str, Any] = {k: {"tokens_per_s": round(new / common.median(t), 1)} for k, t in times.items()}
+    row["speedup_vs_hf"] = round(row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"], 2)
+    return row
 
 
 def main() -> None:
