@@ -11,7 +11,6 @@ import signal
 import pytest
 import torch
 
-from llmlab.checkpoint import read_checkpoint
 from llmlab.config import RLHFConfig
 from llmlab.model import build_model
 from llmlab.rlhf.grpo import group_reward_stats, grpo_update
@@ -83,6 +82,7 @@ def test_group_reward_stats_by_hand():
 
 
 def test_sigterm_during_rollout_saves_and_lora_resume_is_exact(policy_dir, reward_file, tmp_path, monkeypatch):
+    from llmlab.checkpoint import read_checkpoint
     from llmlab.rlhf import grpo
 
     lora = dict(use_lora=True, lora_preset="minimal", lora_r=4, max_steps=4, log_every=1, eval_every=100,
@@ -141,16 +141,3 @@ def test_compile_samples_rollouts_through_the_compiled_decoder(policy_dir, rewar
     logged = [r for r in read_metrics(tmp_path) if "reward" in r]
     assert logged and all(0 <= r["reward"] <= 1 for r in logged)
     assert (tmp_path / "best" / "config.json").is_file()
-
-
-def test_best_keeps_the_later_policy_when_the_validation_reward_ties(policy_dir, tmp_path):
-    """A constant reward ties every evaluation: best/ is the last evaluated policy, not the first (greedy
-    rewards on a few held-out prompts are coarse and saturate, and a later policy scoring the same has
-    trained more)."""
-    path = tmp_path / "const_reward.py"
-    path.write_text("def const(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
-    run_rlhf(_cfg(policy_dir, f"{path}:const", tmp_path / "run", max_steps=6, eval_every=2, save_best_only=True),
-             progress=False)
-    evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "val_reward" in r]
-    assert evaluated == [2, 4, 6]
-    assert read_checkpoint(tmp_path / "run" / "best").trainer_state()["step"] == 6

@@ -16,9 +16,8 @@ agree and PPO/GRPO ratios start at exactly 1.
 The loop follows `llmlab.train.loop`'s conventions and reuses its pieces (`MetricsLogger`, `StopFlag`,
 RNG capture, `TrainingError`): one step is one algorithm step (a rollout batch and its updates, or one
 DPO batch); `metrics.jsonl`, TensorBoard, a progress bar and `loss.png` plus `rewards.png`;
-`best/` after an evaluation that improves or matches the stage's best metric (greedy reward on held-out
-prompts for PPO and GRPO, validation reward accuracy for DPO: coarse fractions that often saturate, so
-of two policies scoring the same the later, more trained one is kept), with `best_lora_adapters/` beside it under LoRA; `latest/`
+`best/` after an evaluation that improves the stage's metric (greedy reward on held-out prompts for PPO
+and GRPO, validation reward accuracy for DPO), with `best_lora_adapters/` beside it under LoRA; `latest/`
 every save_every steps unless save_best_only, and always on Ctrl-C/SIGTERM. A signal during a rollout
 abandons that rollout (nothing was updated yet), rewinds its data and sampling state and saves, so the
 resumed run redoes exactly that step. Resume restores weights, optimizer, data positions, random
@@ -303,7 +302,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
 
     def consider_best(value: float | None) -> None:
         nonlocal best
-        if value is not None and math.isfinite(value) and (best is None or value >= best):  # ties: the later
+        if value is not None and math.isfinite(value) and (best is None or value > best):
             best = value
             save("best")
 
