@@ -5,7 +5,8 @@ same weights (LlamaForCausalLM, converted with `llmlab.hf.llmlab_state_to_hf`), 
     OMP_NUM_THREADS=2 .venv/bin/python bench/generation.py --compile  # also generate_tokens(compile=True)
 
 Tokens/s = batch x new tokens / wall time of the whole call (prefill included). `sampled_batch_1`: batch 1
-with temperature 0.7 and top-p 0.9 on both sides (speed only: the random streams differ). Both sides generate
+with temperature 0.7 and top-p 0.9 on both sides (speed only: the random streams differ);
+`sampler_ms_qwen_vocab`: one such sampling step alone at Qwen's 151,936-token vocabulary. Both sides generate
 exactly `new` tokens (no stop token), and the greedy tokens are checked to agree. With --compile the
 compiled decode (`generate_tokens(..., compile=True)`: torch.compile over a static KV cache) is timed too;
 its first call, which compiles, is reported apart as `compile_s`. On CPU, `compile=True` at 4+ rows runs
@@ -73,6 +74,27 @@ def run(quick: bool = False, compile_: bool = False, device: str = "cpu", dtype:
         row["greedy_tokens_match_hf"] = same
         out[f"batch_{B}"] = row
     out["sampled_batch_1"] = sampled(model, hf, cfg, repeats, new, device)
+    out["sampler_ms_qwen_vocab"] = sampler_ms(device)
+    return out
+
+
+def sampler_ms(device: str, vocab: int = common.QWEN_VOCAB, repeats: int = 15) -> dict[str, Any]:
+    """One sampling of one row at Qwen's vocabulary with the chat defaults (temperature 0.7, top-p 0.9):
+    `llmlab.generate.sample_next` vs HF's logits warpers and `torch.multinomial`, on logits as peaked as
+    a trained model's (scale 8: a nucleus of a few tokens) and flatter (scale 2: hundreds), ms, medians."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from llmlab.generate import sample_next
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)])
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    out: dict[str, Any] = {"vocab_size": vocab}
+    for name, scale in (("peaked", 8.0), ("flatter", 2.0)):
+        logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)).to(device) * scale
+        fns = {"ours": lambda x=logits: sample_next(x, 0.7, 0, 0.9),
+               "hf": lambda x=logits: torch.multinomial(warpers(ids, x.clone()).softmax(-1), 1)}
+        times = common.interleaved(fns, repeats)
+        out[name] = {k: round(common.median(t) * 1e3, 3) for k, t in times.items()}
     return out
 
 
