@@ -148,7 +148,19 @@ def test_nucleus_within_the_candidates_sorts_no_whole_vocabulary(monkeypatch):
     want = _reference_distribution(logits, 0, 0.9)
     monkeypatch.setattr(gen, "top_p_filter", lambda *a: pytest.fail("sorted the whole vocabulary"))
     weights, ids = sampling_distribution(logits, 0, 0.9)
-    assert ids.shape[-1] == gen.NUCLEUS_CANDIDATES
+    assert ids.shape[-1] == gen.NUCLEUS_CANDIDATES[0]
+    got = torch.zeros_like(logits).scatter(-1, ids, weights)
+    torch.testing.assert_close(got / got.sum(-1, keepdim=True), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_wider_nucleus_is_found_among_more_candidates_before_a_full_sort(monkeypatch):
+    import llmlab.generate as gen
+
+    logits = torch.randn(2, 40000, generator=torch.Generator().manual_seed(0)) * 2.0  # flatter: a wide nucleus
+    want = _reference_distribution(logits, 0, 0.9)
+    monkeypatch.setattr(gen, "top_p_filter", lambda *a: pytest.fail("sorted the whole vocabulary"))
+    weights, ids = sampling_distribution(logits, 0, 0.9)
+    assert ids.shape[-1] == gen.NUCLEUS_CANDIDATES[1] and (weights > 0).sum(-1).min() > gen.NUCLEUS_CANDIDATES[0]
     got = torch.zeros_like(logits).scatter(-1, ids, weights)
     torch.testing.assert_close(got / got.sum(-1, keepdim=True), want, rtol=1e-4, atol=1e-6)
 
