@@ -244,18 +244,25 @@ if __name__ == "__main__":
     emit({"machine": machine(), "fp32_matmul_peak_gflops": rounded(matmul_peak_flops() / 1e9)})
 
 
-def unpacked(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` with `llmlab.model.decode`'s packed batched decoding turned off while it runs: on CPU,
-    `generate_tokens(compile=True)` at 4+ rows runs the eager packed decode; this shows what the compiled
-    decode itself does there."""
-    decode = importlib.import_module("llmlab.model.decode")
+def with_attr(module: str, attr: str, value: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Decorator: the function runs with `module.attr` set to `value`, restored after each call."""
+    mod = importlib.import_module(module)
 
-    def run() -> Any:
-        real = decode.PACK_MIN_ROWS
-        decode.PACK_MIN_ROWS = 1 << 30
-        try:
-            return fn()
-        finally:
-            decode.PACK_MIN_ROWS = real
+    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            real = getattr(mod, attr)
+            setattr(mod, attr, value)
+            try:
+                return fn()
+            finally:
+                setattr(mod, attr, real)
 
-    return run
+        return run
+
+    return wrap
+
+
+# `fn` with `llmlab.model.decode`'s packed batched decoding turned off while it runs: on CPU,
+# `generate_tokens(compile=True)` at 4+ rows runs the eager packed decode; this shows what the compiled
+# decode itself does there.
+unpacked = with_attr("llmlab.model.decode", "PACK_MIN_ROWS", 1 << 30)

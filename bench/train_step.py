@@ -91,19 +91,8 @@ def step_fn(kind: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ids: 
     return step
 
 
-def without_onednn(step: Callable[[], float]) -> Callable[[], float]:
-    """`step` with `llmlab.model.linear`'s oneDNN products turned off while it runs."""
-    linear = importlib.import_module("llmlab.model.linear")
-
-    def run() -> float:
-        real = linear._onednn
-        linear._onednn = lambda *a, **kw: False
-        try:
-            return step()
-        finally:
-            linear._onednn = real
-
-    return run
+# `step` with `llmlab.model.linear`'s oneDNN products turned off while it runs
+without_onednn = common.with_attr("llmlab.model.linear", "_onednn", lambda *a, **kw: False)
 
 
 def build(kind: str, vocab: int, checkpointing: bool = False):

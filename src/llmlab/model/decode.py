@@ -184,15 +184,14 @@ class DecodeStep:
 
 def decode_step(model: nn.Module, max_len: int) -> DecodeStep | None:
     """A `DecodeStep` for `model` over positions below max_len (call inside `decode_weights`), or None
-    where it does not apply: not an
-    LLM-Lab Transformer itself (PEFT or other wrappers), in training mode (dropout), a module that is
-    not LLM-Lab's or torch's (LoRA layers), or forward hooks anywhere (on a module or global)."""
+    where it does not apply: not an LLM-Lab Transformer itself (PEFT or other wrappers), in training mode
+    (dropout), a module that is not LLM-Lab's or torch's (e.g. PEFT's LoRA layers injected into the
+    model), or forward hooks anywhere (on a module or global)."""
     if type(model) is not Transformer or model.training or model.head_decode_weight is None:
         return None
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return None
-    if not all(type(m).__module__.startswith(("llmlab.", "torch.nn.")) for m in model.modules()):
-        return None  # e.g. PEFT's LoRA layers injected into the model
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or not type(m).__module__.startswith(("llmlab.", "torch.nn.")):
+            return None
     return DecodeStep(model, max_len)

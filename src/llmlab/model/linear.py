@@ -112,9 +112,9 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in) times a decode weight w (P, out / P, in): the (out, in) weight cut into P row blocks
     (or w packed by oneDNN, see `llmlab.model.decode`).
     `torch.bmm` over the blocks reads the weight at close to memory bandwidth where MKL's one-row
-    product does not (see `llmlab.model.decode`). Several rows (batched decoding) go to oneDNN's product
-    over the whole weight where it is available: in generation at batch 8 and 16, 1.07-1.09x the tokens/s
-    of the blocked bmm, with the same tokens."""
+    product does not (see `llmlab.model.decode`). Several rows on a plain decode weight (a prefill, or 2
+    to 3 sequences a step; from 4 the weights are packed) go to oneDNN's product over the whole weight
+    from DECODE_MIN_MACS, where it is available."""
     if w.is_mkldnn:  # oneDNN's packed layout (decoding several rows a step, `decode_weights(packed=True)`)
         return _product(x, w)
     P, n, K = w.shape
