@@ -1,7 +1,7 @@
 """The CUDA benchmarks behind `bench/gpu.sh`: a ~125M model (d_model 768, 12 layers, 12 heads, 4 KV heads,
 d_ff 2048, vocab 32,000) in bf16 autocast, LLM-Lab vs transformers' LlamaForCausalLM on the same weights:
-training tokens/s and MFU (eager and torch.compile, flash SDPA), generation tokens/s at batch 1 and 8,
-and the chunked loss's peak memory at Qwen's vocabulary.
+training tokens/s and MFU (eager and torch.compile, flash SDPA), generation tokens/s at batch 1 and 8
+(eager, and `compile=True`: CUDA graphs), and the chunked loss's peak memory at Qwen's vocabulary.
 
     bash bench/gpu.sh                               # on a CUDA machine; JSON to stdout and $OUT/gpu_bench.json
     python3 bench/gpu.py --dry-run                  # the same code paths on CPU with a tiny model
@@ -153,6 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the code paths")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    p.add_argument("--parts", default="train,generation,memory", help="comma-separated subset to run")
     a = p.parse_args()
     device = "cpu" if a.dry_run else "cuda"
     result: dict[str, Any] = {"bench": "gpu", "machine": common.machine(), "dry_run": a.dry_run}
@@ -169,16 +170,22 @@ def main() -> None:
                          "parameters": count_parameters(cfg)},
                   peak_bf16_tflops=round(peak / 1e12, 1), peak_source=source, dtype="bf16 autocast, fp32 weights")
     batch, seq, steps = (2, 64, 2) if a.dry_run else (16, 1024, 5)
-    result["train_eager"] = guarded("train eager", train, cfg, device, batch, seq, peak, False, steps, need_s=30)
-    if not a.no_compile:
+    parts = set(a.parts.split(","))
+    compile_ = not a.no_compile
+    if "train" in parts:
+        result["train_eager"] = guarded("train eager", train, cfg, device, batch, seq, peak, False, steps, need_s=30)
+    if "generation" in parts:
+        import generation
+
+        # compile=True on CUDA: each decode step replayed as a CUDA graph (llmlab.generate.graph_cache)
+        result["generation"] = guarded("generation", generation.run, quick=True, compile_=compile_, device=device,
+                                       dtype=torch.bfloat16 if device == "cuda" else torch.float32, cfg=cfg,
+                                       new=32 if a.dry_run else 128, need_s=90 if compile_ else 40)
+    if "memory" in parts:
+        result["chunked_loss_memory"] = guarded("chunked memory", chunked_memory, cfg, device, 4, 1024, need_s=20)
+    if "train" in parts and compile_:
         result["train_compiled"] = guarded("train compiled", train, cfg, device, batch, seq, peak, True, steps,
                                            need_s=120)
-    import generation
-
-    result["generation"] = guarded("generation", generation.run, quick=True, device=device, dtype=torch.bfloat16
-                                   if device == "cuda" else torch.float32, cfg=cfg, new=32 if a.dry_run else 128,
-                                   need_s=40)
-    result["chunked_loss_memory"] = guarded("chunked memory", chunked_memory, cfg, device, 4, 1024, need_s=20)
     result["wall_s"] = round(time.perf_counter() - START, 1)
     finish(result)
 

@@ -46,6 +46,32 @@ def test_cached_generation_matches_uncached_logits_on_cuda():
     assert a.sequences.is_cuda and agree > 0.9  # bf16 kernels may round differently near ties
 
 
+def test_compiled_generation_replays_one_cuda_graph_across_calls(monkeypatch):
+    """compile=True on CUDA: the decode step is graphed (no skip); a second call of the same batch size
+    and cache bucket replays the first call's graph (no new recording); in fp32 the tokens equal eager's,
+    left padding included (bf16 kernels fused differently may break near-ties)."""
+    import contextlib
+
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    import llmlab.generate as gen
+
+    monkeypatch.setattr(gen, "autocast", lambda device: contextlib.nullcontext())  # fp32 on CUDA
+    m = build_model(tiny_config(init_std=0.2)).cuda().eval()
+    calls = [[[5, 6, 7, 8], [9, 10]], [[1, 2, 3], [4, 5, 6, 7, 8]]]
+    eager = [generate_tokens(m, p, max_new_tokens=12, temperature=0).sequences for p in calls]
+    counters.clear()
+    first = generate_tokens(m, calls[0], max_new_tokens=12, temperature=0, compile=True)
+    manager = cudagraph_trees.get_manager(0, create_if_none_exists=False)
+    assert manager is not None, "no CUDA graph tree: the decode step was not graphed"
+    recorded = sum(len(nodes) for nodes in manager.roots.values())
+    again = generate_tokens(m, calls[1], max_new_tokens=12, temperature=0, compile=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded >= 1 and sum(len(nodes) for nodes in manager.roots.values()) == recorded
+    assert torch.equal(first.sequences, eager[0]) and torch.equal(again.sequences, eager[1])
+
+
 def _model_cfg(tok_dir):
     return ModelConfig(tokenizer_name=tok_dir, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, n_layers=2,
                        vocab_size=512, max_seq_len=128)

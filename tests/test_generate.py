@@ -99,6 +99,30 @@ def test_static_cache_steps_equal_the_growing_cache(pe, window, monkeypatch):
     assert static == plain
 
 
+@pytest.mark.parametrize("pe,window", [("rope", None), ("alibi", None), ("rope", 4)])
+def test_graph_cache_is_reused_emptied_and_masked_over_its_rounded_length(pe, window, monkeypatch):
+    """compile=True's CUDA-graph path, run eagerly on CPU: the cache is rounded up to GRAPH_SLOTS slots
+    (padding mask widened to match) and kept with the model; the next call of the same batch size
+    reuses the same buffers, emptied, with stale keys in them, and still gives the growing cache's tokens."""
+    import llmlab.generate as gen
+
+    m = _m(positional_encoding=pe, sliding_window=window)
+    calls = [[[5, 6, 7, 8, 9, 10], [3, 4], [11, 12, 13, 14]], [[20, 21], [22, 23, 24, 25, 26, 27, 28], [29]]]
+    plain = [generate_tokens(m, p, max_new_tokens=12, temperature=0).responses for p in calls]
+    monkeypatch.setattr(gen, "GRAPH_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    buffers = []
+    for prompts, want in zip(calls, plain):
+        assert generate_tokens(m, prompts, max_new_tokens=12, temperature=0, compile=True).responses == want
+        (key, cache), = gen._graph_caches[m].items()
+        assert key == (3, gen.GRAPH_SLOTS) and int(cache.length) > 12
+        buffers.append(cache.k[0].data_ptr())
+    assert buffers[0] == buffers[1]  # the same buffers: a recorded graph's addresses stay valid
+    for batch in range(1, gen.GRAPH_CACHES + 1):  # other sizes: fresh caches, the least recent dropped
+        assert gen.graph_cache(m, batch, 300, torch.device("cpu")).max_len == 2 * gen.GRAPH_SLOTS
+    assert list(gen._graph_caches[m]) == [(b, 2 * gen.GRAPH_SLOTS) for b in range(1, gen.GRAPH_CACHES + 1)]
+
+
 def test_compile_without_a_compiler_is_a_one_line_error(monkeypatch):
     from llmlab.errors import ConfigError
 

@@ -10,6 +10,8 @@ are thin layers over `generate_tokens`.
 from __future__ import annotations
 
 import shutil
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -158,6 +160,10 @@ def check_compiler(device: torch.device) -> None:
                           "or generate without --compile")
 
 
+GRAPH_DEVICES = ("cuda",)  # where compile=True replays each decode step as a graph
+GRAPH_SLOTS = 256  # compile=True on CUDA: cache slots rounded up to a multiple of this (one graph per size)
+GRAPH_CACHES = 4  # caches (batch size, rounded length) kept per model
+_graph_caches: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
 STOP_CHECK_EVERY = 8  # steps between "has every sequence stopped?" checks (each one syncs with the host)
 DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with `decode_weights`
 
@@ -192,8 +198,10 @@ def generate_tokens(
 
     compile=True runs the decode steps through `torch.compile` over a `StaticKVCache`: every step has
     the same shapes, the cache length is marked dynamic, so one compiled step serves every prompt and
-    output length of a batch size and is reused by later calls; the prefill stays eager. Worth it for
-    long or repeated generation: the first call pays the compilation (10-20 s on this 2-core CPU). On
+    output length of a batch size and is reused by later calls; the prefill stays eager. On CUDA each step
+    is replayed as a CUDA graph (mode "reduce-overhead": one launch a step instead of one a kernel),
+    over cache buffers kept with the model for the next call (`graph_cache`). Worth it for long or
+    repeated generation: the first call pays the compilation (10-20 s on this 2-core CPU). On
     CPU, batches of PACK_MIN_ROWS (4) or more rows decode eagerly with oneDNN-packed weights even with
     compile=True: that beat the compiled decode (`llmlab.model.decode`)."""
     cfg = base_transformer(model).config
@@ -222,11 +230,14 @@ def generate_tokens(
         # the decode steps compiled, over a static cache; not where the packed eager decode runs (CPU,
         # 4+ rows), which measured faster than the compiled one (batch 16: 2,066 vs 1,630 tokens/s)
         static = compile and use_cache and not packed
+        graphs = static and device.type in GRAPH_DEVICES  # each compiled decode step replayed as a CUDA graph
         step_model = model
         if static:
             check_compiler(device)
-            cache = StaticKVCache(cfg.n_layers, P + N, device)
-            step_model = torch.compile(model)
+            cache = graph_cache(model, B, P + N, device) if graphs else StaticKVCache(cfg.n_layers, P + N, device)
+            step_model = torch.compile(model, mode="reduce-overhead") if graphs else torch.compile(model)
+            if mask is not None and cache.max_len > P + N:  # key padding over every slot of the cache
+                mask = torch.cat([mask, mask.new_ones(B, cache.max_len - P - N)], 1)
         else:
             cache = base_transformer(model).new_cache(P + N) if use_cache else None
 
@@ -244,8 +255,12 @@ def generate_tokens(
                 elif use_cache and t > 0:
                     if t == 1 and static:  # any cache length, one compiled step
                         cache.mark_dynamic()
+                        if graphs:
+                            cache.mark_static()
                         if mask is not None:
                             torch._dynamo.mark_dynamic(mask, 1)
+                    if graphs:  # the last step's outputs are consumed: the graph may overwrite them
+                        torch.compiler.cudagraph_mark_step_begin()
                     # a fresh (B, 1) column: the same strides whatever the buffer's length
                     logits = step_model(seq[:, P + t - 1 : P + t].clone(memory_format=torch.contiguous_format),
                                         attention_mask=padding(P + t),
@@ -270,6 +285,24 @@ def generate_tokens(
     model.train(was_training)
     # clones outside inference mode: ordinary tensors that training code may use with autograd
     return GenerationOutput(seq[:, : P + n_out].clone(), P, resp_mask[:, :n_out].long(), prompt_mask.clone())
+
+
+def graph_cache(model: nn.Module, batch: int, slots: int, device: torch.device) -> StaticKVCache:
+    """compile=True's cache on CUDA. A CUDA graph replays reads and writes at the addresses it recorded,
+    so caches are kept with the model (until it is freed; the GRAPH_CACHES most recent sizes) and
+    reused, emptied, by the next call of the same batch size and rounded length (GRAPH_SLOTS): repeated
+    generation (chat turns, RL rollouts and evaluations) replays recorded graphs instead of recording
+    one per call."""
+    slots = -(-slots // GRAPH_SLOTS) * GRAPH_SLOTS
+    kept = _graph_caches.setdefault(model, OrderedDict())
+    cache = kept.pop((batch, slots), None)
+    if cache is None:
+        cache = StaticKVCache(base_transformer(model).config.n_layers, slots, device)
+        while len(kept) >= GRAPH_CACHES:
+            kept.popitem(last=False)
+    kept[(batch, slots)] = cache  # the most recent last
+    cache.reset()
+    return cache
 
 
 def generate(model: nn.Module, input_ids, max_new_tokens: int = 256, temperature: float = 0.7,

@@ -7,7 +7,9 @@ slot arithmetic; padding is masked through the attention mask the generation eng
 `StaticKVCache` keeps the fill level in a 0-d tensor and hands attention the whole buffer with unfilled
 slots masked: no shape and no Python number changes from one decode step to the next, so a
 `torch.compile`d step is traced once (`generate_tokens(..., compile=True)`); `mark_dynamic()` lets that
-one trace serve buffers of any length.
+one trace serve buffers of any length. On CUDA that step is replayed as a CUDA graph, which reads and
+writes the cache at fixed addresses: `mark_static()` says so, and `reset()` lets the next generation reuse
+the same buffers (and so the recorded graph).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class StaticKVCache(KVCache):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, Hkv, T, hd) at slots [length, length+T); return the whole buffers."""
-        if self.k[layer] is None:  # zeros: unfilled slots are read (and masked), never garbage
+        buf = self.k[layer]
+        if buf is None or buf.shape[0] != k.shape[0] or buf.dtype != k.dtype:
+            # zeros: unfilled slots are read (and masked), never garbage
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer] = k.new_zeros(shape)
             self.v[layer] = v.new_zeros(shape)
@@ -71,6 +75,20 @@ class StaticKVCache(KVCache):
 
     def advance(self, n: int) -> None:
         self.length.add_(n)
+
+    def reset(self) -> None:
+        """Empty, for a new generation of the same batch size, in place (same buffers, same addresses)."""
+        self.length.zero_()
+        for buf in self.k + self.v:
+            if buf is not None:
+                buf.zero_()
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers and the fill level stay at their addresses between calls, so a
+        CUDA graph may write them in place rather than skip graphing the step."""
+        for buf in [*self.k, *self.v, self.length]:
+            if buf is not None:
+                torch._dynamo.mark_static_address(buf)
 
     def mark_dynamic(self) -> None:
         """Tell torch.compile the buffers' length varies between calls (after the prefill allocated them)."""
