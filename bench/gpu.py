@@ -16,6 +16,7 @@ FLOP/s of the card (table by name; measured with a large bf16 matmul for unknown
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -81,42 +82,56 @@ def sdpa_flash():
 
 
 def train(cfg, device: str, batch: int, seq: int, peak: float, compile_: bool, steps: int) -> dict[str, Any]:
-    """Interleaved medians of optimizer steps (AdamW fused on CUDA), bf16 autocast, both sides."""
+    """Interleaved medians of optimizer steps (AdamW fused on CUDA), bf16 autocast. Ours three ways:
+    `ours` the full-logits loss outside the compiled model, `ours_trainer` what `llmlab.train.loop` runs
+    (`LMLoss`: the model to hidden states, then the chunked loss; compiled as one module), and, compiled
+    only, `ours_whole` (the model and the full-logits loss in one compiled function, as HF's loss is
+    inside its compiled forward)."""
     import train_step as ts
+    from llmlab.train.loop import LMLoss
 
     torch.manual_seed(0)
     ours = build_model(cfg).to(device).train()
     hf = common.hf_twin(ours).to(device).train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     fused = {"fused": True}  # CUDA and CPU (--dry-run) both have the fused kernel
-    flash = sdpa_flash() if device == "cuda" else None
+    flash = sdpa_flash if device == "cuda" else contextlib.nullcontext
+    fwd, hf_fwd = (torch.compile(ours), torch.compile(hf)) if compile_ else (ours, hf)
+    trainer = LMLoss(ours)  # what llmlab.train.loop steps through; compiled whole with compile: true
+    if compile_:
+        trainer.compile()
+    losses = {
+        "ours": lambda: ts.full_loss(fwd(ids), ids),
+        "ours_trainer": lambda: trainer(ids, ids) / (ids.numel() - ids.shape[0]),  # a sum over the label tokens
+        "hf": lambda: hf_fwd(input_ids=ids, labels=ids).loss,
+    }
+    if compile_:
+        whole = torch.compile(lambda x: ts.full_loss(ours(x), x))
+        losses["ours_whole"] = lambda: whole(ids)
     runs = {}
-    for name, model in (("ours", ours), ("hf", hf)):
+    for name, loss_fn in losses.items():
+        model = hf if name == "hf" else ours
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
-        fwd = torch.compile(model) if compile_ else model
 
-        def step(model=model, fwd=fwd, opt=opt, name=name):
+        def step(opt=opt, loss_fn=loss_fn, name=name):
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=torch.bfloat16):
-                if name == "hf":
-                    loss = fwd(input_ids=ids, labels=ids).loss
-                elif flash is not None:
-                    with sdpa_flash():
-                        loss = ts.full_loss(fwd(ids), ids)
-                else:
-                    loss = ts.full_loss(fwd(ids), ids)
+            with torch.autocast(device, dtype=torch.bfloat16), (contextlib.nullcontext() if name == "hf" else flash()):
+                loss = loss_fn()
             loss.backward()
             opt.step()
 
         runs[name] = step
     times = common.interleaved(runs, steps, warmup=2 if compile_ else 1)
     flops_tok = common.train_flops_per_token(cfg, seq)
-    out: dict[str, Any] = {"batch": batch, "seq_len": seq, "compiled": compile_, "ours_sdpa": "flash (forced)" if flash else "default",
+    out: dict[str, Any] = {"batch": batch, "seq_len": seq, "compiled": compile_, "ours_sdpa": "flash (forced)" if device == "cuda" else "default",
                            "hf_attn": "sdpa (default backend choice)"}
     for name, t in times.items():
         tps = batch * seq / common.median(t)
         out[name] = {"tokens_per_s": round(tps), "mfu": round(tps * flops_tok / peak, 3)}
     out["speedup_vs_hf"] = round(out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"], 3)
+    for name in ("ours_trainer", "ours_whole"):
+        if name in out:
+            out[f"{name}_vs_hf"] = round(out[name]["tokens_per_s"] / out["hf"]["tokens_per_s"], 3)
     return out
 
 

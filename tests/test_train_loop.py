@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import threading
 
@@ -201,6 +202,19 @@ def test_only_trainable_parameters_move_and_gradient_checkpointing_is_exact(tmp_
     _, _, recomputed = run(tmp_path / "b", model=ckpt_model, val=False, max_steps=3, gradient_checkpointing=True)
     assert ckpt_model.gradient_checkpointing is True
     assert train_losses(recomputed) == train_losses(plain)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="needs a C++ compiler")
+def test_compile_trains_the_model_and_its_loss_as_one_compiled_module(tmp_path, monkeypatch):
+    """compile: true compiles LMLoss (the model and the chunked loss together, one graph) and trains to
+    the eager run's losses; checkpoints keep the plain model's parameter names."""
+    _, _, eager = run(tmp_path / "a", val=False, max_steps=4)
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real_compile(fn, **kw))
+    model, _, fused = run(tmp_path / "b", val=False, max_steps=4, compile=True, save_best_only=False, save_every=4)
+    assert [type(getattr(fn, "__self__", fn)) for fn in compiled] == [LMLoss]
+    assert train_losses(fused) == pytest.approx(train_losses(eager), rel=1e-4)
+    assert set(read_checkpoint(tmp_path / "b" / "run" / "latest").state_dict()) == set(model.state_dict())
 
 
 # --------------------------------------------------------------------------------------------------
