@@ -162,7 +162,7 @@ def check_compiler(device: torch.device) -> None:
 
 GRAPH_DEVICES = ("cuda",)  # where compile=True replays each decode step as a graph
 GRAPH_SLOTS = 256  # compile=True on CUDA: cache slots rounded up to a multiple of this (one graph per size)
-GRAPH_CACHES = 4  # caches (batch size, rounded length) kept per model
+GRAPH_CACHES = 4  # caches (batch size, rounded length, device) kept per model
 _graph_caches: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
 STOP_CHECK_EVERY = 8  # steps between "has every sequence stopped?" checks (each one syncs with the host)
 DECODE_WEIGHTS_MIN_TOKENS = 8  # on CPU, from this many new tokens on decode with `decode_weights`
@@ -295,12 +295,13 @@ def graph_cache(model: nn.Module, batch: int, slots: int, device: torch.device) 
     one per call."""
     slots = -(-slots // GRAPH_SLOTS) * GRAPH_SLOTS
     kept = _graph_caches.setdefault(model, OrderedDict())
-    cache = kept.pop((batch, slots), None)
+    key = (batch, slots, device)
+    cache = kept.pop(key, None)
     if cache is None:
         cache = StaticKVCache(base_transformer(model).config.n_layers, slots, device)
         while len(kept) >= GRAPH_CACHES:
             kept.popitem(last=False)
-    kept[(batch, slots)] = cache  # the most recent last
+    kept[key] = cache  # the most recent last
     cache.reset()
     return cache
 
