@@ -46,6 +46,14 @@ def test_cached_generation_matches_uncached_logits_on_cuda():
     assert a.sequences.is_cuda and agree > 0.9  # bf16 kernels may round differently near ties
 
 
+def _recorded_graphs() -> int:
+    """CUDA graphs recorded so far in this process (torch.compile's graph trees)."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(0, create_if_none_exists=False)
+    return 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+
+
 def test_compiled_generation_replays_one_cuda_graph_across_calls(monkeypatch):
     """compile=True on CUDA: the decode step is graphed (no skip); a second call of the same batch size
     and cache bucket replays the first call's graph (no new recording); in fp32 the tokens equal eager's,
@@ -53,7 +61,6 @@ def test_compiled_generation_replays_one_cuda_graph_across_calls(monkeypatch):
     import contextlib
 
     from torch._dynamo.utils import counters
-    from torch._inductor import cudagraph_trees
 
     import llmlab.generate as gen
 
@@ -63,12 +70,10 @@ def test_compiled_generation_replays_one_cuda_graph_across_calls(monkeypatch):
     eager = [generate_tokens(m, p, max_new_tokens=12, temperature=0).sequences for p in calls]
     counters.clear()
     first = generate_tokens(m, calls[0], max_new_tokens=12, temperature=0, compile=True)
-    manager = cudagraph_trees.get_manager(0, create_if_none_exists=False)
-    assert manager is not None, "no CUDA graph tree: the decode step was not graphed"
-    recorded = sum(len(nodes) for nodes in manager.roots.values())
+    recorded = _recorded_graphs()
     again = generate_tokens(m, calls[1], max_new_tokens=12, temperature=0, compile=True)
     assert counters["inductor"]["cudagraph_skips"] == 0
-    assert recorded >= 1 and sum(len(nodes) for nodes in manager.roots.values()) == recorded
+    assert recorded >= 1 and _recorded_graphs() == recorded
     assert torch.equal(first.sequences, eager[0]) and torch.equal(again.sequences, eager[1])
 
 
@@ -114,3 +119,26 @@ def test_sft_lora_then_dpo_and_grpo_on_cuda(tmp_path, tok_dir):
                                   eval_steps=1, save_every=2, save_best_only=False, datasets=[data], log_every=1,
                                   output_dir=str(tmp_path / algo), use_lora=True), progress=False)
         assert (tmp_path / algo / "metrics.jsonl").is_file() and (out / "adapter").is_dir()
+
+
+def test_grpo_lora_rollouts_through_cuda_graphs(tmp_path, tok_dir):
+    """compile: true in GRPO on CUDA: a LoRA policy's rollouts and evaluation decode through the graphed
+    step (graph_cache), between updates that change the adapters in place; rewards stay sane."""
+    import llmlab.generate as gen
+    from llmlab.rlhf.run import run_rlhf
+    from llmlab.train.pretrain import run_pretrain
+
+    pt = run_pretrain(TrainConfig(max_steps=10, lr=3e-3, warmup_steps=2, batch_size=8, gradient_accumulation_steps=1,
+                                  eval_every=10, eval_steps=1, datasets=["bundled:shakespeare"], max_seq_len=64,
+                                  output_dir=str(tmp_path / "pt"), save_best_only=False, save_every=10),
+                      _model_cfg(tok_dir), progress=False)
+    before = _recorded_graphs()
+    run_rlhf(RLHFConfig(algorithm="grpo", policy_checkpoint=str(pt / "latest"), max_steps=4, batch_size=4,
+                        mini_batch_size=4, group_size=4, max_new_tokens=8, learning_rate=1e-3, reward_model_name=None,
+                        reward_functions=["numeric_match"], eval_every=4, eval_steps=1, save_every=4,
+                        datasets=["bundled:prompts"], log_every=1, output_dir=str(tmp_path / "grpo"), use_lora=True,
+                        compile=True), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
+    assert all(0 <= r["reward"] <= 1 for r in rows if "reward" in r)
+    assert _recorded_graphs() > before and gen._graph_caches  # the rollouts' decode steps were graphed
