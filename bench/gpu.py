@@ -1,7 +1,8 @@
 """The CUDA benchmarks behind `bench/gpu.sh`: a ~125M model (d_model 768, 12 layers, 12 heads, 4 KV heads,
 d_ff 2048, vocab 32,000) in bf16 autocast, LLM-Lab vs transformers' LlamaForCausalLM on the same weights:
 training tokens/s and MFU (eager and torch.compile, flash SDPA), generation tokens/s at batch 1 and 8
-(eager, and `compile=True`: CUDA graphs), and the chunked loss's peak memory at Qwen's vocabulary.
+(eager, and `compile=True`: CUDA graphs), GRPO's batched rollouts vs one sequence at a time (the CPU
+bench's model, `grpo_step.py`), and the chunked loss's peak memory at Qwen's vocabulary.
 
     bash bench/gpu.sh                               # on a CUDA machine; JSON to stdout and $OUT/gpu_bench.json
     python3 bench/gpu.py --dry-run                  # the same code paths on CPU with a tiny model
@@ -168,7 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the code paths")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
-    p.add_argument("--parts", default="train,generation,memory", help="comma-separated subset to run")
+    p.add_argument("--parts", default="train,generation,grpo,memory", help="comma-separated subset to run")
     a = p.parse_args()
     device = "cpu" if a.dry_run else "cuda"
     result: dict[str, Any] = {"bench": "gpu", "machine": common.machine(), "dry_run": a.dry_run}
@@ -196,6 +197,10 @@ def main() -> None:
         result["generation"] = guarded("generation", generation.run, quick=True, compile_=compile_, device=device,
                                        dtype=torch.bfloat16 if device == "cuda" else torch.float32, cfg=cfg,
                                        new=32 if a.dry_run else 128, need_s=90 if compile_ else 40)
+    if "grpo" in parts:  # (d): batched rollouts vs one sequence at a time (bench model, 16 sequences)
+        import grpo_step
+
+        result["grpo_rollout"] = guarded("grpo rollout", grpo_step.run, quick=True, device=device, need_s=60)
     if "memory" in parts:
         result["chunked_loss_memory"] = guarded("chunked memory", chunked_memory, cfg, device, 4, 1024, need_s=20)
     if "train" in parts and compile_:

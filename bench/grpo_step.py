@@ -32,27 +32,27 @@ def _prompts(tok) -> list[dict[str, Any]]:
     return [{"prompt": t, "prompt_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts[:PROMPTS]]
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     repeats = 2 if quick else 3
     tok = common.bench_tokenizer()
     cfg = common.bench_config(vocab_size=len(tok))
     torch.manual_seed(0)
-    policy = build_model(cfg)
+    policy = build_model(cfg).to(device)
     examples = _prompts(tok)
     rows = [ex["prompt_ids"] for ex in examples for _ in range(GROUP)]
     n_tokens = len(rows) * NEW
 
     def batched():
         return generate_tokens(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator(device).manual_seed(0))
 
     @common.unpacked  # the compiled decode itself: at these 16 rows on CPU, compile=True decodes eagerly, packed
     def batched_compiled():  # compile=True (the warm-up round compiles)
         return generate_tokens(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
-                               generator=torch.Generator().manual_seed(0), compile=True)
+                               generator=torch.Generator(device).manual_seed(0), compile=True)
 
     def one_at_a_time():
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device).manual_seed(0)
         return [generate_tokens(policy, [r], max_new_tokens=NEW, temperature=1.0, top_p=1.0, generator=g) for r in rows]
 
     times = common.interleaved({"batched": batched, "batched_compiled": batched_compiled, "loop": one_at_a_time},
@@ -60,17 +60,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     b, bc, loop = (n_tokens / common.median(times[k]) for k in ("batched", "batched_compiled", "loop"))
     out: dict[str, Any] = {
         "bench": "grpo_step", "prompts": PROMPTS, "group_size": GROUP, "sequences": len(rows), "new_tokens": NEW,
-        "vocab_size": cfg.vocab_size, "repeats": repeats,
+        "vocab_size": cfg.vocab_size, "repeats": repeats, "device": device,
         "rollout_tokens_per_s": {"batched": round(b, 1), "batched_compiled": round(bc, 1),
                                  "one_at_a_time": round(loop, 1)},
         "batched_speedup": round(b / loop, 2),
         "compiled_vs_eager": round(bc / b, 2),
     }
-    out["grpo_step_split_s"] = grpo_split(policy, tok, examples, repeats)
+    out["grpo_step_split_s"] = grpo_split(policy, tok, examples, repeats, device)
     return out
 
 
-def grpo_split(policy, tok, examples, repeats: int) -> dict[str, Any]:
+def grpo_split(policy, tok, examples, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """Median seconds of the three parts of one GRPO step as `GRPOStage.step` runs them."""
     try:
         from llmlab.rlhf.grpo import grpo_update
@@ -85,20 +85,24 @@ def grpo_split(policy, tok, examples, repeats: int) -> dict[str, Any]:
         return [sum(len(w) for w in c.split()) / max(1, len(c.split())) for c in completions]
 
     parts: dict[str, list[float]] = {"rollout": [], "of_which_generation": [], "scoring": [], "update": []}
+    def now() -> float:  # wall time once the device's queued work is done
+        common.sync()
+        return time.perf_counter()
+
     for r in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         generate_tokens(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
-                        generator=torch.Generator().manual_seed(r))
-        t1 = time.perf_counter()
+                        generator=torch.Generator(device).manual_seed(r))
+        t1 = now()
         rollout = generate_rollout(policy, rows, max_new_tokens=NEW, temperature=1.0, top_p=1.0,
-                                   generator=torch.Generator().manual_seed(r), reference=reference)
-        t2 = time.perf_counter()
+                                   generator=torch.Generator(device).manual_seed(r), reference=reference)
+        t2 = now()
         rewards, _ = score_rollout(reward_fn, tok, examples, rollout, [], repeat=GROUP)
-        t3 = time.perf_counter()
+        t3 = now()
         policy.train()
         grpo_update(policy, opt, rollout, rewards, group_size=GROUP, clip_range=0.2, kl_coef=0.04, ppo_epochs=1,
                     mini_batch_size=PROMPTS, temperature=1.0)
-        t4 = time.perf_counter()
+        t4 = now()
         for k, v in zip(parts, (t2 - t1, t1 - t0, t3 - t2, t4 - t3)):
             parts[k].append(v)
     med = {k: round(common.median(v), 3) for k, v in parts.items()}
