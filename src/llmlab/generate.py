@@ -193,8 +193,9 @@ def generate_tokens(
     (every step when streaming), and the result is cut where the last sequence stopped, as if asked
     every step. On CPU, calls of at least DECODE_WEIGHTS_MIN_TOKENS tokens multiply through
     `llmlab.model.decode` (each weight read in row blocks by `torch.bmm`; q/k/v and gate/up as one
-    concatenated copy each; each step through `DecodeStep` where the model is plain): a model in eval mode keeps those copies (up to 1 GiB) for its next call
-    (until its weights change), one in training mode (RL rollouts) frees them on return.
+    concatenated copy each; each step through `DecodeStep` where the model is plain): a model in eval
+    mode keeps those copies (up to 1 GiB) for its next call (until its weights change), one in training
+    mode (RL rollouts) frees them on return.
 
     compile=True runs the decode steps through `torch.compile` over a `StaticKVCache`: every step has
     the same shapes, the cache length is marked dynamic, so one compiled step serves every prompt and

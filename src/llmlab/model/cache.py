@@ -62,8 +62,7 @@ class StaticKVCache(KVCache):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, Hkv, T, hd) at slots [length, length+T); return the whole buffers."""
-        buf = self.k[layer]
-        if buf is None or buf.shape[0] != k.shape[0] or buf.dtype != k.dtype:
+        if self.k[layer] is None or self.k[layer].dtype != k.dtype:  # a kept cache (graph_cache) meets a recast model
             # zeros: unfilled slots are read (and masked), never garbage
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer] = k.new_zeros(shape)

@@ -468,8 +468,8 @@ def train_loop(
     loss_module = LMLoss(model)
     if cfg.compile:
         # the model and its chunked loss as one graph (in place on the loss module: the model's parameter
-        # names, and so checkpoints, stay the plain model's); on an H200 compiling the loss with the model
-        # made the step 1.23x that of the compiled model with an eager loss (bench/README.md)
+        # names, and so checkpoints, stay the plain model's); on an H200 a full-logits loss compiled with
+        # the model made the step 1.23x that of the compiled model with the loss eager (bench/README.md)
         loss_module.compile()
     wrapped = wrap_model(loss_module, model, info, strategy)
     optimizer = build_optimizer(model, cfg)
