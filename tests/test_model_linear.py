@@ -139,3 +139,42 @@ def test_an_unknown_cpu_matmul_choice_is_a_one_line_error(monkeypatch):
     finally:
         monkeypatch.delenv("LLMLAB_CPU_MATMUL")
         onednn_ready.cache_clear()
+
+
+@needs_onednn
+def test_compiled_training_keeps_the_onednn_products_as_one_op(monkeypatch):
+    """Under torch.compile the products are the `llmlab::onednn_linear` op in the forward and the
+    backward graphs (inductor would otherwise lower them to MKL's mm), with eager's loss and gradients."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from llmlab.train.loop import LMLoss
+
+    graphs: list = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(init_std=0.3)).train()
+    loss_module = LMLoss(model)
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads(module):
+        model.zero_grad()
+        loss = module(ids, ids)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_ref, g_ref = grads(loss_module)
+    torch._dynamo.reset()
+    loss, g = grads(torch.compile(loss_module, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True))
+    torch._dynamo.reset()
+    forward, backward = (str(gm.code) for gm in graphs)
+    n_linear = sum(isinstance(m, linear_mod.Linear) for m in model.modules())  # the blocks' projections
+    assert forward.count("llmlab.onednn_linear") == n_linear + 2  # + the head's logits and input gradient
+    assert backward.count("llmlab.onednn_linear") == n_linear  # the projections' input gradients
+    assert "aten.mm" in backward  # the weight gradients stay on MKL
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -10,8 +10,13 @@ gradient `g @ W` 168-184 -> 184-211, the LM head's 8,192-wide forward 126 -> 144
 The weight gradient `g^T @ x` was not faster through it (strided operands), so it stays on MKL. oneDNN
 sums in another order than MKL: results differ by float rounding (~1e-6 relative). `linear` checks the op
 once against `F.linear` and falls back to it when the op is missing or disagrees, for products below
-ONEDNN_MIN_MACS (MKL's call is cheaper there), and under `torch.compile` (which picks its own kernels);
-LLMLAB_CPU_MATMUL=mkl turns it off.
+ONEDNN_MIN_MACS (MKL's call is cheaper there); LLMLAB_CPU_MATMUL=mkl turns it off.
+
+Under `torch.compile` the product is the custom op `llmlab::onednn_linear` (`onednn_linear`), with its
+gradient registered: inductor calls it as an opaque kernel and fuses the element-wise work around it.
+Left to itself inductor lowers a training step's linear layers to MKL's `mm` (its oneDNN lowering needs
+constant weights, i.e. inference with frozen parameters), which lost the products' oneDNN gain: the
+compiled CPU step was no faster than eager (bench/README.md).
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ def onednn_ready() -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result
+def _onednn_on() -> bool:
+    """`onednn_ready()`, which torch.compile takes as a constant (its check's products stay out of graphs)."""
+    return onednn_ready()
+
+
 # Below this many multiply-adds MKL's call was as fast or faster (1024 x 96 x 96: 130 vs 150 us; 1024 x
 # 96 x 256, 2^24.6: 354 vs 355 us); with a floor of 2^24 the demo's tiny model stepped 4 % slower, with
 # 2^25 even (its layers stay on MKL, its LM head goes to oneDNN).
@@ -55,10 +66,10 @@ ONEDNN_MIN_MACS = 1 << 25
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, min_macs: int | None = None) -> bool:
-    """Whether x @ w^T goes to oneDNN: fp32 on CPU, large enough, outside torch.compile."""
+    """Whether x @ w^T goes to oneDNN: fp32 on CPU, large enough."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and x.numel() * w.shape[0] >= (ONEDNN_MIN_MACS if min_macs is None else min_macs)
-            and not torch.compiler.is_compiling() and onednn_ready())
+            and _onednn_on())
 
 
 def _product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,10 +77,40 @@ def _product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
+@torch.library.custom_op("llmlab::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`_product` as an op torch.compile keeps whole (see the module docstring); differentiable."""
+    return _product(x, w, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _onednn_linear_setup(ctx, inputs, output) -> None:
+    x, w, bias = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad: torch.Tensor):
+    x, w = ctx.saved_tensors
+    return _CPULinear.gradients(ctx, grad, x, w, onednn_linear)
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+def _mm_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The oneDNN product, as the custom op under torch.compile."""
+    return onednn_linear(x, w, bias) if torch.compiler.is_compiling() else _product(x, w, bias)
+
+
 def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ w (out, in)^T (+ bias), no autograd: oneDNN for large fp32 products on CPU, else
     F.linear. `w` may be a strided view (e.g. `W.t()` for an input gradient)."""
-    return _product(x, w, bias) if _onednn(x, w) else F.linear(x, w, bias)
+    return _mm_t(x, w, bias) if _onednn(x, w) else F.linear(x, w, bias)
 
 
 class _CPULinear(torch.autograd.Function):
@@ -85,10 +126,15 @@ class _CPULinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
+        return _CPULinear.gradients(ctx, grad, x, weight, _product)
+
+    @staticmethod
+    def gradients(ctx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, product):
+        """(input, weight, bias) gradients: the input's through `product` (oneDNN), the weight's on MKL."""
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _product(g, weight.t()).view(x.shape)
+            gx = product(g, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
             gw = g.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -100,6 +146,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear`, with its products on oneDNN for fp32 tensors on CPU (see the module docstring)."""
     if not _onednn(x, weight):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _CPULinear.apply(x, weight, bias)
     return _product(x, weight, bias)
@@ -126,7 +174,7 @@ def decode_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return y.view(*x.shape[:-1], P * n)
     whole = w.view(P * n, K)
     if _onednn(x, whole, min_macs=DECODE_MIN_MACS):  # several rows: oneDNN (1.4-2x the bmm at 8 rows)
-        return _product(x, whole)
+        return _mm_t(x, whole)
     y = torch.bmm(w, x.reshape(1, R, K).transpose(1, 2).expand(P, K, R))  # (P, n, R)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], P * n)
 
