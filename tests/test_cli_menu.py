@@ -54,6 +54,18 @@ def test_lora_fields_only_with_lora_and_algorithm_fields_only_for_their_algorith
     assert not {"group_size", "vf_coef", "gae_lambda", "reward_model_name"} & set(dpo.names())
 
 
+def test_grpo_is_asked_its_sampling_options_and_not_ppo_ones():
+    grpo = Scripted(["3"] + [""] * 80)  # algorithm: ppo, dpo, grpo -> grpo
+    cfg = menu.ask_config(grpo, RLHFConfig)
+    asked = set(grpo.names())
+    assert cfg.algorithm == "grpo"
+    assert {"top_k", "top_p", "grpo_temperature", "group_size", "kl_coef"} <= asked  # the rollouts sample with them
+    assert not {"temperature", "vf_coef", "adaptive_kl", "target_kl"} & asked
+    ppo = Scripted([""] * 80)
+    menu.ask_config(ppo, RLHFConfig)
+    assert {"top_k", "top_p", "temperature"} <= set(ppo.names()) and "grpo_temperature" not in ppo.names()
+
+
 def test_a_wrong_answer_is_asked_again_with_the_reason():
     # d_model "abc" is refused at once; n_kv_heads=3 with n_heads=4 is refused at once (n_heads known)
     p = Scripted(["", "", "", "", "", "abc", "64", "4", "3", "2", "128", "2", "500", "64", ""] + [""] * 5)

@@ -59,3 +59,44 @@ def test_pipeline_presets_build_valid_configs_and_match_the_cli_choices():
         cfgs = stage_configs(name, "runs/x")
         assert cfgs["sft"].use_lora and cfgs["dpo"].algorithm == "dpo" and cfgs["grpo"].algorithm == "grpo"
         assert cfgs["model"].vocab_size % 64 == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# RLHF checks: one-line ConfigErrors that name the field and the fix
+# --------------------------------------------------------------------------------------------------
+
+
+def _rlhf(**kw):
+    return RLHFConfig(reward_model_name=None, **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(adaptive_kl=True, target_kl=0.0), "target_kl: must be > 0 with adaptive_kl=true"),
+    (dict(adaptive_kl=True, target_kl=-1.0), "target_kl: must be > 0 with adaptive_kl=true"),
+    (dict(adaptive_kl=True, target_kl=float("nan")), "target_kl: must be a finite number"),
+    (dict(adaptive_kl=True, kl_coef=0.0), "kl_coef: adaptive_kl=true scales kl_coef, so 0 stays 0"),
+    (dict(batch_size=10, mini_batch_size=4), "mini_batch_size: batch_size=10 is not divisible by mini_batch_size=4"),
+    (dict(algorithm="grpo", group_size=1), "group_size: GRPO needs at least 2 responses per prompt, got 1"),
+])
+def test_rlhf_bad_combinations_are_one_line_config_errors(kw, message):
+    from llmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _rlhf(**kw)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_rlhf_checks_apply_only_where_they_matter():
+    _rlhf(adaptive_kl=False, target_kl=0.0)  # the target is read only by the adaptive controller
+    _rlhf(adaptive_kl=False, kl_coef=0.0)
+    _rlhf(adaptive_kl=True, target_kl=0.5, kl_coef=0.01)
+    _rlhf(algorithm="ppo", group_size=1)  # group_size is GRPO's
+    _rlhf(batch_size=12, mini_batch_size=4)
+
+
+def test_rlhf_help_says_what_dropout_and_save_every_really_do():
+    help_ = RLHFConfig.field_help()
+    assert "turns every dropout off" in help_["lora_dropout"]
+    assert "does nothing while save_best_only is true" in help_["save_every"]
+    assert "GRPO" in help_["top_k"] and "GRPO" in help_["top_p"]
+    assert SFTConfig.field_help()["lora_dropout"] == "Dropout on the LoRA path"  # other stages keep theirs

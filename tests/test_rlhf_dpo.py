@@ -19,8 +19,8 @@ from test_rlhf_rollout import policy_dir_fixture  # noqa: F401 - provides `polic
 WORDS = "cat dog sun moon tree fish bird star book milk rain snow king ship home door hand ring bell lamp".split()
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+@pytest.fixture(scope="module", name="pairs")
+def pairs_fixture(tmp_path_factory):
     """A generated preference set: the same answer, praised (chosen) or not (rejected). Held-out pairs
     (by content hash) are about other word/number combinations."""
     rng = random.Random(0)

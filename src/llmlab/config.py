@@ -540,9 +540,11 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
     cliprange_value: float = _help("PPO value clip range", default=0.2)
     gamma: float = _help("PPO discount", default=1.0)
     gae_lambda: float = _help("PPO GAE lambda", default=0.95)
-    kl_coef: float = _help("KL penalty coefficient (PPO reward, GRPO loss)", default=0.05)
-    adaptive_kl: bool = _help("PPO: adapt kl_coef towards target_kl", default=False)
-    target_kl: float = _help("PPO adaptive KL target (nats per sequence)", default=6.0)
+    kl_coef: float = _help("KL penalty coefficient (PPO reward, GRPO loss; GRPO at 0 builds no reference model)",
+                           default=0.05)
+    adaptive_kl: bool = _help("PPO: adapt kl_coef towards target_kl (needs kl_coef > 0, target_kl > 0)",
+                              default=False)
+    target_kl: float = _help("PPO adaptive KL target (nats per sequence, > 0)", default=6.0)
     whiten_advantages: bool = _help("PPO: normalise advantages per batch", default=True)
     # DPO
     beta: float | None = _help("DPO beta (None = use clip_range, as the spec reuses it)", default=None)
@@ -555,9 +557,9 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
     # generation
     max_new_tokens: int = _help("Longest response", default=128)
     max_prompt_len: int = _help("Prompts are left-truncated to this many tokens", default=256)
-    temperature: float = _help("Sampling temperature (PPO)", default=1.0)
-    top_k: int = _help("Top-k sampling (0 = off)", default=0)
-    top_p: float = _help("Nucleus sampling (1 = off)", default=1.0)
+    temperature: float = _help("Sampling temperature (PPO; GRPO uses grpo_temperature)", default=1.0)
+    top_k: int = _help("Top-k sampling of PPO and GRPO rollouts (0 = off)", default=0)
+    top_p: float = _help("Nucleus sampling of PPO and GRPO rollouts (1 = off)", default=1.0)
     # common
     optimizer: OptimizerName = _help("adamw | adafactor | lion | sophia | muon", default="adamw")
     learning_rate: float = _help("Peak learning rate", default=1.4e-5)
@@ -567,7 +569,13 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
     scheduler: SchedulerName = _help("none | cosine | linear | polynomial", default="none")
     warmup_steps: int = _help("Linear warmup steps", default=0)
     eval_steps: int = _help("Validation batches per evaluation", default=4)
-    save_best_only: bool = _help("Only save best/ (by mean reward or DPO val accuracy)", default=True)
+    save_best_only: bool = _help("Only save best/ (by mean reward or DPO val accuracy); save_every is then unused",
+                                 default=True)
+    save_every: int = _help("Save latest/ every N steps; does nothing while save_best_only is true (the "
+                            "default): then latest/ is written only on Ctrl-C, or at the end if no best/",
+                            default=500)
+    lora_dropout: float = _help("Dropout on the LoRA path; RLHF turns every dropout off, this one included (so "
+                                "rollout and update log-probs agree), with a notice when > 0", default=0.05)
     datasets: list[Any] = _help("Prompt datasets (PPO/GRPO) or preference pairs (DPO)",
                                 default_factory=lambda: ["Anthropic/hh-rlhf"])
 
@@ -589,6 +597,12 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
                f"mini_batch_size={self.mini_batch_size}; pick a divisor of batch_size")
         if self.beta is not None:
             _check(self.beta > 0, f"beta: must be > 0, got {self.beta}")
+        if self.adaptive_kl:
+            _check(self.target_kl > 0,
+                   f"target_kl: must be > 0 with adaptive_kl=true (the KL the controller steers towards, in "
+                   f"nats per sequence), got {self.target_kl}; set e.g. target_kl=6")
+            _check(self.kl_coef > 0, "kl_coef: adaptive_kl=true scales kl_coef, so 0 stays 0; set kl_coef > 0 "
+                                     "(e.g. 0.05) or adaptive_kl=false")
         if self.algorithm == "grpo":
             _check(self.group_size >= 2, f"group_size: GRPO needs at least 2 responses per prompt, got "
                                          f"{self.group_size}")

@@ -6,6 +6,7 @@
         loss.backward(); optimizer.step(); scheduler.step(); optimizer.zero_grad()
         if getattr(optimizer, "wants_hessian", None) and optimizer.wants_hessian(step):
             optimizer.refresh_hessian(closure, batch_tokens=n_tokens)  # Sophia only
+        # or, the same: refresh_hessian_if_due(optimizer, step, lambda: (closure, n_tokens))
 
 Which parameters decay: weight decay (decoupled, `p *= 1 - lr * wd`) applies to trainable matrices
 (dim >= 2) that are not embeddings (`nn.Embedding` modules or names containing `embed_tokens`; a tied
@@ -183,6 +184,21 @@ class SophiaG(torch.optim.Optimizer):
                 ratio = (m.abs() / (h * rho).clamp(min=eps)).clamp(max=1.0)  # |clip(m / max(rho h, eps), 1)|
                 p.addcmul_(m.sign(), ratio, value=-lr)
         return loss
+
+
+def refresh_hessian_if_due(optimizer: torch.optim.Optimizer, update: int,
+                           estimate: Callable[[], tuple[Callable[[], Any], int]]) -> bool:
+    """After update `update` (0-based, counted over the whole run), refresh Sophia's Hessian when the
+    optimizer wants it (updates 0, k, 2k, ...); any other optimizer: nothing. `estimate()` is called only
+    then and returns `(closure, batch_tokens)` for `SophiaG.refresh_hessian`: the closure runs forward and
+    backward of a Gauss-Newton-Bartlett loss (`gnb_sampled_loss`, a mean over `batch_tokens` tokens).
+    Returns True when it refreshed."""
+    wants = getattr(optimizer, "wants_hessian", None)
+    if wants is None or not wants(update):
+        return False
+    closure, batch_tokens = estimate()
+    optimizer.refresh_hessian(closure, batch_tokens=max(1, int(batch_tokens)))
+    return True
 
 
 # --------------------------------------------------------------------------------------------------

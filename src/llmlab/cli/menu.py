@@ -209,8 +209,8 @@ QUESTIONS: dict[type[ConfigBase], tuple[Section, ...]] = {
                     Q("vf_coef", _ALGO("ppo")), Q("cliprange_value", _ALGO("ppo")), Q("gamma", _ALGO("ppo")),
                     Q("gae_lambda", _ALGO("ppo")), Q("kl_coef", _ALGO("ppo", "grpo")), Q("adaptive_kl", _ALGO("ppo")),
                     Q("target_kl", lambda v: v["algorithm"] == "ppo" and bool(v["adaptive_kl"])),
-                    Q("whiten_advantages", _ALGO("ppo")), Q("temperature", _ALGO("ppo")), Q("top_k", _ALGO("ppo")),
-                    Q("top_p", _ALGO("ppo")), "batch_size", "mini_batch_size",
+                    Q("whiten_advantages", _ALGO("ppo")), Q("temperature", _ALGO("ppo")),
+                    Q("top_k", _ALGO("ppo", "grpo")), Q("top_p", _ALGO("ppo", "grpo")), "batch_size", "mini_batch_size",
                     Q("max_new_tokens", _ALGO("ppo", "grpo")), "max_prompt_len")
                 + _optimizer_questions() + _qs("learning_rate", "weight_decay", "max_grad_norm", "max_steps")
                 + _schedule_questions() + _qs("eval_every", "eval_steps", "save_best_only", "datasets", "output_dir")

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.device import autocast
+from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
 from llmlab.rlhf.losses import dpo_loss, dpo_metrics, sequence_logprobs
-from llmlab.rlhf.rollout import Reference, optimizer_update
+from llmlab.rlhf.rollout import Reference, UpdateCount, optimizer_update
 
 if TYPE_CHECKING:
     from llmlab.rlhf.run import Session
@@ -54,6 +55,31 @@ def preference_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor
     return logps[:n], logps[n:]
 
 
+def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_size: int):
+    """Sophia's Gauss-Newton-Bartlett estimate for DPO: `(closure, tokens)`, the closure running forward
+    and backward of `gnb_sampled_loss` (labels sampled from the policy) over the response tokens of the
+    batch's chosen and rejected sequences (labels != -100), a mean over all `tokens` of them, one
+    mini-batch at a time."""
+    n = batch["chosen_input_ids"].shape[0]
+    subs = [_trim(batch, slice(start, start + mini_batch_size)) for start in range(0, n, mini_batch_size)]
+
+    def counted(sub: dict[str, Tensor]) -> Tensor:
+        labels = torch.cat([sub["chosen_labels"], sub["rejected_labels"]])
+        return labels[:, 1:] != IGNORE_INDEX  # logits[:, t] predicts labels[:, t + 1]
+
+    tokens = sum(int(counted(sub).sum()) for sub in subs)
+
+    def closure() -> None:
+        for sub in subs:
+            mask = counted(sub)
+            ids = torch.cat([sub["chosen_input_ids"], sub["rejected_input_ids"]])
+            with autocast(ids.device):
+                logits = policy(ids)  # (2b, T, V)
+            (gnb_sampled_loss(logits[:, :-1], mask) * mask.sum() / max(tokens, 1)).backward()
+
+    return closure, tokens
+
+
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -68,9 +94,12 @@ def dpo_step(
     mini_batch_size: int,
     clip_norm: float = 0.0,
     params: Iterable[nn.Parameter] | None = None,
+    updates: UpdateCount | None = None,
 ) -> dict[str, float]:
     """One DPO update over `batch` (gradients accumulated over mini-batches). Returns the batch's loss,
     reward accuracy, margin, mean chosen/rejected implicit rewards, gradient norm and token count.
+    `updates`: the run's update count; with Sophia the Hessian is refreshed after updates 0, k, 2k, ...
+    (`preference_hessian` on this batch).
 
     A non-finite loss leaves the weights untouched and is reported as loss = nan (the loop decides
     whether to stop or skip)."""
@@ -78,6 +107,9 @@ def dpo_step(
     batch = _to(batch, device)
     n = batch["chosen_input_ids"].shape[0]
     params = [p for p in (params if params is not None else policy.parameters()) if p.requires_grad]
+    updates = updates if updates is not None else UpdateCount()
+    index = updates.n
+    updates.n += 1
     optimizer.zero_grad(set_to_none=True)
     losses, chosen_r, rejected_r = [], [], []
     tokens = 0
@@ -98,6 +130,7 @@ def dpo_step(
         optimizer.zero_grad(set_to_none=True)
         return {"loss": float("nan"), "tokens": tokens}
     grad_norm = optimizer_update(optimizer, params, clip_norm)
+    refresh_hessian_if_due(optimizer, index, lambda: preference_hessian(policy, batch, mini_batch_size))
     stats = dpo_metrics(torch.cat(chosen_r), torch.cat(rejected_r))
     return {"loss": float(total), **{k: float(v) for k, v in stats.items()}, "grad_norm": grad_norm,
             "tokens": tokens}
@@ -161,13 +194,15 @@ class DPOStage:
                                        split="train", val_fraction=cfg.val_fraction)
         self.optimizer = build_optimizer(s.policy, cfg)
         self.params = [p for p in s.policy.parameters() if p.requires_grad]
+        self.updates = UpdateCount()
         self._val: list | None = None
 
     def step(self) -> dict[str, float]:
         cfg = self.s.cfg
         self.s.policy.train()
         return dpo_step(self.s.policy, self.s.reference, self.optimizer, next(self.pairs), beta=self.beta,
-                        mini_batch_size=cfg.mini_batch_size, clip_norm=cfg.clip_norm, params=self.params)
+                        mini_batch_size=cfg.mini_batch_size, clip_norm=cfg.clip_norm, params=self.params,
+                        updates=self.updates)
 
     def _held_out(self) -> list:
         from llmlab.data.preference import PreferenceBatches
@@ -191,10 +226,11 @@ class DPOStage:
                             mini_batch_size=self.s.cfg.mini_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pairs": self.pairs.state_dict()}
+        return {"pairs": self.pairs.state_dict(), "updates": self.updates.n}
 
     def load_state_dict(self, state: dict[str, Any], folder: Path | None) -> None:
         self.pairs.load_state_dict(state["pairs"])
+        self.updates.n = int(state.get("updates", 0))
 
     def write_extra(self, folder: Path) -> None:
         """Nothing beyond the policy."""

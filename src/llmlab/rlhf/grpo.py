@@ -25,10 +25,12 @@ from torch import Tensor, nn
 from llmlab.rlhf.losses import group_advantages, grpo_loss
 from llmlab.rlhf.rollout import (
     Rollout,
+    UpdateCount,
     generate_rollout,
     group_minibatches,
     minibatch_updates,
     response_logprobs,
+    rollout_hessian,
     rollout_stats,
     score_rollout,
 )
@@ -64,10 +66,12 @@ def grpo_update(
     clip_norm: float = 0.0,
     params: Sequence[nn.Parameter] | None = None,
     generator: torch.Generator | None = None,
+    updates: UpdateCount | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in mini-batches of `mini_batch_size` prompts (x group_size
     responses), one optimizer step each. Returns loss, KL (k3, mean per token), clip fraction, ratio,
-    gradient norm, the reward statistics and the number of non-finite (skipped) updates."""
+    gradient norm, the reward statistics and the number of non-finite (skipped) updates.
+    `updates`: the run's update count (Sophia's Hessian refresh schedule; a fresh count when None)."""
     params = [p for p in (params if params is not None else policy.parameters()) if p.requires_grad]
     rewards = rewards.to(rollout.logprobs.device).float()
     advantages = group_advantages(rewards, group_size)
@@ -81,7 +85,8 @@ def grpo_update(
 
     batches = (rows for _ in range(ppo_epochs)
                for rows in group_minibatches(n_groups, group_size, mini_batch_size, generator))
-    out = minibatch_updates(optimizer, params, clip_norm, batches, loss_fn)
+    out = minibatch_updates(optimizer, params, clip_norm, batches, loss_fn,
+                            hessian=rollout_hessian(policy, rollout, temperature), updates=updates)
     out.update(group_reward_stats(rewards, group_size))
     return out
 
@@ -101,6 +106,7 @@ class GRPOStage:
         self.prompts = s.prompt_batches("train")
         self.optimizer = build_optimizer(s.policy, cfg)
         self.params = [p for p in s.policy.parameters() if p.requires_grad]
+        self.updates = UpdateCount()
 
     def step(self) -> dict[str, float]:
         s, cfg = self.s, self.s.cfg
@@ -116,17 +122,20 @@ class GRPOStage:
         metrics = grpo_update(s.policy, self.optimizer, rollout, rewards, group_size=G, clip_range=cfg.clip_range,
                               kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
                               temperature=cfg.grpo_temperature, clip_norm=cfg.clip_norm, params=self.params,
-                              generator=s.shuffle_gen)
+                              generator=s.shuffle_gen, updates=self.updates)
+        if s.reference is None:  # kl_coef = 0: no reference was built, the k3 "KL" above is to the old policy
+            metrics.pop("kl", None)
         return {**metrics, **rollout_stats(rollout), "tokens": int(rollout.sequences.numel())}
 
     def evaluate(self) -> dict[str, float]:
         return self.s.evaluate_reward(self.reward_fn)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict()}
+        return {"prompts": self.prompts.state_dict(), "updates": self.updates.n}
 
     def load_state_dict(self, state: dict[str, Any], folder: Path | None) -> None:
         self.prompts.load_state_dict(state["prompts"])
+        self.updates.n = int(state.get("updates", 0))
 
     def write_extra(self, folder: Path) -> None:
         """Nothing beyond the policy (GRPO has no critic)."""

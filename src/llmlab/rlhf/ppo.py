@@ -35,10 +35,12 @@ from llmlab.rlhf.losses import (
 )
 from llmlab.rlhf.rollout import (
     Rollout,
+    UpdateCount,
     generate_rollout,
     minibatch_updates,
     minibatches,
     response_logprobs,
+    rollout_hessian,
     rollout_stats,
     score_rollout,
 )
@@ -84,10 +86,12 @@ def ppo_update(
     clip_norm: float = 0.0,
     params: Sequence[nn.Parameter] | None = None,
     generator: torch.Generator | None = None,
+    updates: UpdateCount | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes over random mini-batches of `mini_batch_size` responses, one optimizer step
     each on pg_loss + vf_coef x vf_loss. Returns the mean losses, clip fractions, approximate KL between
-    old and new policy, gradient norm and explained variance of the values, plus skipped updates."""
+    old and new policy, gradient norm and explained variance of the values, plus skipped updates.
+    `updates`: the run's update count (Sophia's Hessian refresh schedule; a fresh count when None)."""
     if params is None:
         params = [*policy.parameters(), *value_head.parameters()]
     params = [p for p in params if p.requires_grad]
@@ -104,7 +108,8 @@ def ppo_update(
 
     n = rollout.sequences.shape[0]
     batches = (rows for _ in range(ppo_epochs) for rows in minibatches(n, mini_batch_size, generator))
-    out = minibatch_updates(optimizer, params, clip_norm, batches, loss_fn)
+    out = minibatch_updates(optimizer, params, clip_norm, batches, loss_fn,
+                            hessian=rollout_hessian(policy, rollout, temperature), updates=updates)
     out["explained_var"] = explained_variance(rollout.values, returns, rollout.response_mask)
     return out
 
@@ -136,6 +141,7 @@ class PPOStage:
         self.optimizer = build_optimizer(self.trainable, cfg)
         self.params = [p for p in self.trainable.parameters() if p.requires_grad]
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl)
+        self.updates = UpdateCount()
 
     def step(self) -> dict[str, float]:
         s, cfg = self.s, self.s.cfg
@@ -154,7 +160,7 @@ class PPOStage:
                              clip_range=cfg.clip_range, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
                              ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
                              temperature=cfg.temperature, clip_norm=cfg.clip_norm, params=self.params,
-                             generator=s.shuffle_gen)
+                             generator=s.shuffle_gen, updates=self.updates)
         self.kl_ctl.update(info["kl"], n_steps=len(examples))
         return {**metrics, **info, "reward": info["score"], "kl_coef": kl_coef, **rollout_stats(rollout),
                 "tokens": int(rollout.sequences.numel())}
@@ -163,12 +169,13 @@ class PPOStage:
         return self.s.evaluate_reward(self.reward_fn)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value}
+        return {"prompts": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value, "updates": self.updates.n}
 
     def load_state_dict(self, state: dict[str, Any], folder: Path | None) -> None:
         """Data position and KL coefficient; the value head too when resuming from `folder`."""
         self.prompts.load_state_dict(state["prompts"])
         self.kl_ctl.value = float(state["kl_coef"])
+        self.updates.n = int(state.get("updates", 0))
         if folder is not None:
             self.value_head.load(folder)
 

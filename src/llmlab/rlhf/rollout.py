@@ -22,6 +22,10 @@ still has one scored token. A response that reaches max_new_tokens without a sto
 The reference policy (`Reference`) is the policy's starting weights: with LoRA the same PeftModel with its
 adapter disabled (no second copy in memory), without LoRA a frozen copy, or a separate checkpoint when
 `reference_checkpoint` names one.
+
+Updates (`minibatch_updates`, shared by PPO and GRPO; DPO uses the same pieces): one optimizer step per
+mini-batch; with optimizer=sophia the Hessian estimate is refreshed every `sophia_update_k` updates of the
+run, from the policy's own sampled labels on the response tokens just updated (`rollout_hessian`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from llmlab.checkpoint import base_transformer, unwrap_model
 from llmlab.device import autocast, model_device
 from llmlab.errors import DataError
 from llmlab.generate import generate_tokens
+from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
 from llmlab.rlhf.losses import gather_logprobs
 
 # --------------------------------------------------------------------------------------------------
@@ -55,6 +60,36 @@ def forward_mask(prompt_mask: Tensor, n_response: int) -> Tensor | None:
     return torch.cat([prompt_mask, ones], dim=1)
 
 
+def response_logits(
+    model: nn.Module,
+    sequences: Tensor,
+    prompt_len: int,
+    attention_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    value_head: nn.Module | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits (B, N, V) that predict the response tokens `sequences[:, prompt_len:]`, divided by
+    `temperature` (in fp32) when it is not 1, and the value head's (B, N) estimates for the same states
+    when `value_head` is given.
+
+    One forward pass returns the final hidden states (B, P + N, D); the LM head runs only on the N
+    positions that predict response tokens (position P - 1 + t predicts token P + t, and is also the
+    state the value V_t is taken from). Gradients flow unless the caller disables them.
+    """
+    total = sequences.shape[1]
+    if prompt_len < 1:
+        raise DataError("rollout: every prompt needs at least one token (the chat generation prompt)")
+    with autocast(sequences.device):
+        hidden = model(sequences, attention_mask=attention_mask, output_hidden=True)  # (B, P + N, D)
+        hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
+        logits = base_transformer(model).lm_head(hidden)  # (B, N, V)
+        values = value_head(hidden) if value_head is not None else None
+    if temperature != 1.0 and temperature > 0:
+        logits = logits.float() / temperature  # scaled in fp32, as sampling did
+    return logits, values
+
+
 def response_logprobs(
     model: nn.Module,
     sequences: Tensor,
@@ -64,28 +99,18 @@ def response_logprobs(
     temperature: float = 1.0,
     value_head: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs of the response tokens `sequences[:, prompt_len:]` under `model`, and the value
-    head's estimates for the same states when `value_head` is given: (B, N) and (B, N) or None.
-
-    One forward pass returns the final hidden states (B, P + N, D); the LM head runs only on the N
-    positions that predict response tokens (position P - 1 + t predicts token P + t, and is also the
-    state the value V_t is taken from). Gradients flow unless the caller disables them.
-    """
+    """Log-probs of the response tokens `sequences[:, prompt_len:]` under `model` (at `temperature`),
+    and the value head's estimates for the same states when `value_head` is given: (B, N) and (B, N) or
+    None. One forward pass (`response_logits`); gradients flow unless the caller disables them."""
     B, total = sequences.shape
     n = total - prompt_len
     if prompt_len < 1:
         raise DataError("rollout: every prompt needs at least one token (the chat generation prompt)")
-    device = sequences.device
     if n <= 0:
-        empty = torch.zeros(B, 0, device=device)
+        empty = torch.zeros(B, 0, device=sequences.device)
         return empty, (empty.clone() if value_head is not None else None)
-    with autocast(device):
-        hidden = model(sequences, attention_mask=attention_mask, output_hidden=True)  # (B, P + N, D)
-        hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
-        logits = base_transformer(model).lm_head(hidden)  # (B, N, V)
-        values = value_head(hidden) if value_head is not None else None
-    if temperature != 1.0 and temperature > 0:
-        logits = logits.float() / temperature  # scaled in fp32, as sampling did
+    logits, values = response_logits(model, sequences, prompt_len, attention_mask, temperature=temperature,
+                                     value_head=value_head)
     # at temperature 1, bf16 logits stay bf16: gather_logprobs upcasts one row at a time
     logp = gather_logprobs(logits, sequences[:, prompt_len:])
     return logp, (values.float() if values is not None else None)
@@ -327,16 +352,54 @@ def optimizer_update(optimizer: torch.optim.Optimizer, params: Sequence[nn.Param
 
 
 LossFn = Callable[[Tensor], tuple[Tensor, dict[str, Any]]]
+HessianFn = Callable[[Tensor], tuple[Callable[[], Any], int]]
+
+
+@dataclass
+class UpdateCount:
+    """Optimizer updates of a run so far, skipped ones included. Sophia refreshes its Hessian after
+    updates 0, k, 2k, ... of the run (not of each rollout batch); stages save `n` with their state, so a
+    resumed run refreshes on the same updates."""
+
+    n: int = 0
+
+
+def rollout_hessian(policy: nn.Module, rollout: Rollout, temperature: float = 1.0) -> HessianFn:
+    """Sophia's Gauss-Newton-Bartlett estimate for PPO and GRPO: `fn(rows) -> (closure, tokens)`, the
+    closure running forward and backward of `gnb_sampled_loss` on the policy's response logits of those
+    rows (at `temperature`, the distribution the updates train), labels sampled from the policy itself,
+    averaged over the `tokens` response tokens (prompt and padding excluded). Only the LM logits enter,
+    so a value head gets no curvature estimate (Sophia moves it by lr * clip(m / eps, 1) = sign steps)."""
+
+    def fn(rows: Tensor) -> tuple[Callable[[], Tensor], int]:
+        mb = rollout.select(rows.to(rollout.logprobs.device))
+
+        def closure() -> Tensor:
+            logits, _ = response_logits(policy, mb.sequences, mb.prompt_len, mb.attention_mask,
+                                        temperature=temperature)
+            loss = gnb_sampled_loss(logits, mb.response_mask.bool())
+            loss.backward()
+            return loss
+
+        return closure, int(mb.response_mask.sum())
+
+    return fn
 
 
 def minibatch_updates(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], clip_norm: float,
-                      batches: Iterable[Tensor], loss_fn: LossFn) -> dict[str, float]:
+                      batches: Iterable[Tensor], loss_fn: LossFn, *, hessian: HessianFn | None = None,
+                      updates: UpdateCount | None = None) -> dict[str, float]:
     """One optimizer step per mini-batch of rows: `loss_fn(rows) -> (loss, stats)`. A non-finite loss
-    skips its update (counted in `skipped_updates`). Returns the mean loss, gradient norm and stats over
-    the updates made (loss = nan when none was)."""
+    skips its update (counted in `skipped_updates`). With Sophia, after each update that the run's count
+    `updates` makes due (`llmlab.optim.refresh_hessian_if_due`), `hessian(rows)` gives the closure that
+    refreshes its Hessian on the same rows. Returns the mean loss, gradient norm and stats over the updates
+    made (loss = nan when none was)."""
+    updates = updates if updates is not None else UpdateCount()
     sums: dict[str, float] = {}
-    updates = skipped = 0
+    made = skipped = 0
     for rows in batches:
+        index = updates.n
+        updates.n += 1
         loss, stats = loss_fn(rows)
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
@@ -345,11 +408,13 @@ def minibatch_updates(optimizer: torch.optim.Optimizer, params: Sequence[nn.Para
         loss.backward()
         values = {"loss": float(loss.detach()), "grad_norm": optimizer_update(optimizer, params, clip_norm),
                   **{k: float(v) for k, v in stats.items()}}
-        updates += 1
+        if hessian is not None:
+            refresh_hessian_if_due(optimizer, index, lambda rows=rows: hessian(rows))
+        made += 1
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
-    out = {k: v / max(updates, 1) for k, v in sums.items()}
-    if updates == 0:
+    out = {k: v / max(made, 1) for k, v in sums.items()}
+    if made == 0:
         out["loss"] = float("nan")
     out["skipped_updates"] = skipped
     return out

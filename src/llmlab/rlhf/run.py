@@ -11,7 +11,8 @@ The reference is that starting policy: the same PeftModel with its adapter disab
 copy otherwise, or `reference_checkpoint` when given. The policy checkpoint's tokenizer renders prompts
 and decodes completions for the reward functions / reward model (`rlhf.rewards.build_reward_fn`).
 Dropout is switched off in the policy (as TRL does) so that log-probs at sampling time and in the update
-agree and PPO/GRPO ratios start at exactly 1.
+agree and PPO/GRPO ratios start at exactly 1; LoRA's dropout too, with a notice when lora_dropout > 0.
+GRPO with kl_coef = 0 builds no reference (`needs_reference`).
 
 The loop follows `llmlab.train.loop`'s conventions and reuses its pieces (`MetricsLogger`, `StopFlag`,
 RNG capture, `TrainingError`): one step is one algorithm step (a rollout batch and its updates, or one
@@ -71,7 +72,7 @@ class Session:
 
     cfg: RLHFConfig
     policy: nn.Module
-    reference: Reference
+    reference: Reference | None  # None only for GRPO with kl_coef = 0 (`needs_reference`)
     tokenizer: Any
     device: torch.device
     stop_ids: list[int]
@@ -138,6 +139,21 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = 0.0
+
+
+def dropout_notice(cfg: RLHFConfig) -> str | None:
+    """The line saying that RLHF switches LoRA's dropout off too, when the config asks for some."""
+    if cfg.use_lora and cfg.lora_dropout > 0:
+        return (f"rlhf: lora_dropout={cfg.lora_dropout} is not applied: RLHF switches every dropout off (as TRL "
+                f"does) so that sampling-time and update-time log-probs agree; set lora_dropout=0 to silence this")
+    return None
+
+
+def needs_reference(cfg: RLHFConfig) -> bool:
+    """False for GRPO with kl_coef = 0 (and adaptive_kl off): nothing reads the reference's log-probs,
+    so no frozen copy is built (nor, under LoRA, the adapter-disabled forward pass). PPO always has one:
+    its logged KL is the drift the user watches even at kl_coef = 0; DPO's loss needs it."""
+    return not (cfg.algorithm == "grpo" and cfg.kl_coef == 0 and not cfg.adaptive_kl)
 
 
 def load_policy_tokenizer(policy_checkpoint: str) -> Any:
@@ -230,6 +246,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     tokenizer = load_policy_tokenizer(cfg.policy_checkpoint)
     policy = load_policy(cfg, resume_dir, device)
     disable_dropout(policy)
+    messages: list[str] = [m for m in [dropout_notice(cfg)] if m]
     base = base_transformer(policy)
     base.gradient_checkpointing = cfg.gradient_checkpointing
     if len(tokenizer) > base.config.vocab_size:
@@ -237,11 +254,13 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                           f"{base.config.vocab_size} embedding rows; use the tokenizer the model was trained with")
     # The reference is the starting policy: after a resume without LoRA, read it back from disk.
     ref_source = cfg.reference_checkpoint or (cfg.policy_checkpoint if resume_dir and not cfg.use_lora else None)
-    reference = build_reference(policy, ref_source, device)
+    reference = build_reference(policy, ref_source, device) if needs_reference(cfg) else None
+    if reference is None:
+        messages.append("rlhf: GRPO with kl_coef=0 builds no reference model (nothing uses it), so no kl is "
+                        "logged; set kl_coef > 0 for a KL penalty to the reference")
     stop_ids = stop_token_ids(tokenizer)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    messages: list[str] = []
     session = Session(cfg=cfg, policy=policy, reference=reference, tokenizer=tokenizer, device=device,
                       stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, model_max_len=base.config.max_seq_len,
                       sample_gen=sample_gen, shuffle_gen=shuffle_gen, notice=messages.append)
