@@ -75,3 +75,24 @@ def test_spec_best_model_pt_maps_to_best_folder_and_pickles_are_refused(tmp_path
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         read_checkpoint(tmp_path / "checkpoints" / "best").trainer_tensors()
     assert not marker.exists()
+
+
+def test_only_the_specs_file_names_map_to_folders_and_others_list_what_exists(tmp_path):
+    ck = tmp_path / "sft_checkpoints"
+    for name in ("best", "latest"):
+        save_checkpoint(ck / name, build_model(tiny_config()))
+    assert resolve_checkpoint(ck / "latest_model.pt") == ck / "latest"
+    # the merge's output for best/ (best_merged/) does not exist yet: an error, not best/ itself
+    with pytest.raises(CheckpointError) as e:
+        resolve_checkpoint(ck / "best_model_merged.pt")
+    msg = str(e.value)
+    assert "best_merged/" in msg and "checkpoint folders in" in msg and "best, latest" in msg and "\n" not in msg
+    save_checkpoint(ck / "best_merged", build_model(tiny_config()))
+    assert resolve_checkpoint(ck / "best_model_merged.pt") == ck / "best_merged"
+    save_checkpoint(ck / "merged", build_model(tiny_config()))
+    assert resolve_checkpoint(ck / "model_merged.pt") == ck / "merged"
+    for typo in ("bset_model.pt", "weights.pt", "bets"):  # a mistyped path never loads best/
+        with pytest.raises(CheckpointError, match="best, best_merged, latest, merged; pass one of them"):
+            resolve_checkpoint(ck / typo)
+    with pytest.raises(CheckpointError, match="does not exist; pass a checkpoint folder"):
+        resolve_checkpoint(tmp_path / "nowhere" / "best_model.pt")

@@ -275,3 +275,49 @@ def test_configure_sizes_vocab_from_the_tokenizer_and_rounds_up(tok_dir, tmp_pat
                      "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64", "n_layers=2"]) == 0
         assert ModelConfig.load(out).vocab_size == expected
     assert expected % 64 == 0 and expected > n  # 300 tokens + specials: rounding adds rows
+
+
+def test_inference_defaults_are_the_specs():
+    assert (chat.Settings().temperature, chat.Settings().top_p, chat.Settings().max_new_tokens) == (0.7, 0.9, 256)
+    for argv in (["generate", "--checkpoint", "x", "--prompt", "p"], ["chat", "--checkpoint", "x"]):
+        settings = chat.settings_from_args(main.build_parser().parse_args(argv))
+        assert settings == chat.Settings(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=256), argv
+
+
+def test_generate_passes_top_p_and_top_k_to_the_sampler(checkpoints, capsys, monkeypatch):
+    import llmlab.generate
+
+    root, _, _ = checkpoints
+    seen = []
+    real = llmlab.generate.generate_tokens
+
+    def spy(model, prompts, **kw):
+        seen.append({k: kw[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens")})
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(llmlab.generate, "generate_tokens", spy)
+    code, _, err = run(["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be", "--top-p", "0.5",
+                        "--top-k", "3", "--max-new-tokens", "2", "--seed", "1"], capsys)
+    assert code == 0, err
+    assert seen == [{"temperature": 0.7, "top_p": 0.5, "top_k": 3, "max_new_tokens": 2}]
+
+
+def test_adapter_goes_on_top_of_the_checkpoints_own_adapter(checkpoints, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from llmlab.checkpoint import load_model
+    from llmlab.lora import save_adapter, save_lora_checkpoint
+
+    root, model, tok = checkpoints
+    first = get_peft_model(build_model(model.config), LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"],
+                                                                 init_lora_weights=False))
+    save_lora_checkpoint(tmp_path / "sft_lora", first, kind="sft", tokenizer=tok)
+    start = load_model(tmp_path / "sft_lora")  # base + its adapter, merged: where a second LoRA run starts
+    second = get_peft_model(start, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    save_adapter(second, tmp_path / "second")
+    loaded, _, _ = chat.load_for_inference(str(tmp_path / "sft_lora"), adapter=str(tmp_path / "second"))
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        want = second.eval()(x)
+        assert (loaded(x) - want).abs().max() < 1e-5
+        assert (load_model(tmp_path / "sft_lora", with_adapter=False)(x) - want).abs().max() > 1e-3

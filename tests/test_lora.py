@@ -214,3 +214,90 @@ def test_lora_on_a_tied_lm_head_is_refused():
     assert target_modules(cfg, build_model(tiny_config())) == ["q_proj", "lm_head"]
     with pytest.raises(ConfigError, match="lm_head shares its weight with embed_tokens"):
         target_modules(cfg, build_model(tiny_config(tie_embeddings=True)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The LoRA options reach PEFT; resume and merge keep the settings the adapter was trained with
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lora_alpha_sets_the_scaling_and_the_merged_weight():
+    model = apply_lora(build_model(tiny_config()), sft_cfg(lora_r=4, lora_alpha=16), verbose=False)
+    randomize_lora(model)
+    layer = model.get_base_model().layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 4.0  # alpha / r = 16 / 4 (PEFT's default alpha 8 would give 2)
+    w = layer.base_layer.weight.detach().clone()
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged.layers[0].self_attn.q_proj.weight, w + delta * 4.0, rtol=0, atol=1e-6)
+
+
+def test_lora_dropout_is_a_dropout_on_the_lora_path():
+    model = apply_lora(build_model(tiny_config(dropout=0.0)), sft_cfg(lora_dropout=0.5), verbose=False)
+    randomize_lora(model)
+    drop = model.get_base_model().layers[0].self_attn.q_proj.lora_dropout["default"]
+    assert isinstance(drop, torch.nn.Dropout) and drop.p == 0.5
+    x = torch.randint(0, 128, (2, 12))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # the model has no dropout of its own: only LoRA's differs
+        model.eval()
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", 16), ("lora_r", 8), ("lora_dropout", 0.2),
+                                         ("lora_preset", "minimal"), ("lora_target_modules", ["q_proj"])])
+def test_resume_check_refuses_changed_lora_settings(tmp_path, field, value):
+    from llmlab.errors import ConfigError
+    from llmlab.lora import check_lora_resume
+
+    _trained_lora(tmp_path)  # trained with sft_cfg(lora_preset="all"): r=4, alpha=8, dropout 0.0
+    ckpt = read_checkpoint(tmp_path / "sft" / "best")
+    check_lora_resume(sft_cfg(lora_preset="all"), ckpt)  # the same settings resume
+    check_lora_resume(sft_cfg(lora_preset="all", lora_target_modules=["q_proj"]), ckpt)  # unused by "all"
+    check_lora_resume(sft_cfg(lora_preset="all", lora_dropout=0.3), ckpt, skip=("lora_dropout",))  # RLHF's
+    changed = {"lora_preset": "all", field: value}
+    if field == "lora_target_modules":
+        changed["lora_preset"] = "custom"
+    with pytest.raises(ConfigError) as e:
+        check_lora_resume(sft_cfg(**changed), ckpt)
+    msg = str(e.value)
+    name = "lora_preset" if field == "lora_target_modules" else field
+    assert msg.startswith(f"{name}: ") and "\n" not in msg and "resume with" in msg
+    saved = {"lora_alpha": "lora_alpha=8", "lora_r": "lora_r=4", "lora_dropout": "lora_dropout=0.0",
+             "lora_preset": "lora_preset=all", "lora_target_modules": "lora_preset=all"}[field]
+    assert saved in msg  # the checkpoint's value, to resume with
+
+
+def test_merge_option2_uses_the_adapters_own_config_over_a_stale_training_config(tmp_path, capsys):
+    cfg, _, model = _trained_lora(tmp_path)  # r=4, alpha=8
+    tc_file = tmp_path / "sft" / "best" / "training_config.json"
+    tc = json.loads(tc_file.read_text())
+    tc_file.write_text(json.dumps({**tc, "lora_alpha": 32}))  # what a resume with changed alpha used to write
+    merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "merged")
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (llmlab.load_model(tmp_path / "merged")(x) - model(x)).abs().max() < 1e-5  # alpha 8, as trained
+    assert "training_config.json says r=4, alpha=32" in capsys.readouterr().out  # and the disagreement is told
+
+
+def test_merge_option1_keeps_the_base_checkpoints_own_adapter(tmp_path):
+    """An adapter trained on a LoRA checkpoint (RLHF starts from the SFT checkpoint with its adapter merged)
+    merges onto that checkpoint with its adapter: the result is the stacked model."""
+    cfg, _, _ = _trained_lora(tmp_path)  # sft/best: base weights + adapter 1 (preset all)
+    start = llmlab.load_model(tmp_path / "sft" / "best")  # base + adapter 1, merged
+    second = apply_lora(copy.deepcopy(start), sft_cfg(lora_preset="minimal", lora_r=2), verbose=False)
+    randomize_lora(second, seed=2)
+    save_adapter(second, tmp_path / "rlhf_adapters")
+    merge_adapter_folder(tmp_path / "rlhf_adapters", tmp_path / "sft" / "best", tmp_path / "merged")
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = second.eval()(x)
+        assert (llmlab.load_model(tmp_path / "merged")(x) - want).abs().max() < 1e-5
+        assert (start(x) - want).abs().max() > 1e-2  # adapter 2 mattered
+        plain = llmlab.load_model(tmp_path / "sft" / "best", with_adapter=False)
+        assert (plain(x) - start(x)).abs().max() > 1e-2  # and so did adapter 1
+    # the checkpoint's own adapter (best_lora_adapters/ beside best/) would be added twice: refused
+    with pytest.raises(LLMLabError, match="same adapter as the one --base .* holds.*applied twice") as e:
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "sft" / "best", tmp_path / "m2")
+    assert "\n" not in str(e.value) and not (tmp_path / "m2").exists()

@@ -150,3 +150,40 @@ def test_lora_resume_is_exact(world):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     last = [[(r.get("loss"), r.get("val_loss")) for r in read_metrics(d) if r["step"] == 8] for d in (whole, part)]
     assert last[0] == last[1] and last[0][0][1] is not None
+
+
+def test_lora_resume_with_changed_lora_settings_is_refused(world):
+    from llmlab.errors import ConfigError
+
+    root, _, _ = world
+    kw = dict(use_lora=True, lora_alpha=8, max_steps=1, warmup_steps=0, eval_every=100, save_every=1)
+    part = run_sft(sft_config(root, "changed", **kw), progress=False)
+    with pytest.raises(ConfigError) as e:
+        run_sft(sft_config(root, "changed", **{**kw, "lora_alpha": 32, "max_steps": 2}),
+                resume=str(part / "latest"), progress=False)
+    msg = str(e.value)
+    assert msg.startswith("lora_alpha: ") and "lora_alpha=8" in msg and "resume with lora_alpha=8" in msg
+    assert "\n" not in msg
+    assert json.loads((part / "latest" / "training_config.json").read_text())["lora_alpha"] == 8  # untouched
+
+
+def test_batch_size_and_max_grad_norm_reach_the_training_step(world, monkeypatch):
+    import llmlab.train.loop as loop
+
+    root, _, _ = world
+    rows, clips = [], []
+    real_fb, real_clip = loop.forward_backward, loop.grad_norm_and_clip
+
+    def spy_fb(wrapped, micro, *a, **kw):
+        rows.extend(int(mb["input_ids"].shape[0]) for mb in micro)
+        return real_fb(wrapped, micro, *a, **kw)
+
+    def spy_clip(params, max_norm):
+        clips.append(max_norm)
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(loop, "forward_backward", spy_fb)
+    monkeypatch.setattr(loop, "grad_norm_and_clip", spy_clip)
+    run_sft(sft_config(root, "spied", batch_size=3, max_grad_norm=0.37, max_steps=2, warmup_steps=0, eval_every=100),
+            progress=False)
+    assert rows == [3, 3] and clips == [0.37, 0.37]

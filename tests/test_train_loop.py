@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from llmlab.checkpoint import read_checkpoint, save_checkpoint
+from llmlab.checkpoint import load_model, read_checkpoint, save_checkpoint
 from llmlab.config import TrainConfig
 from llmlab.model import build_model
 from llmlab.train.loop import (
@@ -253,6 +253,40 @@ def test_best_and_latest_checkpoints(tmp_path, best_only):
     assert json.loads((best.path / "training_config.json").read_text())["max_steps"] == 9
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class NoBatches(RuleBatches):
+    """An empty validation set: every evaluation reads no batch."""
+
+    def __next__(self):
+        raise StopIteration
+
+
+@pytest.mark.parametrize("val", [None, "empty"])
+def test_save_best_only_without_validation_still_saves_the_final_state(tmp_path, val, capsys):
+    model = tiny_model()
+    cfg = make_cfg(tmp_path, max_steps=3, eval_every=2, save_every=2, save_best_only=True)
+    result = train_loop(model, cfg, RuleBatches(4, mask=True), NoBatches(4) if val else None,
+                        output_dir=cfg.output_dir, progress=True)
+    assert result.best_checkpoint is None and result.latest_checkpoint == tmp_path / "run" / "latest"
+    assert not (tmp_path / "run" / "best").exists()
+    assert read_checkpoint(tmp_path / "run" / "latest").trainer_state()["step"] == 3  # the final step only
+    loaded = load_model(tmp_path / "run" / "latest")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert "no validation loss, so no best/" in capsys.readouterr().out
+
+
+def test_eval_steps_sets_how_many_validation_batches_are_read(tmp_path):
+    tokens = []
+    for steps in (1, 3):
+        _, _, metrics = run(tmp_path / str(steps), max_steps=1, eval_steps=steps)
+        tokens += [r["val_tokens"] for r in metrics if "val_tokens" in r]
+    assert tokens == [4 * 15, 3 * 4 * 15]  # batches of 4 rows of 16 tokens: 15 targets a row
+
+
+def test_log_every_sets_which_steps_log_the_loss(tmp_path):
+    _, _, metrics = run(tmp_path, val=False, max_steps=7, log_every=3)
+    assert [r["step"] for r in metrics if r.get("loss") is not None] == [3, 6, 7]  # and the last step
 
 
 # --------------------------------------------------------------------------------------------------

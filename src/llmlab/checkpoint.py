@@ -68,9 +68,43 @@ def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def spec_checkpoint_folder(path: str | os.PathLike) -> Path | None:
+    """The folder a spec file name stands for, or None when the name is not one of the spec's:
+    `X_model.pt` -> `X/` (best_model.pt -> best/), `X_model_merged.pt` -> `X_merged/` (the menu's
+    default output folder when merging the full checkpoint X/) and `model_merged.pt` -> `merged/` (its
+    default for an adapter-folder merge), each beside the file name."""
+    p = Path(path)
+    m = re.fullmatch(r"(?:(.+)_)?model(_merged)?\.pt", p.name)
+    if m is None or (m.group(1) is None and m.group(2) is None):
+        return None
+    name = m.group(1) or ""
+    if m.group(2):
+        name = f"{name}_merged" if name else "merged"
+    return p.parent / name
+
+
+def checkpoint_folders(folder: Path) -> list[str]:
+    """Names of the checkpoint folders (holding config.json) directly inside `folder`, sorted."""
+    try:
+        return sorted(c.name for c in folder.iterdir()
+                      if not c.name.startswith(".") and (c / "config.json").is_file())
+    except OSError:
+        return []
+
+
+def _not_found(p: Path, why: str) -> CheckpointError:
+    """`p` names no checkpoint: say why and list the checkpoint folders that do exist beside it."""
+    found = checkpoint_folders(p.parent) if p.parent.is_dir() else []
+    if found:
+        return CheckpointError(f"{p}: {why}; checkpoint folders in {p.parent}: {', '.join(found)}; pass one of them")
+    there = f"no checkpoint folders in {p.parent}" if p.parent.is_dir() else f"{p.parent} does not exist"
+    return CheckpointError(f"{p}: {why}; {there}; pass a checkpoint folder such as checkpoints/best")
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept an LLM-Lab checkpoint folder, or the spec's `.../best_model.pt` naming, which maps to the
-    `best/` folder beside it. Pickle files are never loaded."""
+    """Accept an LLM-Lab checkpoint folder, or a spec file name (`best_model.pt` -> `best/`,
+    `best_model_merged.pt` -> `best_merged/`, see `spec_checkpoint_folder`) beside that folder. Any
+    other missing path is an error listing the checkpoint folders there. Pickle files are never loaded."""
     p = Path(path)
     if ".tmp-" in p.name:
         raise CheckpointError(f"{p}: a half-written checkpoint left by an interrupted save; pass the folder "
@@ -81,15 +115,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         moved = _interrupted_swap(p)
         if moved is not None:
             return moved
-    if p.name.endswith(".pt") or p.name.endswith(".bin"):
-        stem = p.name.rsplit(".", 1)[0]
-        for candidate in (p.parent / stem, p.parent / stem.replace("_model", ""), p.parent / "best"):
-            if (candidate / "config.json").is_file():
-                return candidate
-        if p.is_file():
-            raise CheckpointError(
-                f"{p}: LLM-Lab checkpoints are folders (model.safetensors + config.json); pickle files "
-                f"are not loaded for safety. Convert the weights to safetensors or pass a checkpoint folder")
+    spec = spec_checkpoint_folder(p)
+    if spec is not None:
+        if (spec / "config.json").is_file():
+            return spec
+        if not spec.exists() and (moved := _interrupted_swap(spec)) is not None:
+            return moved
+    if p.is_file() and p.suffix in (".pt", ".bin", ".pth", ".pkl"):
+        raise CheckpointError(
+            f"{p}: LLM-Lab checkpoints are folders (model.safetensors + config.json); pickle files "
+            f"are not loaded for safety. Convert the weights to safetensors or pass a checkpoint folder")
+    if spec is not None:
+        raise _not_found(p, f"the spec's file name for the checkpoint folder {spec.name}/, which does not exist "
+                            f"(not trained or merged yet?)")
     if p.is_dir():
         for sub in ("best", "latest", "final"):
             if (p / sub / "config.json").is_file():
@@ -98,7 +136,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return moved
         raise CheckpointError(f"{p}: not a checkpoint folder (no config.json); pass a folder such as "
                               f"checkpoints/best")
-    raise CheckpointError(f"checkpoint {p} not found; pass a checkpoint folder such as checkpoints/best")
+    if p.is_file():
+        raise CheckpointError(f"{p}: a file, not a checkpoint folder (model.safetensors + config.json); pass a "
+                              f"checkpoint folder such as checkpoints/best")
+    raise _not_found(p, "checkpoint not found")
 
 
 def _interrupted_swap(p: Path) -> Path | None:

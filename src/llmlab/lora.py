@@ -33,6 +33,7 @@ from llmlab.checkpoint import (
     attach_adapter,
     base_transformer,
     check_adapter_folder,
+    load_model,
     load_state_into,
     read_checkpoint,
     save_checkpoint,
@@ -141,6 +142,60 @@ def apply_lora(model: nn.Module, cfg: Any, *, verbose: bool = True):
 
 def is_lora_model(model: nn.Module) -> bool:
     return hasattr(unwrap_model(model), "peft_config")
+
+
+def _targets_of(cfg: Any, model_config: Any) -> set[str]:
+    """The module names `cfg` adapts on a model of `model_config` (built on the meta device: no memory)."""
+    from llmlab.model import build_model
+
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(model_config)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built for real
+        skeleton = build_model(model_config)
+    return set(target_modules(cfg, skeleton))
+
+
+def check_lora_resume(cfg: Any, checkpoint: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a LoRA checkpoint with other LoRA settings than it was trained with.
+
+    Resuming rebuilds the adapter from the checkpoint's adapter/adapter_config.json, so a changed lora_r,
+    lora_alpha, lora_dropout, lora_preset or lora_target_modules would be ignored by the training yet
+    written to the new checkpoints' training_config.json. Raises a one-line ConfigError naming the field,
+    the checkpoint's value and the fix. `checkpoint` is a `Checkpoint` or a path; nothing is checked
+    without use_lora or without an adapter (that mismatch is the caller's own error). `skip` names fields
+    the stage does not apply (RLHF switches dropout off: skip=("lora_dropout",))."""
+    ckpt = checkpoint if hasattr(checkpoint, "has_adapter") else read_checkpoint(checkpoint)
+    if not getattr(cfg, "use_lora", False) or not ckpt.has_adapter:
+        return
+    source = ckpt.path / ADAPTER_DIR / "adapter_config.json"
+    try:
+        saved = json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: unreadable ({type(e).__name__}); resume from another checkpoint "
+                              f"(e.g. latest/ or best/)") from None
+    other = ("or merge it (llm-lab merge-lora) and start a new LoRA run from the merged checkpoint to train "
+             "with other LoRA settings")
+    for name, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if name not in skip and saved.get(key) is not None and float(getattr(cfg, name)) != float(saved[key]):
+            raise ConfigError(f"{name}: {ckpt.path} was trained with {name}={saved[key]} (its "
+                              f"{ADAPTER_DIR}/adapter_config.json) but the config has {name}={getattr(cfg, name)}; "
+                              f"resume with {name}={saved[key]}, {other}")
+    trained = saved.get("target_modules")
+    if not isinstance(trained, list):  # None, or a regex string: not something this config writes
+        return
+    wanted = _targets_of(cfg, ckpt.model_config)
+    if wanted == set(trained):
+        return
+    tc = ckpt.training_config() or {}
+    if tc.get("lora_preset") not in (None, "custom"):
+        keep = f"lora_preset={tc['lora_preset']}"
+    else:
+        keep = f"lora_preset=custom lora_target_modules={json.dumps(tc.get('lora_target_modules') or sorted(trained))}"
+    name = "lora_preset" if tc.get("lora_preset", cfg.lora_preset) != cfg.lora_preset else "lora_target_modules"
+    raise ConfigError(f"{name}: {ckpt.path} was trained with LoRA on {', '.join(sorted(trained))} but the config "
+                      f"(lora_preset={cfg.lora_preset}) adapts {', '.join(sorted(wanted))}; resume with {keep}, "
+                      f"{other}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,18 +328,39 @@ def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[
     return out
 
 
+def check_not_own_adapter(adapter_dir: str | os.PathLike, base: Any, flag: str = "--base") -> None:
+    """Refuse an adapter folder that is the base checkpoint's own adapter (e.g. best_lora_adapters/ with
+    the best/ checkpoint of the same run): the base is loaded with its adapter merged, so applying the
+    same adapter again would add B A alpha / r twice."""
+    from safetensors.torch import load_file
+
+    if not base.has_adapter:
+        return
+    ours = base.path / ADAPTER_DIR / "adapter_model.safetensors"
+    theirs = Path(adapter_dir) / "adapter_model.safetensors"
+    if not (ours.is_file() and theirs.is_file()):
+        return
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    if a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+        raise CheckpointError(f"{adapter_dir}: the same adapter as the one {flag} {base.path} holds in its {ADAPTER_DIR}/, "
+                              f"so it would be applied twice; use that checkpoint alone (merge option 2: "
+                              f"--checkpoint {base.path}), or pass as {flag} the checkpoint the LoRA run started from")
+
+
 def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
                          out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Option 1: an adapter folder (e.g. best_lora_adapters/) plus the base checkpoint it was trained on
-    -> a plain merged checkpoint in `out_dir`. Returns `out_dir`."""
-    from llmlab.model import build_model
-
+    -> a plain merged checkpoint in `out_dir`. Returns `out_dir`. A base checkpoint that holds a LoRA
+    adapter itself (a LoRA run trained on a LoRA checkpoint) is loaded with that adapter merged, as
+    `load_model` and the training that started from it do, so the result is the stacked model."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_adapter_folder(adapter_dir)
     base = read_checkpoint(base_checkpoint)
     _check_out(out_dir, force, adapter_dir, base.path)
-    model = build_model(base.model_config)
-    load_state_into(model, base.state_dict(), where=str(base.path))
+    check_not_own_adapter(adapter_dir, base)
+    if base.has_adapter:  # e.g. an RLHF adapter trained on an SFT-LoRA checkpoint: RLHF started from both merged
+        print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top")
+    model = load_model(base.path)  # the base with its own adapter (if any) merged, as training saw it
     merged = attach_adapter(model, adapter_dir, where=f"base checkpoint {base.path}").merge_and_unload()
     meta_path = adapter_dir / ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else base.meta
@@ -303,23 +379,37 @@ def _config_error(path: Path, why: str) -> LLMLabError:
 
 
 def _lora_config_of_checkpoint(ckpt: Any, model: nn.Module):
-    """The LoraConfig of a full checkpoint: from training_config.json, else adapter/adapter_config.json."""
+    """The LoraConfig of a full checkpoint: adapter/adapter_config.json, which PEFT writes with the adapter
+    weights from the live model; else the LoRA fields of training_config.json. When both exist and
+    disagree on r, alpha or the target modules (a run resumed with changed LoRA settings before that was
+    refused), the adapter's own file is what was trained: it wins, and a line says so."""
     from peft import LoraConfig
 
     tc = ckpt.training_config()
+    from_tc, tc_error = None, None
     if tc and tc.get("use_lora") and tc.get("lora_r"):
         fields = {f: tc[f] for f in LORA_FIELDS if f in tc}
         try:
-            return lora_config_from(SimpleNamespace(**{**_lora_defaults(), **fields}), model)
+            from_tc = lora_config_from(SimpleNamespace(**{**_lora_defaults(), **fields}), model)
         except ConfigError as e:
-            raise _config_error(ckpt.path, f"training_config.json: {e}") from None
-    adapter_cfg = ckpt.path / ADAPTER_DIR / "adapter_config.json"
-    if not adapter_cfg.is_file():
-        raise _config_error(ckpt.path, "no LoRA fields in training_config.json and no adapter/adapter_config.json")
+            tc_error = f"training_config.json: {e}"
+    if not (ckpt.path / ADAPTER_DIR / "adapter_config.json").is_file():
+        if from_tc is None:
+            raise _config_error(ckpt.path, tc_error or "no LoRA fields in training_config.json and no "
+                                                       "adapter/adapter_config.json")
+        return from_tc
     try:
-        return LoraConfig.from_pretrained(str(ckpt.path / ADAPTER_DIR))
+        own = LoraConfig.from_pretrained(str(ckpt.path / ADAPTER_DIR))
     except Exception as e:  # noqa: BLE001 - PEFT raises several types for a bad file
         raise _config_error(ckpt.path, f"adapter_config.json: {str(e).splitlines()[0][:160]}") from None
+    if from_tc is not None:
+        ours = (own.r, own.lora_alpha, set(own.target_modules or ()))
+        theirs = (from_tc.r, from_tc.lora_alpha, set(from_tc.target_modules or ()))
+        if ours != theirs:
+            print(f"note: {ckpt.path}: training_config.json says r={theirs[0]}, alpha={theirs[1]}, targets "
+                  f"{sorted(theirs[2])}, but the adapter was saved with r={ours[0]}, alpha={ours[1]}, targets "
+                  f"{sorted(ours[2])}; merging with the adapter's own config ({ADAPTER_DIR}/adapter_config.json)")
+    return own
 
 
 def _lora_defaults() -> dict[str, Any]:
@@ -328,7 +418,7 @@ def _lora_defaults() -> dict[str, Any]:
 
 def merge_full_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Option 2: a full LoRA checkpoint (base weights + `adapter/`) -> a plain merged checkpoint. The LoRA
-    config comes from its training_config.json (falling back to adapter/adapter_config.json)."""
+    config comes from its adapter/adapter_config.json (falling back to training_config.json)."""
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -354,8 +444,8 @@ def merge_full_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathL
     missing = [k for k in result.missing_keys if k in expected]
     if result.unexpected_keys or missing or not adapter_state:
         bad = (result.unexpected_keys or missing or ["(no tensors)"])[0]
-        raise CheckpointError(f"{weights}: adapter tensor {bad} does not match the LoRA config in "
-                              f"training_config.json; use option 1: --adapter DIR --base CHECKPOINT")
+        raise CheckpointError(f"{weights}: adapter tensor {bad} does not match the checkpoint's LoRA "
+                              f"config; use option 1: --adapter DIR --base CHECKPOINT")
     merged = peft_model.merge_and_unload()
     out = _write_merged(out_dir, merged, step=ckpt.meta.get("step"), metrics=ckpt.meta.get("metrics") or {},
                         training_config=_lora_free_training_config(ckpt.training_config()),

@@ -71,17 +71,21 @@ class StreamDecoder:
 
 
 def load_for_inference(checkpoint: str, adapter: str | None = None, device: str = "auto"):
-    """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights."""
+    """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights,
+    on top of the checkpoint's own adapter when it holds one (as `merge_adapter_folder` does)."""
     from llmlab.checkpoint import attach_adapter, load_model, read_checkpoint
     from llmlab.data.tokenizer import load_tokenizer
     from llmlab.device import pick_device
 
     ckpt = read_checkpoint(checkpoint)
-    model = load_model(ckpt.path, with_adapter=adapter is None)
+    model = load_model(ckpt.path)  # its own adapter merged: what a further --adapter was trained on
     tokenizer_source = str(ckpt.tokenizer_path) if ckpt.tokenizer_path else ckpt.model_config.tokenizer_name
     kind = ckpt.meta.get("kind", "pretrain")
     if adapter is not None:
+        from llmlab.lora import check_not_own_adapter
+
         folder = Path(adapter)
+        check_not_own_adapter(folder, ckpt, "--checkpoint")
         model = attach_adapter(model, folder, where=str(ckpt.path)).merge_and_unload()
         if (folder / "tokenizer").is_dir():
             tokenizer_source = str(folder / "tokenizer")

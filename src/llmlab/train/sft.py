@@ -61,14 +61,16 @@ def _policy_model(cfg: SFTConfig, info: DistInfo):
     given = Path(cfg.policy_checkpoint)
     if given.resolve() != ckpt.path.resolve():
         rank0_print(info, f"policy_checkpoint: {given} -> {ckpt.path} (LLM-Lab checkpoints are folders; the "
-                          f"spec's best_model.pt is the best/ folder)")
+                          f"spec's file name stands for this one)")
     if ckpt.has_adapter:
         rank0_print(info, f"policy_checkpoint: {ckpt.path} holds a LoRA adapter; starting from base + adapter merged")
     return load_model(ckpt.path).train(), ckpt
 
 
 def _resumed_model(cfg: SFTConfig, ckpt: Any):
-    from llmlab.lora import load_lora_checkpoint
+    """The model of a resumed run: its weights, and under LoRA its trainable adapter, which must have been
+    trained with this config's LoRA settings (`llmlab.lora.check_lora_resume`)."""
+    from llmlab.lora import check_lora_resume, load_lora_checkpoint
     from llmlab.model import build_model
 
     has_adapter = (ckpt.path / "adapter").is_dir()
@@ -76,6 +78,7 @@ def _resumed_model(cfg: SFTConfig, ckpt: Any):
         raise ConfigError(f"use_lora: {ckpt.path} was trained {'with' if has_adapter else 'without'} LoRA; resume "
                           f"it with use_lora={'true' if has_adapter else 'false'}")
     if has_adapter:
+        check_lora_resume(cfg, ckpt)
         return load_lora_checkpoint(ckpt.path, trainable=True).train()
     model = build_model(ckpt.model_config)
     load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
