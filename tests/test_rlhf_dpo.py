@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmlab.config import RLHFConfig
+from llmlab.errors import ConfigError
 from llmlab.rlhf.dpo import beta_of, dpo_step, preference_logps
 from llmlab.rlhf.rollout import build_reference
 from llmlab.rlhf.run import run_rlhf
@@ -97,6 +98,9 @@ def test_dpo_lora_resume_exact_base_untouched_adapters_merge(policy_dir, pairs, 
     lora = dict(use_lora=True, lora_preset="all", lora_r=4, max_steps=6, save_every=3, eval_every=3)
     run_rlhf(_cfg(policy_dir, pairs, tmp_path / "full", **lora), progress=False)
     run_rlhf(_cfg(policy_dir, pairs, tmp_path / "part", **{**lora, "max_steps": 3}), progress=False)
+    with pytest.raises(ConfigError, match="lora_alpha: .* was trained with lora_alpha=16"):  # would be ignored
+        run_rlhf(_cfg(policy_dir, pairs, tmp_path / "part", **{**lora, "lora_alpha": 32}),
+                 resume=str(tmp_path / "part" / "latest"), progress=False)
     run_rlhf(_cfg(policy_dir, pairs, tmp_path / "part", **lora), resume=str(tmp_path / "part" / "latest"),
              progress=False)
     losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("full", "part")]

@@ -169,7 +169,7 @@ def load_policy(cfg: RLHFConfig, resume_dir: Path | None, device: torch.device) 
     """The trainable policy: fresh from policy_checkpoint (adapter merged, new LoRA adapters when
     use_lora), or the resumed checkpoint's weights (with its trainable adapter)."""
     from llmlab.checkpoint import load_model
-    from llmlab.lora import apply_lora, load_lora_checkpoint
+    from llmlab.lora import apply_lora, check_lora_resume, load_lora_checkpoint
 
     if resume_dir is not None:
         has_adapter = read_checkpoint(resume_dir).has_adapter
@@ -177,6 +177,7 @@ def load_policy(cfg: RLHFConfig, resume_dir: Path | None, device: torch.device) 
             raise CheckpointError(f"{resume_dir}: written with use_lora={has_adapter}, but the config has "
                                   f"use_lora={cfg.use_lora}; resume with the same setting")
         if cfg.use_lora:
+            check_lora_resume(cfg, resume_dir, skip=("lora_dropout",))  # RLHF switches dropout off anyway
             return load_lora_checkpoint(resume_dir, device, trainable=True)
         return load_model(resume_dir, device).requires_grad_(True)
     policy = load_model(cfg.policy_checkpoint, device).requires_grad_(True)
