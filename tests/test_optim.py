@@ -168,6 +168,19 @@ def test_adamw_uses_cfg_betas_and_a_fast_path():
     assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["fused"] is True  # CPU has the fused kernel
 
 
+def test_lion_betas_come_from_the_config():
+    opt = build_optimizer(TinyLM(), make_cfg("lion", lion_beta1=0.8, lion_beta2=0.95))
+    assert type(opt).__name__ == "Lion"
+    assert all(tuple(g["betas"]) == (0.8, 0.95) for g in opt.param_groups)
+
+
+def test_sophia_betas_and_rho_come_from_the_config():
+    opt = build_optimizer(TinyLM(), make_cfg("sophia", sophia_beta1=0.9, sophia_beta2=0.95, sophia_rho=0.07,
+                                             sophia_update_k=3))
+    assert isinstance(opt, SophiaG) and opt.update_k == 3
+    assert all(tuple(g["betas"]) == (0.9, 0.95) and g["rho"] == 0.07 for g in opt.param_groups)
+
+
 def test_fused_adamw_steps_like_the_reference_implementation():
     """The fused kernel takes the same steps as torch's single-tensor AdamW (decay and no-decay groups)."""
     torch.manual_seed(0)
@@ -220,11 +233,28 @@ def test_muon_splits_hidden_matrices_from_the_rest():
     assert in_adamw == {n for n, _ in model.named_parameters()} - MUON_PART
     assert all(g["lr"] == pytest.approx(0.02) and g["momentum"] == 0.9 and not g["nesterov"]
                for g in muon.param_groups)
-    assert all(g["lr"] == pytest.approx(0.002) and g["lr_scale"] == 0.1 for g in adamw.param_groups)
+    # Three learning rates: Muon and the AdamW matrices (embedding, head) at lr, 1-D parameters at 0.1x.
+    lr_of = {names[id(p)]: (g["lr"], g["lr_scale"], g["weight_decay"])
+             for g in opt.param_groups for p in g["params"]}
+    assert lr_of == {
+        "fc1.weight": (0.02, 1.0, 0.1), "fc2.weight": (0.02, 1.0, 0.1),  # Muon
+        "lm_head.weight": (0.02, 1.0, 0.1),  # AdamW, full lr, decayed
+        "embed_tokens.weight": (0.02, 1.0, 0.0),  # AdamW, full lr, not decayed
+        "fc1.bias": (0.002, 0.1, 0.0), "fc2.bias": (0.002, 0.1, 0.0), "norm.weight": (0.002, 0.1, 0.0),
+    }
     # The combined object's groups are the children's own dicts, so a schedule reaches them.
     set_lr(opt, 0, make_cfg("muon", lr=0.02, warmup_steps=4))
-    assert muon.param_groups[0]["lr"] == pytest.approx(0.005)
-    assert adamw.param_groups[0]["lr"] == pytest.approx(0.0005)
+    assert {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]} == pytest.approx({
+        "fc1.weight": 0.005, "fc2.weight": 0.005, "lm_head.weight": 0.005, "embed_tokens.weight": 0.005,
+        "fc1.bias": 0.0005, "fc2.bias": 0.0005, "norm.weight": 0.0005})
+
+
+def test_muon_without_torch_optim_muon_is_a_one_line_config_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError) as e:
+        build_optimizer(TinyLM(), make_cfg("muon"))
+    assert str(e.value).startswith("optimizer: muon needs torch.optim.Muon (PyTorch 2.9 or newer)")
+    assert "pick another optimizer" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_combined_state_is_shared_with_children():

@@ -315,11 +315,13 @@ def test_one_ppo_update_with_each_optimizer_moves_policy_and_value_head(name, ti
     moved = {n for n, p in trainable.named_parameters() if not torch.equal(p, before[n])}
     assert "value_head.proj.weight" in moved and "policy.lm_head.weight" in moved
     assert any(n.startswith("policy.layers") for n in moved)
-    if name == "muon":  # the (1, d_model) critic is an output head: AdamW at 0.1x lr, not orthogonalised
+    if name == "muon":  # the (1, d_model) critic is an output head, like lm_head: AdamW at the full lr, not
+        # orthogonalised; its 1-D bias is on AdamW at 0.1x lr, as every 1-D parameter under Muon
         by_id = {id(p): (type(o).__name__, g) for o in optimizer.optimizers for g in o.param_groups
                  for p in g["params"]}
         kind, group = by_id[id(head.proj.weight)]
-        assert kind == "AdamW" and group["lr_scale"] == 0.1
+        assert kind == "AdamW" and group["lr_scale"] == 1.0
+        assert by_id[id(head.proj.bias)][0] == "AdamW" and by_id[id(head.proj.bias)][1]["lr_scale"] == 0.1
         assert by_id[id(model.layers[0].mlp.gate_proj.weight)][0] == "Muon"
 
 

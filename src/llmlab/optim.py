@@ -13,7 +13,8 @@ Which parameters decay: weight decay (decoupled, `p *= 1 - lr * wd`) applies to 
 `lm_head` is the embedding). Norm weights, biases and other 1-D parameters never decay: shrinking them
 towards 0 changes the function without regularising anything. Frozen parameters are left out.
 
-Every group carries `base_lr` (the stage's peak lr) and `lr_scale` (1.0, or 0.1 for Muon's AdamW part);
+Every group carries `base_lr` (the stage's peak lr) and `lr_scale` (1.0, or 0.1 for the 1-D parameters
+under Muon);
 the schedule sets `lr = base_lr * lr_scale * lr_factor(step, cfg)`, a closed form of the step alone,
 so resuming needs only the step counter. Optimizer state dicts hold only tensors, numbers, strings,
 tuples, lists and dicts, so `torch.load(weights_only=True)` reads them back.
@@ -240,25 +241,45 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self._share()
 
 
+def _muon_class() -> type[torch.optim.Optimizer]:
+    """`torch.optim.Muon` (PyTorch 2.9 and newer, with `adjust_lr_fn`), or a one-line ConfigError."""
+    import inspect
+
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None or "adjust_lr_fn" not in inspect.signature(muon).parameters:
+        raise ConfigError(f"optimizer: muon needs torch.optim.Muon (PyTorch 2.9 or newer) and this is torch "
+                          f"{torch.__version__}; upgrade torch (pip install -U 'torch>=2.9') or pick another "
+                          f"optimizer (adamw, adafactor, lion, sophia)")
+    return muon
+
+
 def _muon(model: nn.Module, cfg: Any) -> CombinedOptimizer:
-    """Muon on 2-D hidden matrices; embeddings, output heads and 1-D parameters on AdamW at 0.1x lr.
+    """Muon on 2-D hidden matrices; embeddings and output heads on AdamW at the full lr; 1-D parameters
+    (norm weights, biases) on AdamW at 0.1x lr, as the spec says.
 
     Muon's update is an orthogonalised momentum matrix; `adjust_lr_fn="match_rms_adamw"` scales it to
     AdamW's update RMS (Moonshot, "Muon is Scalable for LLM Training"), so the stage's lr, tuned for
-    AdamW, serves both parts. The AdamW part uses the `adamw_*` betas and eps.
+    AdamW, serves the Muon part and the AdamW matrices alike. Embeddings and heads (`lm_head`, an RLHF
+    value head) stay off Muon, as in the Muon and Moonshot recipes: their rows are per-token lookups or
+    per-output read-outs, which an orthogonalised whole-matrix update does not suit. The AdamW part uses
+    the `adamw_*` betas and eps. Groups: Muon (hidden, decayed); AdamW lr x1 decayed (heads), AdamW lr x1
+    undecayed (embeddings, tied head), AdamW lr x0.1 undecayed (1-D); empty groups are left out.
     """
+    muon_cls = _muon_class()
     named = _trainable(model)
     embeddings = _embedding_params(model)
     hidden = [(n, p) for n, p in named if p.dim() == 2 and id(p) not in embeddings and not _is_output_head(n)]
     hidden_ids = {id(p) for _, p in hidden}
-    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    matrices = [(n, p) for n, p in named if id(p) not in hidden_ids and p.dim() >= 2]
+    vectors = [(n, p) for n, p in named if p.dim() < 2]
     children: list[torch.optim.Optimizer] = []
     if hidden:
         groups = _groups(hidden, embeddings, cfg)
-        children.append(torch.optim.Muon(groups, lr=cfg.peak_lr, momentum=cfg.muon_momentum,
-                                         nesterov=cfg.muon_nesterov, adjust_lr_fn="match_rms_adamw"))
+        children.append(muon_cls(groups, lr=cfg.peak_lr, momentum=cfg.muon_momentum,
+                                 nesterov=cfg.muon_nesterov, adjust_lr_fn="match_rms_adamw"))
+    rest = _groups(matrices, embeddings, cfg) + _groups(vectors, embeddings, cfg, scale=0.1)
     if rest:
-        children.append(_adamw(_groups(rest, embeddings, cfg, scale=0.1), cfg))
+        children.append(_adamw(rest, cfg))
     return CombinedOptimizer(children)
 
 
