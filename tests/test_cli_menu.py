@@ -85,6 +85,77 @@ def test_a_check_that_needs_a_later_field_waits_then_asks_the_named_field_again(
     assert cfg.d_model == 32 and cfg.attention_type == "mha" and "n_kv_heads" not in p.names()
 
 
+def test_yarn_fields_are_asked_with_yarn_and_factor_one_is_refused_there():
+    # tokenizer, positional_encoding=yarn (4th), defaults, sizes, dropout, then the YaRN fields at once
+    p = Scripted(["", "4", "", "", "", "64", "4", "2", "128", "2", "500", "64", "", "", "4", "", "", "", ""])
+    cfg = menu.ask_config(p, ModelConfig)
+    assert cfg.positional_encoding == "yarn" and cfg.rope_scaling_factor == 4.0
+    assert ("error: rope_scaling_factor: positional_encoding=yarn with rope_scaling_factor=1.0 is plain RoPE; "
+            "set rope_scaling_factor > 1") in "".join(p.lines)
+    names = p.names()
+    assert names.count("rope_scaling_factor") == 2
+    assert {"original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow"} <= set(names)
+    assert "sliding_window" not in names  # the advanced section was declined
+    rope = Scripted([""] * 14)
+    menu.ask_config(rope, ModelConfig)
+    assert not {"rope_scaling_factor", "original_max_seq_len", "yarn_beta_fast"} & set(rope.names())
+
+
+class FakeTokenizer:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def test_vocab_size_default_comes_from_a_hub_tokenizer_and_stays_when_it_cannot_load(monkeypatch, tmp_path):
+    import llmlab.data.tokenizer as tokenizer
+    from llmlab.errors import DataError
+
+    loaded = []
+
+    def fake_load(name):
+        loaded.append(name)
+        if name == "offline/tok":
+            raise DataError(f"tokenizer_name: cannot load {name!r} from the Hugging Face Hub (offline)")
+        return FakeTokenizer({"org/tok": 1000, "Qwen/Qwen2.5-0.5B": 151665}[name])
+
+    monkeypatch.setattr(tokenizer, "load_tokenizer", fake_load)
+    p = Scripted([])
+    values = {"tokenizer_name": "org/tok", "vocab_size": 151936}
+    menu.vocab_from_tokenizer(p, values)
+    assert values["vocab_size"] == 1000 and "vocab_size default set from the tokenizer: 1000\n" in p.lines
+    values = {"tokenizer_name": "Qwen/Qwen2.5-0.5B", "vocab_size": 151936}  # the spec's padded size fits
+    menu.vocab_from_tokenizer(p, values)
+    assert values["vocab_size"] == 151936
+    values = {"tokenizer_name": "offline/tok", "vocab_size": 777}
+    menu.vocab_from_tokenizer(p, values)
+    assert values["vocab_size"] == 777
+    assert p.lines[-1] == ("note: vocab_size stays 777: the tokenizer could not be loaded to size it "
+                           "(tokenizer_name: cannot load 'offline/tok' from the Hugging Face Hub (offline))\n")
+    assert loaded == ["org/tok", "Qwen/Qwen2.5-0.5B", "offline/tok"]
+
+    # wired into "Configure new model": a hub name typed there sizes vocab_size's default
+    monkeypatch.chdir(tmp_path)
+    answers = ["1", "org/tok"] + [""] * 4 + ["64", "4", "2", "128", "2", "", "64", "", "", "m.json"]
+    menu.action_configure(Scripted(answers))
+    assert ModelConfig.load("m.json").vocab_size == 1000
+
+
+def test_vocab_size_from_a_local_tokenizer_folder_and_a_real_offline_hub_miss(tok_dir):
+    from llmlab.data.tokenizer import load_tokenizer
+
+    p = Scripted([])
+    values = {"tokenizer_name": str(tok_dir), "vocab_size": 151936}
+    menu.vocab_from_tokenizer(p, values)
+    assert values["vocab_size"] == len(load_tokenizer(str(tok_dir)))
+    values = {"tokenizer_name": "llmlab-test/no-such-tokenizer", "vocab_size": 151936}  # HF_HUB_OFFLINE=1
+    menu.vocab_from_tokenizer(p, values)
+    assert values["vocab_size"] == 151936 and p.lines[-1].startswith("note: vocab_size stays 151936: ")
+    assert p.lines[-1].count("\n") == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end through a terminal
 # --------------------------------------------------------------------------------------------------

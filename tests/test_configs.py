@@ -44,6 +44,31 @@ def test_default_configs_are_the_spec_defaults():
         assert RLHFConfig.load(CONFIGS / f"rlhf_{algo}_default.json") == RLHFConfig(algorithm=algo)
 
 
+# The values the spec ("Model Configuration", "Base Training") states, written out literally, so a changed
+# dataclass default fails here even when the shipped default configs are regenerated from it.
+SPEC_MODEL_DEFAULTS = dict(
+    tokenizer_name="Qwen/Qwen2.5-0.5B", positional_encoding="rope", attention_type="gqa", norm_type="rmsnorm",
+    activation="swiglu", d_model=896, n_heads=14, n_kv_heads=2, d_ff=4864, n_layers=24, vocab_size=151936,
+    max_seq_len=1024, dropout=0.0, sliding_window=None, attention_bias=False, norm_eps=1e-6,
+)
+SPEC_PRETRAIN_DEFAULTS = dict(
+    max_steps=10000, optimizer="adamw", adamw_beta1=0.9, adamw_beta2=0.999, adamw_eps=1e-8, lion_beta1=0.9,
+    lion_beta2=0.99, sophia_beta1=0.965, sophia_beta2=0.99, sophia_rho=0.04, muon_momentum=0.95,
+    muon_nesterov=True, lr=3e-4, weight_decay=0.1, scheduler="cosine", warmup_steps=1000, batch_size=1,
+    gradient_accumulation_steps=64, grad_clip=1.0, eval_every=500, eval_steps=100, save_best_only=True,
+    datasets=["HuggingFaceFW/fineweb-edu"],
+)
+
+
+@pytest.mark.parametrize("cls,spec", [(ModelConfig, SPEC_MODEL_DEFAULTS), (TrainConfig, SPEC_PRETRAIN_DEFAULTS)],
+                         ids=["model", "pretrain"])
+def test_dataclass_defaults_are_the_values_the_spec_states(cls, spec):
+    cfg = cls()
+    actual = {name: getattr(cfg, name) for name in spec}
+    assert actual == spec
+    assert all(type(actual[n]) is type(spec[n]) for n in spec)  # 0.0 not 0, True not 1
+
+
 def test_tiny_configs_are_the_pipeline_tiny_preset():
     expected = stage_configs("tiny", "runs/tiny")
     files = {"model": "model_tiny", "pretrain": "pretrain_tiny", "sft": "sft_tiny", "dpo": "rlhf_dpo_tiny",

@@ -1,16 +1,19 @@
 """The transformer: causality, windows, positions, parameter counts, gradients, config validation."""
 
 import itertools
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.conftest import tiny_config
 
 from llmlab.config import ModelConfig
 from llmlab.errors import ConfigError
 from llmlab.model import build_model
 from llmlab.model.estimate import count_parameters, estimate_memory
-from llmlab.model.positions import alibi_slopes
+from llmlab.model.positions import alibi_slopes, rope_inv_freq, yarn_inv_freq
 
 PES = ["sinusoidal", "rope", "alibi", "yarn"]
 ATTN = ["mha", "mqa", "gqa"]
@@ -51,7 +54,7 @@ def test_causal_and_counted_for_every_norm_and_activation(norm, act):
 @pytest.mark.parametrize("pe", PES)
 def test_sliding_window_hides_tokens_beyond_it(pe):
     w = 4
-    m = _model(positional_encoding=pe, sliding_window=w, n_layers=1)
+    m = _model(positional_encoding=pe, sliding_window=w, n_layers=1, rope_scaling_factor=2.0 if pe == "yarn" else 1.0)
     x = torch.randint(0, 128, (1, 12))
     y = x.clone()
     y[0, 12 - 1 - w] = (y[0, 12 - 1 - w] + 5) % 128  # one step outside the last token's window
@@ -85,23 +88,127 @@ def test_no_position_signal_would_be_order_blind():
         torch.testing.assert_close(m(x)[0, -1], m(x[:, perm])[0, -1], atol=1e-5, rtol=0)
 
 
-def test_yarn_with_factor_one_is_rope_and_differs_otherwise():
+def test_yarn_with_factor_one_is_refused_and_differs_from_rope_otherwise():
+    # Factor 1 would be exactly RoPE (same frequencies, no temperature), so a yarn config must extend.
+    as_rope = SimpleNamespace(head_dim=8, rope_theta=10000.0, rope_scaling_factor=1.0, yarn_original_len=64,
+                              yarn_beta_fast=32.0, yarn_beta_slow=1.0)
+    freqs, attn_factor = yarn_inv_freq(as_rope)
+    torch.testing.assert_close(freqs, rope_inv_freq(8, 10000.0))
+    assert attn_factor == 1.0
+    for factor in (1.0, 1):
+        with pytest.raises(ConfigError) as e:
+            tiny_config(positional_encoding="yarn", rope_scaling_factor=factor)
+        message = str(e.value)
+        assert message.startswith("rope_scaling_factor: positional_encoding=yarn with rope_scaling_factor=1")
+        assert "set rope_scaling_factor > 1 (e.g. 4 for 4x the trained context)" in message
+        assert "or use positional_encoding=rope" in message and "\n" not in message
+    assert tiny_config(positional_encoding="rope", rope_scaling_factor=1.0).positional_encoding == "rope"
+
     torch.manual_seed(0)
     rope = build_model(tiny_config(positional_encoding="rope", init_std=0.3))
-    yarn1 = build_model(tiny_config(positional_encoding="yarn", rope_scaling_factor=1.0, init_std=0.3))
     yarn4 = build_model(tiny_config(positional_encoding="yarn", rope_scaling_factor=4.0, original_max_seq_len=16,
                                     init_std=0.3))
-    yarn1.load_state_dict(rope.state_dict())
     yarn4.load_state_dict(rope.state_dict())
     x = torch.randint(0, 128, (1, 40))
     with torch.no_grad():
-        torch.testing.assert_close(rope(x), yarn1(x))
         assert (rope(x) - yarn4(x)).abs().max() > 1e-3
     # YaRN keeps high frequencies and stretches low ones by the factor
     f_rope, f_yarn = rope.positions.inv_freq, yarn4.positions.inv_freq
     assert torch.isclose(f_yarn[0], f_rope[0])
     assert torch.isclose(f_yarn[-1], f_rope[-1] / 4)
     assert yarn4.positions.attn_factor == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1)
+
+
+def test_alibi_attention_is_the_hand_computed_biased_softmax():
+    """One alibi layer's attention equals softmax(q k^T / sqrt(d) - slope_h (i - j), causal) v, GQA heads
+    sharing their group's k and v."""
+    m = _model(positional_encoding="alibi", n_layers=1)
+    attn = m.layers[0].self_attn
+    seen = {}
+    attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    x_ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        m(x_ids)
+        h = seen["x"]  # the normed input of the attention, (B, T, D)
+        B, T, _ = h.shape
+        H, Hkv, hd = 4, 2, 8
+        q = F.linear(h, attn.q_proj.weight).view(B, T, H, hd).transpose(1, 2)
+        k = F.linear(h, attn.k_proj.weight).view(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        v = F.linear(h, attn.v_proj.weight).view(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        slopes = alibi_slopes(H)  # 2^-2, 2^-4, 2^-6, 2^-8 for four heads
+        torch.testing.assert_close(slopes, torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) - slopes[:, None, None] * (i - j).float()
+        scores = scores.masked_fill(j > i, float("-inf"))
+        heads = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd)
+        torch.testing.assert_close(seen["out"], F.linear(heads, attn.o_proj.weight), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "leaky_relu"])
+def test_each_plain_activation_is_the_one_applied(act):
+    """mlp(x) == down(act(up(x))) with the named function, and not with any of the others."""
+    fns = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "leaky_relu": F.leaky_relu}
+    m = _model(activation=act)
+    mlp = m.layers[0].mlp
+    assert not hasattr(mlp, "gate_proj")  # ungated: up -> act -> down
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = mlp(x)
+        up = F.linear(x, mlp.up_proj.weight)
+        expected = {name: F.linear(fn(up), mlp.down_proj.weight) for name, fn in fns.items()}
+    torch.testing.assert_close(out, expected[act], atol=1e-6, rtol=1e-6)
+    for other, y in expected.items():
+        if other != act:
+            assert (out - y).abs().max() > 1e-3, other
+
+
+def test_swiglu_is_gated():
+    m = _model(activation="swiglu")
+    mlp = m.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                            mlp.down_proj.weight)
+        torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_dropout_acts_in_training_only_and_zero_is_off():
+    x = torch.randint(0, 128, (2, 12))
+    m = _model(dropout=0.1)
+    m.train()
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    assert (a - b).abs().max() > 1e-3  # a fresh mask each forward
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x), atol=0, rtol=0)
+        evaluated = m(x)
+    off = _model(dropout=0.0)
+    off.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(off.eval()(x), evaluated, atol=1e-6, rtol=1e-6)  # eval ignores the rate
+        trained = off.train()(x)
+    torch.testing.assert_close(trained, off.eval()(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_norm_eps_reaches_every_norm_and_changes_the_output(norm):
+    small, big = _model(norm_type=norm), _model(norm_type=norm, norm_eps=0.5)
+    big.load_state_dict(small.state_dict())
+    norms = [mod for name, mod in big.named_modules() if name.endswith(("layernorm", "norm"))]
+    assert len(norms) == 2 * 2 + 1  # two per block, one final
+    assert all(mod.eps == 0.5 for mod in norms)
+    assert all(mod.eps == 1e-6 for name, mod in small.named_modules() if name.endswith(("layernorm", "norm")))
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert (small(x) - big(x)).abs().max() > 1e-2
+        h = torch.randn(3, 32)
+        y = big.norm(h)
+        if norm == "rmsnorm":
+            expected = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 0.5) * big.norm.weight
+        else:
+            expected = F.layer_norm(h, (32,), big.norm.weight, big.norm.bias, eps=0.5)
+        torch.testing.assert_close(y, expected)
 
 
 def test_alibi_slopes_match_the_paper():

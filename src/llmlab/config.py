@@ -291,7 +291,8 @@ class ModelConfig(ConfigBase):
     attention_bias: bool = _help("Bias on q/k/v projections (Qwen2 style)", default=False)
     norm_eps: float = _help("Epsilon of the norms", default=1e-6)
     rope_theta: float = _help("RoPE/YaRN base frequency", default=10000.0)
-    rope_scaling_factor: float = _help("YaRN context extension factor (1 = plain RoPE)", default=1.0)
+    rope_scaling_factor: float = _help("YaRN: context extension factor, > 1 for yarn (4 = 4x the trained context; "
+                                       "1 would be plain rope)", default=1.0)
     original_max_seq_len: int | None = _help("YaRN: context length the model was trained at", default=None)
     yarn_beta_fast: float = _help("YaRN: high-frequency boundary (rotations)", default=32.0)
     yarn_beta_slow: float = _help("YaRN: low-frequency boundary (rotations)", default=1.0)
@@ -326,6 +327,11 @@ class ModelConfig(ConfigBase):
                f"rope_scaling_factor: must be >= 1, got {self.rope_scaling_factor}")
         if self.original_max_seq_len is not None:
             _positive(self, "original_max_seq_len")
+        if self.positional_encoding == "yarn":  # last, so the checks above name their own fields first
+            _check(self.rope_scaling_factor > 1.0,
+                   f"rope_scaling_factor: positional_encoding=yarn with rope_scaling_factor="
+                   f"{self.rope_scaling_factor} is plain RoPE; set rope_scaling_factor > 1 (e.g. 4 for 4x the "
+                   f"trained context) or use positional_encoding=rope")
 
     @property
     def head_dim(self) -> int:
@@ -337,6 +343,13 @@ class ModelConfig(ConfigBase):
         if self.original_max_seq_len is not None:
             return self.original_max_seq_len
         return max(1, int(self.max_seq_len / self.rope_scaling_factor))
+
+
+def vocab_slack(n_tokens: int) -> int:
+    """How many rows vocab_size may have beyond a tokenizer's `n_tokens` before LLM-Lab says they are
+    wasted: room for rounding up to a multiple of 64 and for padding like Qwen2.5's (151936 rows, the
+    spec's default, for 151665 tokens)."""
+    return 64 + n_tokens // 100
 
 
 # --------------------------------------------------------------------------------------------------

@@ -183,10 +183,12 @@ QUESTIONS: dict[type[ConfigBase], tuple[Section, ...]] = {
     ModelConfig: (
         Section(_qs("tokenizer_name", "positional_encoding", "attention_type", "norm_type", "activation",
                     "d_model", "n_heads", Q("n_kv_heads", lambda v: v["attention_type"] == "gqa"), "d_ff",
-                    "n_layers", "vocab_size", "max_seq_len", "dropout")),
-        Section(_qs("sliding_window", "attention_bias", "norm_eps", Q("rope_theta", _ROPE),
+                    "n_layers", "vocab_size", "max_seq_len", "dropout",
+                    # yarn is plain RoPE until its factor is set: its fields come with it, not in advanced
                     Q("rope_scaling_factor", _YARN), Q("original_max_seq_len", _YARN), Q("yarn_beta_fast", _YARN),
-                    Q("yarn_beta_slow", _YARN), "tie_embeddings", "init_std"), "advanced parameters"),
+                    Q("yarn_beta_slow", _YARN))),
+        Section(_qs("sliding_window", "attention_bias", "norm_eps", Q("rope_theta", _ROPE), "tie_embeddings",
+                    "init_std"), "advanced parameters"),
     ),
     TrainConfig: (
         Section(_qs("max_steps") + _optimizer_questions() + _qs("lr", "weight_decay") + _schedule_questions()
@@ -347,18 +349,25 @@ def save_config(p: Prompter, cfg: ConfigBase) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def _vocab_from_tokenizer(values: Values) -> None:
-    """After tokenizer_name: when it is a local tokenizer, its size becomes vocab_size's default."""
-    name = str(values["tokenizer_name"])
-    if not os.path.exists(os.path.expanduser(name)):
-        return
+def vocab_from_tokenizer(p: Prompter, values: Values) -> None:
+    """After tokenizer_name: load it (hub id, folder or tokenizer.json, as training will) and make its size
+    vocab_size's default, unless the current value already fits it (at least its size, at most
+    `vocab_slack` rows more, e.g. the spec's 151936 for Qwen2.5's 151665 tokens). When it cannot be
+    loaded (offline, a typo), a one-line notice says so and the current value stays."""
+    from llmlab.config import vocab_slack
     from llmlab.data.tokenizer import load_tokenizer, model_vocab_size
 
+    name, current = str(values["tokenizer_name"]), int(float(values["vocab_size"]))
     try:
-        values["vocab_size"] = model_vocab_size(load_tokenizer(name))
-        print(f"vocab_size default set from the tokenizer: {values['vocab_size']}")
+        n = model_vocab_size(load_tokenizer(name))
     except LLMLabError as e:
-        print(f"note: {e}")
+        p.say(f"note: vocab_size stays {current}: the tokenizer could not be loaded to size it ({e})")
+        return
+    if n <= current <= n + vocab_slack(n):
+        p.say(f"vocab_size default stays {current} (fits the tokenizer's {n} tokens)")
+        return
+    values["vocab_size"] = n
+    p.say(f"vocab_size default set from the tokenizer: {n}")
 
 
 def action_configure(p: Prompter) -> Path:
@@ -368,7 +377,7 @@ def action_configure(p: Prompter) -> Path:
     if p.select("Model config:", [("Configure new", "new"), ("Start from an existing config", "existing")],
                 default="new") == "existing":
         _, start = ask_path(p, "Config file", ModelConfig.config_name, ModelConfig.load)
-    cfg = ask_config(p, ModelConfig, start, hooks={"tokenizer_name": _vocab_from_tokenizer})
+    cfg = ask_config(p, ModelConfig, start, hooks={"tokenizer_name": lambda v: vocab_from_tokenizer(p, v)})
     commands.print_estimate(cfg)
     return save_config(p, cfg)
 

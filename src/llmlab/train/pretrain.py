@@ -28,10 +28,11 @@ from llmlab.config import ModelConfig, TrainConfig
 from llmlab.data.pretrain import PretrainBatches
 from llmlab.errors import ConfigError
 from llmlab.model import build_model
-from llmlab.train.distributed import init_distributed, shutdown
+from llmlab.train.distributed import init_distributed, rank0_print, shutdown
 from llmlab.train.loop import resume_state, train_loop
 from llmlab.train.stage import (
     check_optimizer_switch,
+    check_vocab_size,
     save_resolved,
     seed_everything,
     stage_config_from_checkpoint,
@@ -70,9 +71,9 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
         elif ckpt is not None:
             _check_same_model(model_cfg, ckpt.model_config, ckpt.path)
         tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, ckpt)
-        if model_cfg.vocab_size < len(tok):
-            raise ConfigError(f"vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {len(tok)} tokens "
-                              f"({model_cfg.tokenizer_name}); set vocab_size to at least {len(tok)}")
+        notice = check_vocab_size(model_cfg, len(tok))  # raises when smaller than the tokenizer
+        if notice:
+            rank0_print(info, notice)
         seq_len = stage_seq_len(cfg, model_cfg)
 
         start = None

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from llmlab.config import ConfigBase, ModelConfig
+from llmlab.config import ConfigBase, ModelConfig, vocab_slack
 from llmlab.errors import ConfigError, LLMLabError
 from llmlab.train.distributed import DistInfo, rank0_print
 from llmlab.train.loop import StartState
@@ -58,6 +58,21 @@ def tokenizer_for(model_cfg: ModelConfig, ckpt: Any) -> Any:
     if ckpt is not None and ckpt.tokenizer_path is not None:
         return load_tokenizer(str(ckpt.tokenizer_path))
     return load_tokenizer(model_cfg.tokenizer_name)
+
+
+def check_vocab_size(model_cfg: ModelConfig, n_tokens: int) -> str | None:
+    """A ConfigError when vocab_size is below the tokenizer's `n_tokens` (ids past the embedding); a one-line
+    notice (returned) when it is more than `vocab_slack` rows above, since those embedding and lm_head rows
+    are never used; None when it fits."""
+    v = model_cfg.vocab_size
+    if v < n_tokens:
+        raise ConfigError(f"vocab_size: {v} is smaller than the tokenizer's {n_tokens} tokens "
+                          f"({model_cfg.tokenizer_name}); set vocab_size to at least {n_tokens}")
+    if v > n_tokens + vocab_slack(n_tokens):
+        return (f"note: vocab_size: {v} is {v - n_tokens} more than the tokenizer's {n_tokens} tokens "
+                f"({model_cfg.tokenizer_name}); those embedding and lm_head rows are never used; set "
+                f"vocab_size={n_tokens} (or up to {n_tokens + vocab_slack(n_tokens)}) to drop them")
+    return None
 
 
 def stage_seq_len(cfg: Any, model_cfg: ModelConfig) -> int:
