@@ -85,7 +85,8 @@ def test_unknown_keys_are_named(cls, data):
        positional_encoding=st.sampled_from(["rope", "yarn", "alibi", "sinusoidal"]))
 def test_head_counts_are_consistent_or_refused(d_model, n_heads, n_kv_heads, attention_type, positional_encoding):
     data = dict(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, attention_type=attention_type,
-                positional_encoding=positional_encoding)
+                positional_encoding=positional_encoding,
+                rope_scaling_factor=2.0 if positional_encoding == "yarn" else 1.0)  # yarn needs a factor > 1
     try:
         cfg = ModelConfig.from_dict(data)
     except ConfigError as e:
