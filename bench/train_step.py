@@ -4,13 +4,17 @@ activation checkpointing, and their peak memory.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/train_step.py            # prints JSON
     OMP_NUM_THREADS=2 .venv/bin/python bench/train_step.py --quick    # fewer repeats
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_step.py --quick --compile   # + torch.compile (minutes)
 
 Tokens/s counts the batch's tokens (batch x seq) per optimizer step (zero_grad, forward, loss, backward,
 AdamW step). MFU = model FLOPs/s (`common.train_flops_per_token`) over this machine's fp32 matmul peak
 measured in the same run (the best of MKL and oneDNN). `ours_chunked_mkl` is the default step with
 LLM-Lab's oneDNN products turned off (`llmlab.model.linear`), and `gemm_gflops` compares the two
 libraries on the step's product shapes: together they show what oneDNN buys. `attention_fwd_bwd_ms`
-times one layer's causal attention through SDPA and through `llmlab.model.causal_blocks`. Peak memory
+times one layer's causal attention through SDPA and through `llmlab.model.causal_blocks`. `--compile`
+adds `compiled`: the trainer's step (`llmlab.train.loop.LMLoss`, model and chunked loss) eager and with
+`compile: true` (the module compiled, as the trainer does), HF eager and compiled, interleaved, with
+each compile's time. Peak memory
 is the rise of a fresh process's high-water RSS over what the
 model and optimizer objects held before the first step (activations, gradients, AdamW moments).
 """
@@ -140,7 +144,7 @@ def tokens_per_s(times: list[float], batch: int = BATCH, seq: int = SEQ) -> floa
     return batch * seq / common.median(times)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, compile_: bool = False) -> dict[str, Any]:
     repeats = 3 if quick else 5
     cfg = common.bench_config()
     peak = common.matmul_peak_flops()
@@ -188,7 +192,42 @@ def run(quick: bool = False) -> dict[str, Any]:
         result["qwen_vocab_batch4_fwd_bwd_peak_mib"] = {k: v.get("peak_mib", v.get("error")) for k, v in big.items()}
         result["chunked_memory_ratio"] = _ratio(big["ours_chunked"], big["ours"])
     result["gradient_checkpointing"] = checkpointing(cfg, repeats, ids)
+    if compile_:
+        result["compiled"] = compiled(cfg, 2 * repeats, ids)
     return result
+
+
+def compiled(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
+    """The trainer's step (`LMLoss`: model + chunked loss, loss summed over tokens as the trainer does)
+    eager vs `compile: true`, and HF eager vs compiled; tokens/s (interleaved medians), compile seconds."""
+    import time
+
+    from llmlab.train.loop import LMLoss
+
+    steps, compile_s = {}, {}
+    for kind in ("trainer", "trainer_compiled", "hf", "hf_compiled"):
+        model, opt = build("hf" if kind.startswith("hf") else "ours", cfg.vocab_size)
+        module = model if kind.startswith("hf") else LMLoss(model)
+        if kind.endswith("_compiled"):
+            module.compile()
+
+        def step(module=module, opt=opt, hf=kind.startswith("hf")) -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = module(input_ids=ids, labels=ids).loss if hf else module(ids, ids) / ids[:, 1:].numel()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        start = time.perf_counter()
+        step()  # the first call compiles
+        compile_s[kind] = round(time.perf_counter() - start, 1)
+        steps[kind] = step
+    times = common.interleaved(steps, repeats)
+    tps = {k: tokens_per_s(v) for k, v in times.items()}
+    return {"tokens_per_s": {k: round(v) for k, v in tps.items()}, "first_step_s": compile_s,
+            "compiled_vs_eager": round(tps["trainer_compiled"] / tps["trainer"], 3),
+            "compiled_vs_hf_compiled": round(tps["trainer_compiled"] / tps["hf_compiled"], 3),
+            "hf_compiled_vs_hf": round(tps["hf_compiled"] / tps["hf"], 3)}
 
 
 def attention_fwd_bwd(repeats: int) -> dict[str, dict[str, float]]:
@@ -233,7 +272,7 @@ def checkpointing(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
-    common.script_main(__doc__, run)
+    common.script_main(__doc__, run, {"compile": "also time the trainer's compile: true and HF compiled"})
 
 
 if __name__ == "__main__":

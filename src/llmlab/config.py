@@ -414,8 +414,8 @@ class RunFields:
     log_every: int = _help("Log metrics every N steps", default=10)
     save_every: int = _help("Save latest/ every N steps (unless save_best_only)", default=500)
     eval_every: int = _help("Evaluate every N steps", default=500)
-    compile: bool = _help("torch.compile the model with its loss, one graph (a GPU gain; on CPU training ran no "
-                          "faster); RLHF: its generation, each decode step a CUDA graph on GPU, not on CPU with "
+    compile: bool = _help("torch.compile the model with its loss, one graph (a GPU gain; on CPU training runs "
+                          "level with eager, after minutes of compiling); RLHF: its generation, each decode step a CUDA graph on GPU, not on CPU with "
                           "4+ sequences a batch, where the eager packed decode is faster; the update stays eager",
                           default=False)
     gradient_checkpointing: bool = _help("Recompute each block's activations in backward", default=False)
