@@ -253,9 +253,17 @@ def test_gradient_checkpointing_gives_same_gradients():
     g1 = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
     m.gradient_checkpointing = True
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in m.layers]
     m(x).sum().backward()
+    assert len(calls) == 2 * len(m.layers)  # each block started again in backward: it was recomputed
     for a, p in zip(g1, m.parameters()):
         torch.testing.assert_close(a, p.grad)
+    calls.clear()
+    m.eval()(x).sum().backward()  # eval: no checkpointing, one forward per block
+    assert len(calls) == len(m.layers)
+    for h in hooks:
+        h.remove()
 
 
 @pytest.mark.parametrize("kw,fragment", [

@@ -99,7 +99,15 @@ def test_gradient_checkpointing_recomputes_it_exactly():
     model, ids = _blocked_model(1)
     loss, grads = _grads(model, ids)
     model.gradient_checkpointing = True
-    loss_ckpt, grads_ckpt = _grads(model, ids)
+    import llmlab.model.attention as attention
+
+    calls, real = [], attention.block_causal_attention
+    attention.block_causal_attention = lambda *a: calls.append(1) or real(*a)
+    try:
+        loss_ckpt, grads_ckpt = _grads(model, ids)
+    finally:
+        attention.block_causal_attention = real
+    assert len(calls) == 2 * len(model.layers)  # the blocked attention ran again in backward (recomputed)
     torch.testing.assert_close(loss, loss_ckpt)
     for a, b in zip(grads, grads_ckpt):
         torch.testing.assert_close(a, b)

@@ -192,6 +192,8 @@ def test_only_trainable_parameters_move_and_gradient_checkpointing_is_exact(tmp_
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("layers.1.mlp"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain_calls = []
+    model.layers[1].register_forward_pre_hook(lambda *a: plain_calls.append(1))
     _, _, plain = run(tmp_path / "a", model=model, val=False, max_steps=3)
     for n, p in model.named_parameters():
         assert torch.equal(before[n], p) != p.requires_grad, n
@@ -199,8 +201,12 @@ def test_only_trainable_parameters_move_and_gradient_checkpointing_is_exact(tmp_
     ckpt_model = tiny_model()
     for n, p in ckpt_model.named_parameters():
         p.requires_grad_(n.startswith("layers.1.mlp"))
+    ckpt_calls = []
+    ckpt_model.layers[1].register_forward_pre_hook(lambda *a: ckpt_calls.append(1))
     _, _, recomputed = run(tmp_path / "b", model=ckpt_model, val=False, max_steps=3, gradient_checkpointing=True)
     assert ckpt_model.gradient_checkpointing is True
+    # the trainable block really was checkpointed: it ran again in every backward
+    assert plain_calls and len(ckpt_calls) == 2 * len(plain_calls)
     assert train_losses(recomputed) == train_losses(plain)
 
 
