@@ -46,6 +46,11 @@ one. With `nan_policy="skip"` the update of a bad step is skipped (data and sche
 and the run stops after `max_nan_skips` skips; deciding that needs the flag on the host, so skip mode
 synchronises once per step.
 
+Out of memory (CUDA's torch.OutOfMemoryError, a failed CPU allocation) in a step, an evaluation or a save
+stops the run with a one-line `TrainingError` naming the fields to lower (batch_size with a
+gradient_accumulation_steps that keeps the effective batch, max_seq_len, gradient_checkpointing) and the
+last good checkpoint; the gradients and optimizer state are freed first.
+
 Host synchronisation otherwise happens only at log steps (the loss is accumulated on the device),
 evaluations and saves. Inputs go to the GPU from pinned memory without blocking.
 """
@@ -287,12 +292,18 @@ def resume_state(checkpoint_dir: str | Path) -> StartState:
         raise CheckpointError(f"{ckpt.path}: no trainer_state.json, so training cannot resume from it; use it "
                               f"as a starting model instead (e.g. policy_checkpoint), or pick a latest/ or best/ "
                               f"folder written by training")
+    try:
+        step = int(meta["step"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{ckpt.path / 'trainer_state.json'}: no valid \"step\" (a whole number), so training "
+                              f"cannot resume from it; restore the file or resume from another latest/ or best/ "
+                              f"folder") from None
     tensors = ckpt.trainer_tensors() or {}
     data = meta.get("data")
     if data is None and "data" in tensors:
         data = tensors["data"]
     return StartState(
-        step=int(meta["step"]), tokens_seen=int(meta.get("tokens_seen", 0)),
+        step=step, tokens_seen=int(meta.get("tokens_seen", 0)),
         best_val_loss=meta.get("best_val_loss"), last_val_loss=meta.get("last_val_loss"),
         nan_skips=int(meta.get("nan_skips", 0)), world_size=int(meta.get("world_size", 1)),
         data_states=data, rng_states=tensors.get("rng"), optimizer=tensors.get("optimizer"),
@@ -422,6 +433,65 @@ def data_counters(batches: Any, info: DistInfo) -> dict[str, int]:
     return {k: v for k, v in total.items() if v}
 
 
+def lr_clip_fields(cfg: Any) -> tuple[str, str]:
+    """The names the stage's config gives the peak lr and the clip threshold: pretraining's `lr` and
+    `grad_clip`, SFT's and RLHF's `learning_rate` and `max_grad_norm`."""
+    names = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set(vars(cfg))
+    return ("learning_rate" if "learning_rate" in names else "lr",
+            "max_grad_norm" if "max_grad_norm" in names else "grad_clip")
+
+
+def nan_hint(cfg: Any) -> str:
+    """What to try after a NaN/Inf, in the stage config's own field names."""
+    lr, clip = lr_clip_fields(cfg)
+    return f"Try a lower {lr}, more warmup_steps, {clip} > 0, or nan_policy=skip"
+
+
+_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "MPS backend out of memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's torch.OutOfMemoryError, or the RuntimeError of a failed CPU (or MPS) allocation."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _CPU_OOM))
+
+
+def free_memory(optimizer: torch.optim.Optimizer | None = None) -> None:
+    """After an out-of-memory error: drop the gradients (and optimizer state: the run is over), collect,
+    and give cached CUDA blocks back, so a notebook that keeps the traceback does not keep the memory."""
+    import gc
+
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def smaller_batch(batch_size: int, accumulation: int) -> tuple[int, int] | None:
+    """(batch_size, accumulation) split by the smallest factor of batch_size, so their product (the
+    effective batch) stays the same; None when batch_size is already 1."""
+    d = next((d for d in range(2, batch_size + 1) if batch_size % d == 0), None)
+    return None if d is None else (batch_size // d, accumulation * d)
+
+
+def oom_message(cfg: Any, *, where: str, device: torch.device, seq_len: int | None, last_good: Any) -> str:
+    """The one-line TrainingError text for an out-of-memory in a pretraining or SFT run (`where`: "step 7"):
+    the fields to lower, with a batch_size / gradient_accumulation_steps pair that keeps the effective batch."""
+    b, g = cfg.batch_size, cfg.gradient_accumulation_steps
+    fixes = []
+    split = smaller_batch(b, g)
+    if split is not None:
+        fixes.append(f"batch_size={split[0]} gradient_accumulation_steps={split[1]} (the same {b * g} sequences "
+                     f"a step)")
+    fixes.append(f"a lower max_seq_len (now {seq_len or cfg.max_seq_len})")
+    if not cfg.gradient_checkpointing:
+        fixes.append("gradient_checkpointing=true")
+    return (f"out of memory on {device.type} in {where} (batch_size={b}, gradient_accumulation_steps={g}); "
+            f"try {', or '.join(fixes)}. Last good checkpoint: {last_good or 'none'}")
+
+
 def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
@@ -544,8 +614,7 @@ def train_loop(
             last = paths["latest"] or paths["best"] or start.checkpoint
             raise TrainingError(
                 f"loss or gradient became NaN/Inf at step {bad_step if bad_step >= 0 else step}; stopped without "
-                f"saving that model. Last good checkpoint: {last or 'none'}. Try a lower lr, more warmup_steps, "
-                f"grad_clip > 0, or nan_policy=skip")
+                f"saving that model. Last good checkpoint: {last or 'none'}. {nan_hint(cfg)}")
 
     def save(which: str) -> Path:
         check_finite()
@@ -588,14 +657,19 @@ def train_loop(
             save("best")
         return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_tokens": n}
 
+    oom: str | None = None
+    where = f"step {step + 1}"  # what an out-of-memory error interrupted
+    seq_len: int | None = None
     try:
         optimizer.zero_grad(set_to_none=True)
         while step < cfg.max_steps:
+            where = f"step {step + 1}"
             try:
                 micro = [next(train_batches) for _ in range(accum)]
             except StopIteration:
                 raise TrainingError(f"the training data ended during step {step + 1}; training iterators must be "
                                     f"endless (the LLM-Lab batch iterators start a new epoch by themselves)") from None
+            seq_len = int(micro[0]["input_ids"].shape[-1])
             step_tokens = sum(int(mb["input_ids"].numel()) for mb in micro) * info.world_size
             step_loss, _ = forward_backward(wrapped, micro, device, info)
             norm = grad_norm_and_clip(params, cfg.clip_norm).to(device)
@@ -630,7 +704,7 @@ def train_loop(
                 last = paths["latest"] or paths["best"] or start.checkpoint
                 raise TrainingError(f"{nan_skips} steps had a NaN/Inf loss or gradient (max_nan_skips="
                                     f"{cfg.max_nan_skips}); stopped at step {step}. Last good checkpoint: "
-                                    f"{last or 'none'}. Try a lower lr or more warmup_steps")
+                                    f"{last or 'none'}. Try a lower {lr_clip_fields(cfg)[0]} or more warmup_steps")
             if is_cpu:
                 check_finite()
             final = step == cfg.max_steps
@@ -647,6 +721,7 @@ def train_loop(
                 interval_loss.zero_()
                 interval_steps, interval_tokens, interval_time = 0, 0, now
             paused = time.perf_counter()  # evaluation and saving do not count against tokens/s
+            where = f"the evaluation or save after step {step}"
             if step % cfg.eval_every == 0 or final:
                 evaluated = run_eval()
                 if evaluated:
@@ -665,9 +740,17 @@ def train_loop(
                 logger.message(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n  "
                                f"{resume_command(kind, output_dir)}", always=True)
                 break
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        last = paths["latest"] or paths["best"] or start.checkpoint
+        oom = oom_message(cfg, where=where, device=device, seq_len=seq_len, last_good=last)
     finally:
         stop.restore()
         logger.close()
+    if oom is not None:  # raised here, outside the except clause, so the failed step's tensors can be freed
+        free_memory(optimizer)
+        raise TrainingError(oom)
 
     record_status(stopped)
     if stopped == "finished" and info.is_main:

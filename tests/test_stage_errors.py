@@ -1,0 +1,99 @@
+"""Failures in a training stage are one-line errors that name the fields to change: out of memory (CUDA and
+CPU), NaN hints in the stage's own field names, hand-edited trainer state, optimizer switches on resume,
+and the --no-optimizer-state flag of every stage command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmlab.config import SFTConfig
+from llmlab.errors import CheckpointError
+from llmlab.train import loop
+from llmlab.train.loop import TrainingError, resume_state, train_loop
+from test_train_loop import Poisoned, RuleBatches, make_cfg, poisoned_model, tiny_model
+
+CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def sft_cfg(tmp_path, **kw) -> SFTConfig:
+    base = dict(output_dir=str(tmp_path / "sft"), max_steps=6, learning_rate=1e-2, warmup_steps=0, scheduler="none",
+                batch_size=4, gradient_accumulation_steps=2, eval_every=1000, eval_steps=2, log_every=1,
+                save_every=1000, save_best_only=True, weight_decay=0.0, datasets=["unused"])
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def failing_step(monkeypatch, error, at_call):
+    """forward_backward runs (so gradients exist) and then raises `error` on call `at_call` (1-based)."""
+    real, calls = loop.forward_backward, []
+
+    def step(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == at_call:
+            raise error
+        return out
+
+    monkeypatch.setattr(loop, "forward_backward", step)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), CPU_OOM],
+                         ids=["cuda", "cpu"])
+def test_out_of_memory_in_a_step_is_a_one_line_training_error(tmp_path, monkeypatch, error):
+    failing_step(monkeypatch, error, at_call=3)
+    cfg = make_cfg(tmp_path, max_steps=6, save_every=2, save_best_only=False, batch_size=4,
+                   gradient_accumulation_steps=3)
+    model = tiny_model()
+    with pytest.raises(TrainingError) as info:
+        train_loop(model, cfg, RuleBatches(4), None, output_dir=cfg.output_dir, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and info.value.__cause__ is None
+    assert "out of memory on cpu in step 3" in msg
+    assert "batch_size=2 gradient_accumulation_steps=6 (the same 12 sequences a step)" in msg
+    assert "max_seq_len (now 16)" in msg and "gradient_checkpointing=true" in msg
+    assert f"Last good checkpoint: {tmp_path / 'run' / 'latest'}" in msg
+    assert all(p.grad is None for p in model.parameters())  # the failed step's gradients were freed
+
+
+def test_out_of_memory_in_sft_names_sft_fields_and_skips_what_is_set(tmp_path, monkeypatch):
+    failing_step(monkeypatch, CPU_OOM, at_call=1)
+    cfg = sft_cfg(tmp_path, batch_size=1, gradient_checkpointing=True, max_seq_len=16)
+    with pytest.raises(TrainingError, match=r"^out of memory on cpu in step 1 \(batch_size=1, "
+                                            r"gradient_accumulation_steps=2\); try a lower max_seq_len \(now 16\)\. "
+                                            r"Last good checkpoint: none$"):
+        train_loop(tiny_model(), cfg, RuleBatches(1), None, output_dir=cfg.output_dir, kind="sft", progress=False)
+
+
+def test_other_runtime_errors_are_not_reported_as_out_of_memory(tmp_path, monkeypatch):
+    failing_step(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"), at_call=1)
+    cfg = make_cfg(tmp_path, max_steps=2)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train_loop(tiny_model(), cfg, RuleBatches(4), None, output_dir=cfg.output_dir, progress=False)
+
+
+def test_sft_nan_hint_uses_sft_field_names(tmp_path):
+    flag = {"on": False}
+    cfg = sft_cfg(tmp_path, gradient_accumulation_steps=1)
+    with pytest.raises(TrainingError) as info:
+        train_loop(poisoned_model(flag), cfg, Poisoned(4, bad={1}, flag=flag), None, output_dir=cfg.output_dir,
+                   kind="sft", progress=False)
+    msg = str(info.value)
+    assert "lower learning_rate" in msg and "max_grad_norm > 0" in msg
+    assert "grad_clip" not in msg and "lower lr," not in msg
+    cfg.with_overrides(["learning_rate=1e-4", "max_grad_norm=0.5"])  # what the hint names is accepted
+
+
+def test_trainer_state_without_step_is_a_checkpoint_error(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=1, save_best_only=False)
+    train_loop(tiny_model(), cfg, RuleBatches(4), None, output_dir=cfg.output_dir, progress=False)
+    state_file = tmp_path / "run" / "latest" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["step"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r'trainer_state.json: no valid "step"') as info:
+        resume_state(tmp_path / "run" / "latest")
+    assert "\n" not in str(info.value)
