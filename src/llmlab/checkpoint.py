@@ -210,6 +210,35 @@ def _write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict; a truncated or hand-broken file is a one-line CheckpointError."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); use "
+                              f"another checkpoint (latest/ or best/)") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{p}: not valid JSON (not UTF-8 text); use another checkpoint (latest/ or "
+                              f"best/)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: not valid JSON for this file (a {type(data).__name__}, expected an object); "
+                              f"use another checkpoint (latest/ or best/)")
+    return data
+
+
+def _hf_model_folder(folder: Path) -> str | None:
+    """The model_type (or architecture) when `folder`/config.json is a transformers model config, else None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
+        return None
+    archs = cfg.get("architectures")
+    return str(cfg.get("model_type") or (archs[0] if isinstance(archs, list) and archs else "transformers"))
+
+
 @dataclass
 class Checkpoint:
     """What a checkpoint folder holds, read without building anything."""
@@ -229,11 +258,11 @@ class Checkpoint:
 
     def training_config(self) -> dict[str, Any] | None:
         p = self.path / "training_config.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None
 
     def trainer_state(self) -> dict[str, Any] | None:
         p = self.path / STATE_JSON
-        return json.loads(p.read_text()) if p.is_file() else None
+        return read_json(p) if p.is_file() else None
 
     def trainer_tensors(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         p = self.path / STATE_TENSORS
@@ -261,10 +290,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         cfg = ModelConfig.load(p / "config.json")
     except ConfigError as e:
+        if (model_type := _hf_model_folder(p)) is not None:
+            raise CheckpointError(f"{p}: a Hugging Face model folder ({model_type}), not an LLM-Lab checkpoint; "
+                                  f"convert it with `llm-lab import-hf {p} --out DIR` first") from None
         raise CheckpointError(f"{p}: invalid model config ({e})") from None
     meta = {}
     if (p / META_FILE).is_file():
-        meta = json.loads((p / META_FILE).read_text())
+        meta = read_json(p / META_FILE)
         if meta.get("format_version", 1) > FORMAT_VERSION:
             raise CheckpointError(f"{p}: checkpoint format {meta['format_version']} is newer than this "
                                   f"LLM-Lab understands ({FORMAT_VERSION}); upgrade llmlab")

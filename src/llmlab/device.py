@@ -1,21 +1,48 @@
 """Device, precision and threads: CUDA with bf16 autocast when available, else CPU in fp32.
 
 This CPU has no fast bf16, so CPU runs stay fp32. The default torch thread count follows the cores this
-process may use (`os.sched_getaffinity`), overridable with `LLMLAB_THREADS` or `set_threads(n)`.
+process may use (`os.sched_getaffinity`), overridable with `LLMLAB_THREADS` or `set_threads(n)`; the
+`llm-lab` command calls `set_threads()` once at start-up, so every stage follows `LLMLAB_THREADS`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
+from llmlab.errors import ConfigError
 
-def pick_device(preference: str = "auto") -> torch.device:
-    if preference == "auto":
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+def pick_device(preference: str | torch.device = "auto") -> torch.device:
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps; anything else, or a GPU this torch
+    cannot use, is a one-line ConfigError naming `device` instead of torch's AssertionError/RuntimeError."""
+    if isinstance(preference, torch.device):
+        preference = str(preference)
+    name = (preference or "auto").strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
+    if name == "cpu":
+        return torch.device("cpu")
+    if m := _CUDA.fullmatch(name):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {preference!r} but this torch ({torch.__version__}) sees no CUDA GPU; "
+                              f"use auto or cpu")
+        count = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= count:
+            raise ConfigError(f"device: {preference!r} but there are {count} CUDA device(s) (cuda:0 to "
+                              f"cuda:{count - 1}); use one of those, auto or cpu")
+        return torch.device(name)
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device: {preference!r} but MPS (Apple GPU) is not available; use auto or cpu")
+        return torch.device("mps")
+    raise ConfigError(f"device: {preference!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
 def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -33,13 +60,24 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_count() -> int:
+    """$LLMLAB_THREADS (a positive integer, else a ConfigError), else $OMP_NUM_THREADS, else usable cores."""
+    env = os.environ.get("LLMLAB_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"LLMLAB_THREADS: {env!r} is not a positive integer; set it to a thread count "
+                              f"(e.g. LLMLAB_THREADS={available_cores()}) or unset it")
+        return int(env)
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else available_cores()
+
+
 def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads: n, else $LLMLAB_THREADS, else $OMP_NUM_THREADS, else usable cores."""
-    if n is None:
-        env = os.environ.get("LLMLAB_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        n = int(env) if env and env.isdigit() else available_cores()
-    n = max(1, n)
-    torch.set_num_threads(n)
+    """Set torch's intra-op threads to n, else `thread_count()`; returns the count. Idempotent: calling it
+    again (the CLI at start-up, then the pipeline) changes nothing when the count is already set."""
+    n = max(1, thread_count() if n is None else n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
     return n
 
 

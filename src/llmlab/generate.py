@@ -121,6 +121,8 @@ class GenerationOutput:
     prompt_len: int  # P: responses start at this column
     response_mask: torch.Tensor  # (B, N) 1 for generated tokens (the stop token included)
     prompt_mask: torch.Tensor  # (B, P) 1 for real prompt tokens
+    prompt_tokens_cut: int = 0  # tokens cut from the left of the longest prompt to fit max_seq_len
+    new_tokens_allowed: int | None = None  # max_new_tokens after capping to the room left in max_seq_len
 
     @property
     def responses(self) -> list[list[int]]:
@@ -140,6 +142,24 @@ def _as_prompt_list(input_ids) -> list[list[int]]:
     if input_ids and isinstance(input_ids[0], int):
         return [list(input_ids)]
     return [list(p) for p in input_ids]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """A one-line ConfigError for no prompt or an empty prompt row (nothing to condition the first token on)."""
+    if not prompts:
+        raise ConfigError("prompt: no prompt given; pass at least one prompt of one or more tokens")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            where = "" if len(prompts) == 1 else f" (row {i})"
+            raise ConfigError(f"prompt: empty{where}; it tokenizes to no tokens, give some text (or token ids)")
+
+
+def fit_to_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> tuple[int, int]:
+    """(tokens cut from the left of a prompt of `prompt_len` tokens, new tokens allowed) when prompt plus reply
+    must fit in `max_seq_len`: the prompt keeps at most max_seq_len - 1 tokens (room for one new token), and
+    max_new_tokens is capped to what is left. `generate_tokens` applies exactly this; the CLI uses it to say so."""
+    cut = max(0, prompt_len - (max_seq_len - 1))
+    return cut, max(0, min(max_new_tokens, max_seq_len - (prompt_len - cut)))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +205,9 @@ def generate_tokens(
 ) -> GenerationOutput:
     """Batched sampling. `prompts`: a (B, T) tensor or lists of token ids (different lengths are left-padded).
     Stops per sequence at any id in `eos_token_id`; bounded by max_new_tokens and the model's max_seq_len
-    (prompts longer than max_seq_len - 1 are left-truncated). `on_tokens(next_ids (B,))` streams.
+    (prompts longer than max_seq_len - 1 are left-truncated; the output's `prompt_tokens_cut` and
+    `new_tokens_allowed` say so, see `fit_to_context`); an empty prompt row is a ConfigError.
+    `on_tokens(next_ids (B,))` streams.
 
     Per step the loop only runs the model on one token per sequence, samples, and writes into
     preallocated buffers: positions are counted, not recomputed from the mask; without stop tokens
@@ -208,13 +230,15 @@ def generate_tokens(
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
+    check_prompts(prompts)
     stop_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     limit = cfg.max_seq_len
+    cut, _ = fit_to_context(max(len(p) for p in prompts), max_new_tokens, limit)
     prompts = [p[-(limit - 1):] if len(p) > limit - 1 else p for p in prompts]
     ids, prompt_mask = left_pad(prompts, pad, device)
     B, P = ids.shape
-    N = max(0, min(max_new_tokens, limit - P))
+    N = fit_to_context(P, max_new_tokens, limit)[1]
     padded = any(len(p) != P for p in prompts)
     was_training = model.training
     model.eval()
@@ -285,7 +309,8 @@ def generate_tokens(
             resp_mask.fill_(True)
     model.train(was_training)
     # clones outside inference mode: ordinary tensors that training code may use with autograd
-    return GenerationOutput(seq[:, : P + n_out].clone(), P, resp_mask[:, :n_out].long(), prompt_mask.clone())
+    return GenerationOutput(seq[:, : P + n_out].clone(), P, resp_mask[:, :n_out].long(), prompt_mask.clone(),
+                            prompt_tokens_cut=cut, new_tokens_allowed=N)
 
 
 def graph_cache(model: nn.Module, batch: int, slots: int, device: torch.device) -> StaticKVCache:

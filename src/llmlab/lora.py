@@ -36,6 +36,7 @@ from llmlab.checkpoint import (
     load_model,
     load_state_into,
     read_checkpoint,
+    read_json,
     save_checkpoint,
     unwrap_model,
 )
@@ -324,7 +325,7 @@ def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[
     # No trainer_state.json (a merged model is a starting point, not a run to resume), so the step of the
     # training that produced it goes into llmlab.json directly.
     meta_file = out / META_FILE
-    atomic_write_text(meta_file, json.dumps({**json.loads(meta_file.read_text()), "step": step}, indent=2) + "\n")
+    atomic_write_text(meta_file, json.dumps({**read_json(meta_file), "step": step}, indent=2) + "\n")
     return out
 
 
@@ -363,9 +364,9 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | 
     model = load_model(base.path)  # the base with its own adapter (if any) merged, as training saw it
     merged = attach_adapter(model, adapter_dir, where=f"base checkpoint {base.path}").merge_and_unload()
     meta_path = adapter_dir / ADAPTER_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else base.meta
+    meta = read_json(meta_path) if meta_path.is_file() else base.meta
     tc_path = adapter_dir / "training_config.json"
-    training_config = json.loads(tc_path.read_text()) if tc_path.is_file() else base.training_config()
+    training_config = read_json(tc_path) if tc_path.is_file() else base.training_config()
     tokenizer_dir = adapter_dir / "tokenizer" if (adapter_dir / "tokenizer").is_dir() else base.tokenizer_path
     out = _write_merged(out_dir, merged, step=meta.get("step"), metrics=meta.get("metrics") or {},
                         training_config=_lora_free_training_config(training_config), tokenizer_dir=tokenizer_dir)

@@ -77,6 +77,7 @@ def load_for_inference(checkpoint: str, adapter: str | None = None, device: str 
     from llmlab.data.tokenizer import load_tokenizer
     from llmlab.device import pick_device
 
+    target = pick_device(device)  # a bad --device is a one-line error before anything is loaded
     ckpt = read_checkpoint(checkpoint)
     model = load_model(ckpt.path)  # its own adapter merged: what a further --adapter was trained on
     tokenizer_source = str(ckpt.tokenizer_path) if ckpt.tokenizer_path else ckpt.model_config.tokenizer_name
@@ -90,7 +91,7 @@ def load_for_inference(checkpoint: str, adapter: str | None = None, device: str 
         if (folder / "tokenizer").is_dir():
             tokenizer_source = str(folder / "tokenizer")
         kind = "adapter"
-    model = model.to(pick_device(device)).eval()
+    model = model.to(target).eval()
     return model, load_tokenizer(tokenizer_source), kind
 
 
@@ -118,9 +119,9 @@ class ChatSession:
 
     # ---- prompts -------------------------------------------------------------------------------
 
-    def _messages(self, user_text: str) -> list[dict[str, str]]:
+    def _messages(self, user_text: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.history + [{"role": "user", "content": user_text}]
+        return head + (self.history if history is None else history) + [{"role": "user", "content": user_text}]
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Token ids to generate from: raw text, or the rendered conversation with the generation prompt.
@@ -130,12 +131,36 @@ class ChatSession:
         from llmlab.data.chat import render
 
         limit = self.model.config.max_seq_len - min(self.settings.max_new_tokens, self.model.config.max_seq_len // 2)
+        history = self.history
         while True:
-            text = render(self.tokenizer, self._messages(user_text), add_generation_prompt=True)
+            text = render(self.tokenizer, self._messages(user_text, history), add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= limit or not self.history:
-                return ids
-            self.history = self.history[2:]
+            if len(ids) <= limit or not history:
+                break
+            history = history[2:]
+        context = self.model.config.max_seq_len
+        if len(ids) > context - 1:  # refused before any turn is dropped: the conversation is kept
+            # cutting it from the left would drop the chat template's header (and the system message)
+            raise ConfigError(f"message: {len(ids)} tokens with the chat template, but the model's context "
+                              f"(max_seq_len) is {context}; shorten the message"
+                              f"{' or the --system message' if self.system else ''}, or use --raw")
+        self.history = history
+        return ids
+
+    def context_notice(self, prompt_len: int) -> str | None:
+        """One line when the prompt is cut from the left or the reply capped to fit max_seq_len, else None."""
+        from llmlab.generate import fit_to_context
+
+        context, wanted = self.model.config.max_seq_len, self.settings.max_new_tokens
+        cut, allowed = fit_to_context(prompt_len, wanted, context)
+        parts = []
+        if cut:
+            parts.append(f"the prompt ({prompt_len} tokens) is cut to its last {prompt_len - cut} tokens")
+        if allowed < wanted:
+            parts.append(f"the reply is limited to {allowed} tokens (max_new_tokens {wanted})")
+        if not parts:
+            return None
+        return f"notice: {' and '.join(parts)} to fit the model's context (max_seq_len {context})"
 
     def stop_ids(self) -> list[int]:
         from llmlab.data.tokenizer import stop_token_ids
@@ -146,9 +171,11 @@ class ChatSession:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def reply(self, user_text: str, stream: TextIO | None = None) -> str:
+    def reply(self, user_text: str, stream: TextIO | None = None, notices: TextIO | None = None) -> str:
         """Generate the answer to `user_text`, writing it to `stream` piece by piece; returns the text.
-        Ctrl-C stops the reply early (what was generated is kept)."""
+        Ctrl-C stops the reply early (what was generated is kept). A prompt cut or a reply capped to fit
+        max_seq_len is said in one line on `notices` (default stderr); an empty raw prompt, or a chat
+        message longer than the context, is a ConfigError."""
         import torch
 
         from llmlab.device import model_device
@@ -172,8 +199,16 @@ class ChatSession:
         if self.seed is not None:
             generator = torch.Generator(model_device(self.model)).manual_seed(self.seed)
         s = self.settings
+        ids = self.prompt_ids(user_text)
+        if not ids:
+            raise ConfigError("prompt: empty; it tokenizes to no tokens, give some text")
+        notice = self.context_notice(len(ids))
+        if notice:
+            out = notices if notices is not None else sys.stderr
+            out.write(notice + "\n")
+            out.flush()
         try:
-            generate_tokens(self.model, [self.prompt_ids(user_text)], max_new_tokens=s.max_new_tokens,
+            generate_tokens(self.model, [ids], max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                             eos_token_id=sorted(stops) or None, pad_token_id=self.tokenizer.pad_token_id,
                             generator=generator, on_tokens=on_tokens, compile=s.compile)
@@ -238,6 +273,11 @@ class ChatSession:
                     out.write("bye\n")
                     return
                 continue
+            try:
+                self.prompt_ids(line)  # a message too long for the context: an error line, the session goes on
+            except ConfigError as e:
+                out.write(f"error: {e}\n")
+                continue
             out.write("model> ")
             out.flush()
-            self.reply(line, stream=out)
+            self.reply(line, stream=out, notices=out)

@@ -127,7 +127,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
     commands.train_tokenizer(args.datasets, args.vocab_size, args.out, text_column=args.text_column,
-                             max_docs=args.max_docs, seed=args.seed)
+                             max_docs=args.max_docs, seed=args.seed, force=args.force)
     return 0
 
 
@@ -143,7 +143,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
     commands.data_prepare(args.datasets, args.tokenizer, args.out, max_tokens=args.max_tokens,
-                          val_fraction=args.val_fraction, seed=args.seed, text_column=args.text_column)
+                          val_fraction=args.val_fraction, seed=args.seed, text_column=args.text_column,
+                          force=args.force)
     return 0
 
 
@@ -257,6 +258,7 @@ def _args_tokenizer_train(p: argparse.ArgumentParser) -> None:
     _datasets_arg(p)
     p.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the tokenizer to")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--text-column", help="column holding the text (auto-detected by default)")
     p.add_argument("--max-docs", type=int, help="train on at most this many documents")
     p.add_argument("--seed", type=int, default=42, help="data order seed (default: %(default)s)")
@@ -276,6 +278,7 @@ def _args_data_prepare(p: argparse.ArgumentParser) -> None:
     _datasets_arg(p)
     p.add_argument("--tokenizer", required=True, help="hub id, folder or tokenizer.json")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the token shards")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     p.add_argument("--val-fraction", type=float, default=0.02, help="held-out share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="mixing seed (default: %(default)s)")
@@ -438,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
     try:
+        if not {"-h", "--help"} & set(argv):  # (--help stays fast: no torch import)
+            from llmlab.device import set_threads
+
+            set_threads()  # once for every command: LLMLAB_THREADS, else OMP_NUM_THREADS, else usable cores
         return _run(argv)
     except LLMLabError as e:
         if debug:

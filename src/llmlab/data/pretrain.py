@@ -135,15 +135,18 @@ class PretrainBatches:
 
 def prepare_shards(datasets: Any, tokenizer: Any, out_dir: str | os.PathLike, *, seed: int = 42,
                    val_fraction: float = 0.02, text_column: str | None = None, max_tokens: int | None = None,
-                   shard_tokens: int = 1 << 27, tokenizer_name: str | None = None) -> Path:
+                   shard_tokens: int = 1 << 27, tokenizer_name: str | None = None, force: bool = False) -> Path:
     """Tokenize one pass over the mixed sources into memmap shards plus `index.json`; returns the folder.
 
     Documents are split into train and val shards by content hash (as in streaming). `max_tokens` bounds
     the train tokens written (needed for endless hub streams). Tokens are uint16 when the vocabulary fits,
-    else uint32.
+    else uint32. An existing, non-empty `out_dir` is replaced only with force=True.
     """
     from llmlab.atomic import atomic_dir, atomic_write_text
     from llmlab.data.sources import in_split
+    from llmlab.data.tokenizer import check_new_folder
+
+    check_new_folder(out_dir, force)
 
     eos = _eos_id(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32

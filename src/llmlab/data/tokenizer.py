@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmlab.errors import DataError
+from llmlab.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -99,9 +99,19 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def check_new_folder(out_dir: str | os.PathLike, force: bool) -> Path:
+    """Refuse to replace an existing, non-empty `--out` (it may hold checkpoints or shards) unless `force`."""
+    out = Path(out_dir)
+    if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out: {out} already exists and is not empty; pass --force (force=True) to replace "
+                          f"it or choose another folder")
+    return out
+
+
 def train_tokenizer(datasets: Any, vocab_size: int, out_dir: str | os.PathLike, *, text_column: str | None = None,
-                    max_docs: int | None = None, seed: int = 42, val_fraction: float = 0.02):
-    """Train a byte-level BPE on the training split of `datasets` and save it to `out_dir`.
+                    max_docs: int | None = None, seed: int = 42, val_fraction: float = 0.02, force: bool = False):
+    """Train a byte-level BPE on the training split of `datasets` and save it to `out_dir` (an existing,
+    non-empty `out_dir` is replaced only with force=True).
 
     Returns the tokenizer loaded back from `out_dir` (what every later stage will see). Validation
     documents are left out so evaluation text stays unseen.
@@ -112,6 +122,7 @@ def train_tokenizer(datasets: Any, vocab_size: int, out_dir: str | os.PathLike, 
     from llmlab.atomic import atomic_dir
     from llmlab.data.sources import iter_texts
 
+    check_new_folder(out_dir, force)
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise DataError(f"vocab_size: {vocab_size} is too small for a byte-level BPE; use at least {minimum}")

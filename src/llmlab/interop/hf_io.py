@@ -47,6 +47,24 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def pickle_only_folder(source: str | os.PathLike) -> bool:
+    """True for a local transformers folder whose weights are only pickle files (pytorch_model.bin...): they
+    are never unpickled (torch.load can run code), so loading asks transformers for safetensors only."""
+    p = Path(source).expanduser()
+    return (p.is_dir() and any((p / f).is_file() for f in PICKLE_WEIGHTS)
+            and not any((p / f).is_file() for f in SAFE_WEIGHTS))
+
+
+def pickle_refused(source: str | os.PathLike) -> str:
+    return (f"{source}: its weights are only pickle files (pytorch_model.bin), which are not loaded (unpickling "
+            f"can run code); convert them to safetensors (save_pretrained(..., safe_serialization=True)) or use "
+            f"a model that publishes model.safetensors")
+
+
 def is_gguf(source: str | os.PathLike) -> bool:
     return str(source).lower().endswith(".gguf")
 
@@ -85,9 +103,15 @@ def load_hf(source: str, *, with_tokenizer: bool = True) -> tuple[Any, Any]:
             raise CheckpointError(f"cannot read a transformers config from {source!r} ({_first_line(e)}); check "
                                   f"the hub id / path and the network") from None
         model_config_from_hf(hf_cfg)  # raises ConfigError naming what has no LLM-Lab equivalent
+    if not extra and pickle_only_folder(where):
+        raise CheckpointError(pickle_refused(source))
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+        # safetensors only: never unpickle a pytorch_model.bin (a GGUF is read by transformers' own parser)
+        safe = {} if extra else {"use_safetensors": True}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra, **safe)
     except Exception as e:  # noqa: BLE001
+        if not extra and "use_safetensors" in str(e):  # a hub model that publishes no safetensors
+            raise CheckpointError(pickle_refused(source)) from None
         raise CheckpointError(f"cannot load the weights of {source!r} with transformers ({_first_line(e)})") from None
     tok = None
     if with_tokenizer:

@@ -269,11 +269,19 @@ class RewardModel:
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from llmlab.interop.hf_io import pickle_only_folder, pickle_refused
+
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
+        if pickle_only_folder(name_or_path):
+            raise ConfigError(f"reward_model_name: {pickle_refused(name_or_path)}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+            # safetensors only: a pytorch_model.bin is never unpickled
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, use_safetensors=True,
+                                                                            **kwargs)
         except (OSError, ValueError, KeyError) as e:
+            if "use_safetensors" in str(e):  # a hub model that publishes no safetensors
+                raise ConfigError(f"reward_model_name: {pickle_refused(name_or_path)}") from None
             raise ConfigError(
                 f"reward_model_name: cannot load {name_or_path!r} as a sequence-classification model "
                 f"({_one_line(e)}); give a local folder or a reachable hub id, or set it to null and use "
