@@ -97,3 +97,79 @@ def test_trainer_state_without_step_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r'trainer_state.json: no valid "step"') as info:
         resume_state(tmp_path / "run" / "latest")
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# RLHF: out of memory, optimizer switch on resume (tiny DPO runs)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", name="dpo_setup")
+def dpo_setup_fixture(tmp_path_factory):
+    from test_rlhf_rollout import tiny_policy
+
+    root = tmp_path_factory.getbasetemp()
+    pairs = root / "stage-errors-pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Tell me about {w} {n}.", "chosen": f"{w} {n} is good",
+                                         "rejected": f"{w} {n} is bad"}) + "\n"
+                             for w in ("cat", "dog", "sun", "moon") for n in range(10)))
+    return tiny_policy(root), str(pairs)
+
+
+def dpo_cfg(dpo_setup, out, **kw):
+    from llmlab.config import RLHFConfig
+
+    policy, pairs = dpo_setup
+    base = dict(algorithm="dpo", policy_checkpoint=str(policy), datasets=[pairs], reward_model_name=None,
+                output_dir=str(out), batch_size=4, mini_batch_size=2, learning_rate=1e-3, max_steps=1, log_every=1,
+                eval_every=1000, val_fraction=0.0, save_best_only=False, save_every=1, max_seq_len=32)
+    base.update(kw)
+    return RLHFConfig(**base)
+
+
+def test_rlhf_out_of_memory_is_a_one_line_training_error(dpo_setup, tmp_path, monkeypatch):
+    from llmlab.rlhf.dpo import DPOStage
+    from llmlab.rlhf.run import run_rlhf
+
+    real, calls = DPOStage.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(DPOStage, "step", step)
+    with pytest.raises(TrainingError) as info:
+        run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", max_steps=3), progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("out of memory on cpu in step 2 (dpo)")
+    for fix in ("mini_batch_size=1 (keeps batch_size=4)", "batch_size (now 4", "max_seq_len (now 32)",
+                "gradient_checkpointing=true", f"Last good checkpoint: {tmp_path / 'run' / 'latest'}"):
+        assert fix in msg
+
+
+def test_rlhf_resume_refuses_another_optimizer_unless_its_state_is_dropped(dpo_setup, tmp_path):
+    from llmlab.errors import ConfigError
+    from llmlab.rlhf.run import run_rlhf
+
+    run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run"), progress=False)
+    latest = tmp_path / "run" / "latest"
+    assert json.loads((latest / "trainer_state.json").read_text())["optimizer"] == "adamw"
+    for other in ("lion", "muon"):  # lion would silently load AdamW's moments; muon raised a raw ValueError
+        with pytest.raises(ConfigError, match=r"optimizer: .*'adamw'.*resume with optimizer=adamw, or pass "
+                                              r"--no-optimizer-state") as info:
+            run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", optimizer=other, max_steps=2), resume=str(latest),
+                     progress=False)
+        assert "\n" not in str(info.value)
+    state_file = latest / "trainer_state.json"  # a checkpoint from before the optimizer was recorded
+    old = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in old.items() if k != "optimizer"}))
+    with pytest.raises(CheckpointError, match=r"does not fit this optimizer \(muon\).*--no-optimizer-state") as info:
+        run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", optimizer="muon", max_steps=2), resume=str(latest),
+                 progress=False)
+    assert "\n" not in str(info.value)
+    run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", optimizer="lion", max_steps=2), resume=str(latest),
+             progress=False, load_optimizer_state=False)
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["optimizer"] == "lion"

@@ -23,6 +23,9 @@ every save_every steps unless save_best_only, and always on Ctrl-C/SIGTERM. A si
 abandons that rollout (nothing was updated yet), rewinds its data and sampling state and saves, so the
 resumed run redoes exactly that step. Resume restores weights, optimizer, data positions, random
 generators, PPO's value head and KL coefficient: on CPU a resumed run repeats an uninterrupted one exactly.
+A checkpoint trained with another optimizer is refused unless `load_optimizer_state=False`
+(`--no-optimizer-state`), which starts the optimizer afresh. Out of memory in a step or an evaluation is a
+one-line `TrainingError` naming the fields to lower and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ from llmlab.train.loop import (
     StopReason,
     TrainingError,
     capture_rng,
+    free_memory,
+    is_out_of_memory,
     restore_rng,
     resume_command,
+    smaller_batch,
     write_run_status,
 )
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
@@ -229,10 +235,50 @@ def plot_rewards(output_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+def oom_message(cfg: RLHFConfig, *, where: str, device: torch.device, last_good: Any) -> str:
+    """The one-line TrainingError text for an out-of-memory in an RLHF run: the fields to lower for the
+    algorithm (a smaller mini_batch_size keeps batch_size), gradient_checkpointing, the last good checkpoint."""
+    fixes = []
+    split = smaller_batch(cfg.mini_batch_size, 1)
+    if split is not None:
+        fixes.append(f"mini_batch_size={split[0]} (keeps batch_size={cfg.batch_size})")
+    fixes.append(f"a lower batch_size (now {cfg.batch_size}; mini_batch_size must divide it)")
+    if cfg.algorithm == "dpo":
+        fixes.append(f"a lower max_seq_len (now {cfg.max_seq_len or 'the model max'})")
+    else:
+        fixes.append(f"a lower max_new_tokens (now {cfg.max_new_tokens})")
+        if cfg.algorithm == "grpo":
+            fixes.append(f"a lower group_size (now {cfg.group_size})")
+    if not cfg.gradient_checkpointing:
+        fixes.append("gradient_checkpointing=true")
+    return (f"out of memory on {device.type} in {where} ({cfg.algorithm}); try {', or '.join(fixes)}. "
+            f"Last good checkpoint: {last_good or 'none'}")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, cfg: RLHFConfig, saved_name: Any,
+                   where: Path) -> None:
+    """Load a resumed run's optimizer state: refused when written by another optimizer (or when it does not
+    fit); the config's hyperparameters (weight_decay, betas, ...) win over the saved ones."""
+    from llmlab.train.stage import check_saved_optimizer
+
+    check_saved_optimizer(saved_name, cfg)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"optimizer state in {where} does not fit this optimizer ({cfg.optimizer}): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; resume with "
+                              f"--no-optimizer-state (load_optimizer_state=False)") from None
+    for group, hp in zip(optimizer.param_groups, fresh):
+        group.update(hp)
+
+
+def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True,
+             load_optimizer_state: bool = True) -> Path:
     """Train with cfg.algorithm (ppo, dpo or grpo) for cfg.max_steps steps; returns best/ (or latest/
     when no evaluation ran). `resume`: a checkpoint folder written by this stage, or "latest"/"best" in
-    cfg.output_dir."""
+    cfg.output_dir. load_optimizer_state=False starts the optimizer afresh on resume (needed to switch
+    optimizer); a checkpoint written by another optimizer is refused otherwise."""
     from llmlab.data.tokenizer import stop_token_ids
     from llmlab.train.distributed import init_distributed
 
@@ -282,8 +328,15 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         if not state or not tensors or state.get("algorithm") != cfg.algorithm:
             raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
                                   f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
-        step, best, nan_skips = int(state["step"]), state.get("best_metric"), int(state.get("nan_skips", 0))
-        stage.optimizer.load_state_dict(tensors["optimizer"])
+        try:
+            step = int(state["step"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{ckpt.path / 'trainer_state.json'}: no valid \"step\" (a whole number), so "
+                                  f"training cannot resume from it; restore the file or resume from another "
+                                  f"latest/ or best/ folder") from None
+        best, nan_skips = state.get("best_metric"), int(state.get("nan_skips", 0))
+        if load_optimizer_state:
+            load_optimizer(stage.optimizer, tensors["optimizer"], cfg, state.get("optimizer"), ckpt.path)
         stage.load_state_dict(state["stage"], ckpt.path)
         restore_rng(tensors["rng"], device)
         sample_gen.set_state(tensors["sample_gen"])
@@ -312,7 +365,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
 
     def trainer_state(stage_state: dict[str, Any]) -> dict[str, Any]:
         return {"step": step, "algorithm": cfg.algorithm, "best_metric": best, "best_key": stage.best_metric,
-                "nan_skips": nan_skips, "stage": stage_state, "max_steps": cfg.max_steps}
+                "nan_skips": nan_skips, "stage": stage_state, "max_steps": cfg.max_steps, "optimizer": cfg.optimizer}
 
     def save(which: str, stage_state: dict[str, Any] | None = None) -> None:
         path = output_dir / which
@@ -336,9 +389,12 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     stopped: StopReason = "finished"
     window: list[dict[str, Any]] = []
     interval_time, interval_tokens = time.perf_counter(), 0
+    oom: str | None = None
+    where = f"step {step + 1}"  # what an out-of-memory error interrupted
     stop.install()
     try:
         while step < cfg.max_steps:
+            where = f"step {step + 1}"
             before = stage.state_dict() if cfg.algorithm != "dpo" else None
             gen_before = sample_gen.get_state()
             set_lr(stage.optimizer, step, cfg)
@@ -376,6 +432,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                           "tokens_per_sec": interval_tokens / max(now - interval_time, 1e-9)}
                 window, interval_tokens, interval_time = [], 0, now
             paused = time.perf_counter()
+            where = f"the evaluation or save after step {step}"
             if step % cfg.eval_every == 0 or final:
                 evaluated = stage.evaluate()
                 if evaluated:
@@ -392,10 +449,17 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
             if stop.requested and not final:
                 stopped = "interrupted"
                 break
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        oom = oom_message(cfg, where=where, device=device, last_good=paths["latest"] or paths["best"] or resume_dir)
     finally:
         stop.restore()
         logger.close()
         plot_rewards(output_dir)
+    if oom is not None:  # raised here, outside the except clause, so the failed step's tensors can be freed
+        free_memory(stage.optimizer)
+        raise TrainingError(oom)
     record_status(stopped)
     if stopped == "interrupted":
         print(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n"

@@ -84,14 +84,21 @@ def stage_seq_len(cfg: Any, model_cfg: ModelConfig) -> int:
     return seq_len
 
 
+def check_saved_optimizer(saved: Any, cfg: Any) -> None:
+    """Refuse to load optimizer state written by another optimizer (`saved`: the trainer state's
+    "optimizer", None in checkpoints that did not record it)."""
+    if saved is not None and saved != cfg.optimizer:
+        raise ConfigError(f"optimizer: the checkpoint was trained with {saved!r}, the config has "
+                          f"{cfg.optimizer!r}; resume with optimizer={saved}, or pass --no-optimizer-state "
+                          f"(load_optimizer_state=False) to switch to {cfg.optimizer} with a fresh optimizer")
+
+
 def check_optimizer_switch(start: StartState, ckpt: Any, cfg: Any, load_optimizer_state: bool) -> None:
     """Drop the saved optimizer state when asked; otherwise refuse to load one written by another optimizer."""
-    saved = (ckpt.trainer_state() or {}).get("optimizer")
     if not load_optimizer_state:
         start.optimizer = None
-    elif saved is not None and saved != cfg.optimizer:
-        raise ConfigError(f"optimizer: the checkpoint was trained with {saved!r}; to switch to "
-                          f"{cfg.optimizer!r} resume without its optimizer state (--no-optimizer-state)")
+    else:
+        check_saved_optimizer((ckpt.trainer_state() or {}).get("optimizer"), cfg)
 
 
 def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *, seq_len: int, n_tokens: int,
