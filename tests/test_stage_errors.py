@@ -173,3 +173,33 @@ def test_rlhf_resume_refuses_another_optimizer_unless_its_state_is_dropped(dpo_s
              progress=False, load_optimizer_state=False)
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["optimizer"] == "lion"
+
+
+# --------------------------------------------------------------------------------------------------
+# --no-optimizer-state on every stage command (the hints above tell users to pass it)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,module,name", [("sft", "llmlab.train.sft", "run_sft"),
+                                                 ("rlhf", "llmlab.rlhf.run", "run_rlhf"),
+                                                 ("pretrain", "llmlab.train.pretrain", "run_pretrain")])
+def test_no_optimizer_state_flag_reaches_the_stage(command, module, name, monkeypatch, tmp_path):
+    import importlib
+
+    from llmlab.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), name,
+                        lambda cfg, *a, **kw: seen.append(kw["load_optimizer_state"]) or tmp_path)
+    from conftest import tiny_config
+    from llmlab.config import RLHFConfig, TrainConfig
+
+    cls = {"sft": SFTConfig, "rlhf": RLHFConfig, "pretrain": TrainConfig}[command]
+    cfg = cls(reward_model_name=None) if command == "rlhf" else cls()
+    files = ["--config", str(cfg.save(tmp_path / "c.json"))]
+    if command == "pretrain":
+        files += ["--model-config", str(tiny_config().save(tmp_path / "model_config.json"))]
+    missing = str(tmp_path / "missing")  # the estimate skips a checkpoint it cannot read
+    for flag in (["--no-optimizer-state"], []):
+        assert main([command, *files, "--resume", missing, *flag]) == 0
+    assert seen == [False, True]

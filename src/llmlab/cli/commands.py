@@ -189,21 +189,24 @@ def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: 
                show_config=show_config)
 
 
-def sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True,
-        show_config: bool = True) -> Path:
-    """Supervised fine-tuning (the estimate first); returns the output folder. show_config as for pretrain."""
+def sft(cfg: SFTConfig, *, resume: str | None = None, load_optimizer_state: bool = True, progress: bool = True,
+        estimate: bool = True, show_config: bool = True) -> Path:
+    """Supervised fine-tuning (the estimate first); returns the output folder. show_config as for pretrain;
+    load_optimizer_state=False (--no-optimizer-state) starts the optimizer afresh when resuming."""
     run = _stage_function("llmlab.train.sft", "run_sft", "SFT")
     if estimate:
         show_stage_estimate(cfg, None, resume)
-    return run(cfg, resume=resume, progress=progress, show_config=show_config)
+    return run(cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress,
+               show_config=show_config)
 
 
-def rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = True, estimate: bool = True) -> Path:
-    """PPO, DPO or GRPO (the estimate first); returns what the stage returns."""
+def rlhf(cfg: RLHFConfig, *, resume: str | None = None, load_optimizer_state: bool = True, progress: bool = True,
+         estimate: bool = True) -> Path:
+    """PPO, DPO or GRPO (the estimate first); returns what the stage returns. load_optimizer_state as for sft."""
     run = _stage_function("llmlab.rlhf.run", "run_rlhf", "RLHF")
     if estimate:
         show_stage_estimate(cfg, None, resume)
-    return run(cfg, resume=resume, progress=progress)
+    return run(cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress)
 
 
 def show_stage_estimate(cfg: ConfigBase, model_cfg: ModelConfig | None, resume: str | None = None) -> None:

@@ -84,14 +84,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    commands.sft(args.cfg, resume=args.resume)
+    commands.sft(args.cfg, resume=args.resume, load_optimizer_state=not args.no_optimizer_state)
     return 0
 
 
 def _rlhf(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    commands.rlhf(args.cfg, resume=args.resume)
+    commands.rlhf(args.cfg, resume=args.resume, load_optimizer_state=not args.no_optimizer_state)
     return 0
 
 
@@ -208,14 +208,14 @@ def _args_estimate(p: argparse.ArgumentParser) -> None:
 def _args_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue from this checkpoint folder (step, data position, "
                                                     "optimizer and RNG state); extend with max_steps=N")
+    p.add_argument("--no-optimizer-state", action="store_true",
+                   help="when resuming, start the optimizer afresh (needed after switching optimizer)")
 
 
 def _args_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", metavar="FILE",
                    help="model config JSON (default: ./model_config.json; the checkpoint's own when resuming)")
     _args_resume(p)
-    p.add_argument("--no-optimizer-state", action="store_true",
-                   help="when resuming, start the optimizer afresh (needed after switching optimizer)")
 
 
 def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:
