@@ -57,6 +57,14 @@ def test_ppo_advantages_by_hand():
     rollout.logprobs = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     adv, _, info = ppo_advantages(rollout, torch.tensor([1.0]), kl_coef=0.1, gamma=1.0, lam=1.0, whiten=False)
     assert adv[0, :3].tolist() == pytest.approx([0.9, 1.0, 1.0]) and info["kl"] == pytest.approx(1.0)
+    # non-zero values, gamma = 0.9, lambda = 0.8 (gamma x lambda = 0.72), the value after the last token 0:
+    # deltas r_t + gamma V_t+1 - V_t = 0 + 0.9(-0.2) - 0.5 = -0.68, 0 + 0.9(0.3) + 0.2 = 0.47, 1 - 0.3 = 0.7;
+    # A_2 = 0.7, A_1 = 0.47 + 0.72(0.7) = 0.974, A_0 = -0.68 + 0.72(0.974) = 0.02128; returns A + V
+    rollout.logprobs = logp
+    rollout.values = torch.tensor([[0.5, -0.2, 0.3, 0.9]])  # the padded position's value is never read
+    adv, ret, _ = ppo_advantages(rollout, torch.tensor([1.0]), kl_coef=0.1, gamma=0.9, lam=0.8, whiten=False)
+    assert adv[0].tolist() == pytest.approx([0.02128, 0.974, 0.7, 0.0], abs=1e-6)
+    assert ret[0, :3].tolist() == pytest.approx([0.52128, 0.774, 1.0], abs=1e-6)
 
 
 def test_ppo_lora_keeps_base_weights_and_trains_value_head(policy_dir, reward_file, tmp_path):
