@@ -120,6 +120,40 @@ def test_dpo_lora_resume_exact_base_untouched_adapters_merge(policy_dir, pairs, 
     assert (tmp_path / "full" / "best_lora_adapters" / "adapter_config.json").is_file()
 
 
+def test_preference_logps_ignore_right_padding_exactly():
+    """A short chosen answer right-padded to a longer rejected one: each summed log-prob equals the one
+    computed by hand on the unpadded sequence (prompt and padding contribute nothing)."""
+    from tests.conftest import tiny_config
+
+    from llmlab.model import build_model
+
+    model = build_model(tiny_config(init_std=0.2)).eval()
+    prompt, chosen, rejected = [5, 6, 7], [20, 21], [30, 31, 32, 33, 34, 35]
+    pad = 9  # a real token id: only the labels can hide it
+
+    def row(answer, length):
+        ids = prompt + answer
+        labels = [-100] * len(prompt) + answer
+        return ids + [pad] * (length - len(ids)), labels + [-100] * (length - len(ids)), len(ids)
+
+    T = len(prompt) + len(rejected)
+    c_ids, c_labels, c_len = row(chosen, T)
+    r_ids, r_labels, r_len = row(rejected, T)
+    batch = {"chosen_input_ids": torch.tensor([c_ids]), "chosen_labels": torch.tensor([c_labels]),
+             "rejected_input_ids": torch.tensor([r_ids]), "rejected_labels": torch.tensor([r_labels])}
+    assert c_len < T
+    with torch.no_grad():
+        got_c, got_r = preference_logps(model, batch)
+
+        def by_hand(ids, answer):
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)  # unpadded forward
+            return sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(answer))
+
+        want_c, want_r = by_hand(prompt + chosen, chosen), by_hand(prompt + rejected, rejected)
+    assert got_c.item() == pytest.approx(want_c, abs=1e-4) and got_r.item() == pytest.approx(want_r, abs=1e-4)
+    assert abs(want_c) > 1 and abs(want_c - want_r) > 1  # non-trivial sums, distinguishable
+
+
 def test_beta_falls_back_to_clip_range_with_a_notice():
     said = []
     assert beta_of(RLHFConfig(clip_range=0.3, reward_model_name=None), said.append) == 0.3
