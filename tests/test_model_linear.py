@@ -178,3 +178,15 @@ def test_compiled_training_keeps_the_onednn_products_as_one_op(monkeypatch):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_onednn_is_ready_wherever_mkldnn_is_available(monkeypatch):
+    """The oneDNN tests above skip when onednn_ready() is False; a wrong product (the self-check failing)
+    must not hide as a skip: with oneDNN built in and no override, it is ready."""
+    monkeypatch.delenv("LLMLAB_CPU_MATMUL", raising=False)
+    onednn_ready.cache_clear()
+    try:
+        assert onednn_ready() is True
+    finally:
+        onednn_ready.cache_clear()
