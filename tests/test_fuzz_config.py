@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from llmlab.config import STAGE_CONFIGS, ConfigBase, ModelConfig, RLHFConfig, SFTConfig, TrainConfig
 from llmlab.errors import ConfigError, LLMLabError
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CLASSES = list(STAGE_CONFIGS.values())
 
 json_scalars = st.one_of(
@@ -114,9 +114,15 @@ def test_config_files_that_are_not_json_or_not_utf8(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("cfg") / "train_config.json"
     path.write_bytes(raw)
     try:
-        TrainConfig.load(path)
+        cfg = TrainConfig.load(path)
     except ConfigError as e:
         check_error(e, TrainConfig, {str(path)})
+        return
+    data = json.loads(raw.decode("utf-8"))  # accepted: a JSON object whose fields landed
+    assert isinstance(data, dict)
+    for key, value in data.items():
+        if not key.startswith("_"):
+            assert _same(getattr(cfg, key), value), (key, value)
 
 
 override_keys = st.one_of(st.sampled_from(TrainConfig.field_names()), st.text(max_size=8))
@@ -135,6 +141,30 @@ def test_key_value_overrides(items):
         check_error(e, TrainConfig, keys)
         return
     assert isinstance(cfg, TrainConfig)
+    expected = {}
+    for item in items:  # accepted: every override (the last one per key) landed in its field
+        key, raw = item.split("=", 1)
+        try:
+            expected[key.strip()] = json.loads(raw.strip())
+        except ValueError:
+            expected[key.strip()] = raw.strip()
+    for key, value in expected.items():
+        assert _same(getattr(cfg, key), value), (key, value, getattr(cfg, key))
+
+
+def _same(got, value) -> bool:
+    """A field's value is the one given (numbers compare by value, numeric text as its number, a string
+    for a list field as a one-item list; lists may be kept as tuples)."""
+    if isinstance(value, str) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        try:
+            return type(got)(value) == got
+        except ValueError:
+            return False
+    if isinstance(value, str) and isinstance(got, (list, tuple)):
+        return list(got) == [value]  # one dataset given as a string
+    if isinstance(value, list):
+        return isinstance(got, (list, tuple)) and len(got) == len(value) and all(map(_same, got, value))
+    return got == value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from llmlab.data.sft import SFTBatches, encode_sft_example
 from llmlab.data.sources import DatasetSpec, parse_dataset_specs
 from llmlab.errors import DataError, LLMLabError
 
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def check_error(error: BaseException, *where: str) -> str:
@@ -54,7 +54,7 @@ spec_line = st.lists(spec_piece, min_size=1, max_size=5).map(" | ".join)
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, derandomize=True)
 @given(items=st.one_of(spec_line, st.lists(st.one_of(spec_line, json_leaf,
                                                      st.dictionaries(st.sampled_from(["name", "subset", "weight",
                                                                                       "column", "split", "x"]),
