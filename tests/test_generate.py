@@ -26,13 +26,26 @@ def _m(**kw):
 
 @pytest.mark.parametrize("pe,window", [("rope", None), ("sinusoidal", None), ("alibi", None),
                                        ("yarn", None), ("rope", 4), ("alibi", 5)])
-def test_cached_greedy_equals_uncached(pe, window):
-    m = _m(positional_encoding=pe, sliding_window=window, rope_scaling_factor=2.0 if pe == "yarn" else 1.0)
+def test_cached_greedy_equals_uncached(pe, window, monkeypatch):
+    import llmlab.generate as gen
+
+    m = _m(positional_encoding=pe, sliding_window=window, rope_scaling_factor=2.0 if pe == "yarn" else 1.0,
+           init_std=0.5)  # large enough weights for varied greedy tokens
     prompt = torch.randint(0, 128, (1, 7))
+    seen = []  # the logits each cached step samples from (20 steps: the CPU decode weights are on)
+    real = gen.sample_next
+    monkeypatch.setattr(gen, "sample_next", lambda logits, *a, **kw: seen.append(logits.clone()) or real(logits, *a, **kw))
     a = generate(m, prompt, max_new_tokens=20, temperature=0)
+    monkeypatch.setattr(gen, "sample_next", real)
     b = generate(m, prompt, max_new_tokens=20, temperature=0, use_cache=False)
     assert a.shape == (1, 27)
     assert torch.equal(a, b)
+    assert len(set(a[0, 7:].tolist())) >= 4  # varied tokens, not one repeated
+    assert len(seen) == 20 and m.head_decode_weight is None
+    with torch.no_grad():
+        full = m(a[:, :-1])[0, 6:]  # the plain forward over the whole sequence: position 6 + t predicts token t
+    scale = float(full.abs().max())  # logits of size ~10: float32 rounding of the cached path stays ~1e-6 of it
+    torch.testing.assert_close(torch.cat(seen), full, atol=1e-5 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("pe,window", [("rope", None), ("sinusoidal", None), ("alibi", 4)])
