@@ -293,3 +293,23 @@ def test_mha_and_mqa_fix_kv_heads_and_json_round_trip(tmp_path):
     assert cfg.with_overrides(["n_layers=3", "sliding_window=null"]).n_layers == 3
     with pytest.raises(ConfigError, match="nlayers"):
         cfg.with_overrides(["nlayers=3"])
+
+
+def test_bf16_weights_on_cpu_match_fp32_within_bf16_tolerance():
+    """bf16 weights run the model's bf16 paths (RMSNorm upcasts, scales by its bf16 weight), which CPU
+    autocast never reaches: logits stay within bf16 rounding of fp32's. Random norm weights make a
+    norm that drops or misapplies its weight visible."""
+    torch.manual_seed(0)
+    m = build_model(tiny_config(init_std=0.2)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.3)
+    x = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        want = m(x)
+        got = m.to(torch.bfloat16)(x)
+    assert got.dtype == torch.bfloat16
+    scale = float(want.abs().max())
+    err = float((got.float() - want).abs().max())
+    assert scale > 1 and err < 0.03 * scale, (err, scale)  # 0.07 of 4.5 here; a norm without its weight: 2.9
