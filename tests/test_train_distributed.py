@@ -47,11 +47,37 @@ WORKER = textwrap.dedent("""
     from llmlab.train.pretrain import run_pretrain
     from test_train_distributed import run_synthetic
 
+    import json
+
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    import llmlab.train.loop as loop
+
     out, tok = Path(sys.argv[1]), sys.argv[2]
     info = init_distributed()
     assert info.world_size == 2
+    real_wrap = loop.wrap_model
+
+    def checked_wrap(module, inner, info, strategy="ddp"):
+        # the strategy really was applied: FSDP2 shards every parameter (DTensor), DDP wraps the module
+        wrapped = real_wrap(module, inner, info, strategy)
+        params = list(wrapped.parameters())
+        facts = {"strategy": strategy, "fsdp_root": isinstance(wrapped, FSDPModule),
+                 "fsdp_blocks": sum(isinstance(b, FSDPModule) for b in inner.layers),
+                 "ddp": isinstance(wrapped, DistributedDataParallel),
+                 "dtensor": sum(isinstance(p, DTensor) for p in params), "params": len(params),
+                 "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+                 "numel": sum(p.numel() for p in params)}
+        (out / f"wrap_{strategy}_{info.rank}.json").write_text(json.dumps(facts))
+        return wrapped
+
+    loop.wrap_model = checked_wrap
     for strategy in ("ddp", "fsdp"):
         run_synthetic(out / strategy, strategy, info.rank, info.world_size, info)
+    loop.wrap_model = real_wrap
     model_cfg = ModelConfig(tokenizer_name=tok, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2,
                             vocab_size=320, max_seq_len=32)
     cfg = TrainConfig(output_dir=str(out / "pretrain"), max_steps=2, lr=1e-3, warmup_steps=1, batch_size=2,
@@ -70,6 +96,14 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tokenizer_dir):  #
            str(tmp_path), str(tokenizer_dir)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for rank in (0, 1):  # the worker saw each strategy applied, no silent fallback
+        ddp = json.loads((tmp_path / f"wrap_ddp_{rank}.json").read_text())
+        fsdp = json.loads((tmp_path / f"wrap_fsdp_{rank}.json").read_text())
+        assert ddp["ddp"] and not ddp["fsdp_root"] and ddp["dtensor"] == 0
+        assert fsdp["fsdp_root"] and fsdp["fsdp_blocks"] == 2 and not fsdp["ddp"]
+        assert fsdp["dtensor"] == fsdp["params"] > 0  # every parameter sharded
+        assert fsdp["local_numel"] < 0.75 * fsdp["numel"]  # each rank holds about half
 
     run_synthetic(tmp_path / "single", "ddp", 0, 1)
     single = read_metrics(tmp_path / "single")
