@@ -8,8 +8,17 @@ from llmlab.hf import hf_state_to_llmlab, model_config_from_hf
 from llmlab.model import build_model
 
 
-def _parity(hf_model, atol=1e-4):
+def _parity(hf_model, rtol=1e-5):
+    """Large random weights (std 0.2, not HF's 0.02 with its tiny logits) and random norm weights (not all
+    1), so a mis-mapped matrix or norm shows; logits agree to `rtol` of their scale, and swapping one
+    layer's two norm weights (a mis-mapping) breaks that by orders of magnitude."""
     hf_model.eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+            elif not name.endswith("bias"):  # biases: zero, or set by the test
+                p.normal_(0.0, 0.2)
     cfg = model_config_from_hf(hf_model.config)
     ours = build_model(cfg).eval()
     ours.load_state_dict(hf_state_to_llmlab(hf_model.state_dict()), strict=not cfg.tie_embeddings)
@@ -17,7 +26,15 @@ def _parity(hf_model, atol=1e-4):
     with torch.no_grad():
         ref = hf_model(x).logits
         got = ours(x)
-    assert (ref - got).abs().max() < atol
+        scale = float(ref.abs().max())
+        assert scale > 3 and float(ref.std()) > 1  # logits ~6-7 here, far from the 0.02 init's near-zero ones
+        assert (ref - got).abs().max() < rtol * scale  # measured ~1e-6 of the scale
+        layer = ours.layers[0]  # negative control: the two norms of layer 0 swapped
+        a, b = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        a_old = a.clone()
+        a.copy_(b)
+        b.copy_(a_old)
+        assert (ref - ours(x)).abs().max() > 1000 * rtol * scale
     return cfg
 
 
