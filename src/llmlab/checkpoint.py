@@ -101,6 +101,16 @@ def _not_found(p: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{p}: {why}; {there}; pass a checkpoint folder such as checkpoints/best")
 
 
+def saved_step(folder: Path, trainer_state: dict[str, Any]) -> int:
+    """The step a checkpoint's trainer_state.json records, or a one-line CheckpointError."""
+    try:
+        return int(trainer_state["step"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{folder / 'trainer_state.json'}: no valid \"step\" (a whole number), so training "
+                              f"cannot resume from it; restore the file or resume from another latest/ or best/ "
+                              f"folder") from None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept an LLM-Lab checkpoint folder, or a spec file name (`best_model.pt` -> `best/`,
     `best_model_merged.pt` -> `best_merged/`, see `spec_checkpoint_folder`) beside that folder. Any

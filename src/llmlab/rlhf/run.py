@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
+from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint, saved_step
 from llmlab.config import RLHFConfig
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.generate import check_compiler
@@ -328,12 +328,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         if not state or not tensors or state.get("algorithm") != cfg.algorithm:
             raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
                                   f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
-        try:
-            step = int(state["step"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{ckpt.path / 'trainer_state.json'}: no valid \"step\" (a whole number), so "
-                                  f"training cannot resume from it; restore the file or resume from another "
-                                  f"latest/ or best/ folder") from None
+        step = saved_step(ckpt.path, state)
         best, nan_skips = state.get("best_metric"), int(state.get("nan_skips", 0))
         if load_optimizer_state:
             load_optimizer(stage.optimizer, tensors["optimizer"], cfg, state.get("optimizer"), ckpt.path)

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
+from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint, saved_step
 from llmlab.device import autocast
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.optim import Scheduler, build_optimizer
@@ -292,12 +292,7 @@ def resume_state(checkpoint_dir: str | Path) -> StartState:
         raise CheckpointError(f"{ckpt.path}: no trainer_state.json, so training cannot resume from it; use it "
                               f"as a starting model instead (e.g. policy_checkpoint), or pick a latest/ or best/ "
                               f"folder written by training")
-    try:
-        step = int(meta["step"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{ckpt.path / 'trainer_state.json'}: no valid \"step\" (a whole number), so training "
-                              f"cannot resume from it; restore the file or resume from another latest/ or best/ "
-                              f"folder") from None
+    step = saved_step(ckpt.path, meta)
     tensors = ckpt.trainer_tensors() or {}
     data = meta.get("data")
     if data is None and "data" in tensors:
