@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint, saved_step
 from llmlab.device import autocast
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
-from llmlab.optim import Scheduler, build_optimizer
+from llmlab.optim import Scheduler, build_optimizer, refresh_hessian_if_due
 from llmlab.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -683,8 +683,9 @@ def train_loop(
                 bad_seen |= bad_now
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not skipped and getattr(optimizer, "wants_hessian", None) and optimizer.wants_hessian(step):
-                _refresh_hessian(optimizer, wrapped, micro[-1], device, info)
+            if not skipped:
+                refresh_hessian_if_due(optimizer, step,
+                                       lambda mb=micro[-1]: _hessian_estimate(wrapped, mb, device, info))
             scheduler.step()
             step += 1
             tokens_seen += step_tokens
@@ -759,8 +760,10 @@ def train_loop(
                        best_checkpoint=paths["best"], latest_checkpoint=paths["latest"])
 
 
-def _refresh_hessian(optimizer: Any, wrapped: nn.Module, mb: Batch, device: torch.device, info: DistInfo) -> None:
-    """Sophia: one Gauss-Newton-Bartlett estimate from a micro-batch (labels sampled from the model)."""
+def _hessian_estimate(wrapped: nn.Module, mb: Batch, device: torch.device,
+                      info: DistInfo) -> tuple[Callable[[], Tensor], int]:
+    """Sophia: `(closure, batch_tokens)` for one Gauss-Newton-Bartlett estimate from a micro-batch
+    (labels sampled from the model), what `refresh_hessian_if_due` asks for."""
     input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
     n_tokens = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) * info.world_size
 
@@ -770,4 +773,4 @@ def _refresh_hessian(optimizer: Any, wrapped: nn.Module, mb: Batch, device: torc
         loss.backward()
         return loss
 
-    optimizer.refresh_hessian(closure, batch_tokens=max(1, n_tokens))
+    return closure, n_tokens
