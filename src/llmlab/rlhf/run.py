@@ -53,6 +53,7 @@ from llmlab.train.loop import (
     capture_rng,
     free_memory,
     is_out_of_memory,
+    oom_text,
     restore_rng,
     resume_command,
     smaller_batch,
@@ -249,10 +250,7 @@ def oom_message(cfg: RLHFConfig, *, where: str, device: torch.device, last_good:
         fixes.append(f"a lower max_new_tokens (now {cfg.max_new_tokens})")
         if cfg.algorithm == "grpo":
             fixes.append(f"a lower group_size (now {cfg.group_size})")
-    if not cfg.gradient_checkpointing:
-        fixes.append("gradient_checkpointing=true")
-    return (f"out of memory on {device.type} in {where} ({cfg.algorithm}); try {', or '.join(fixes)}. "
-            f"Last good checkpoint: {last_good or 'none'}")
+    return oom_text(cfg, where=where, device=device, setting=cfg.algorithm, fixes=fixes, last_good=last_good)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, cfg: RLHFConfig, saved_name: Any,

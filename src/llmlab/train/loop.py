@@ -471,6 +471,17 @@ def smaller_batch(batch_size: int, accumulation: int) -> tuple[int, int] | None:
     return None if d is None else (batch_size // d, accumulation * d)
 
 
+def oom_text(cfg: Any, *, where: str, device: torch.device, setting: str, fixes: list[str],
+             last_good: Any) -> str:
+    """The one-line TrainingError text for an out-of-memory in any stage (`where`: "step 7"; `setting`: what
+    ran, in brackets): the stage's `fixes`, then gradient_checkpointing=true when it is off, then the last
+    good checkpoint. `oom_message` here and `llmlab.rlhf.run.oom_message` give the fixes."""
+    if not cfg.gradient_checkpointing:
+        fixes = [*fixes, "gradient_checkpointing=true"]
+    return (f"out of memory on {device.type} in {where} ({setting}); try {', or '.join(fixes)}. "
+            f"Last good checkpoint: {last_good or 'none'}")
+
+
 def oom_message(cfg: Any, *, where: str, device: torch.device, seq_len: int | None, last_good: Any) -> str:
     """The one-line TrainingError text for an out-of-memory in a pretraining or SFT run (`where`: "step 7"):
     the fields to lower, with a batch_size / gradient_accumulation_steps pair that keeps the effective batch."""
@@ -481,10 +492,8 @@ def oom_message(cfg: Any, *, where: str, device: torch.device, seq_len: int | No
         fixes.append(f"batch_size={split[0]} gradient_accumulation_steps={split[1]} (the same {b * g} sequences "
                      f"a step)")
     fixes.append(f"a lower max_seq_len (now {seq_len or cfg.max_seq_len})")
-    if not cfg.gradient_checkpointing:
-        fixes.append("gradient_checkpointing=true")
-    return (f"out of memory on {device.type} in {where} (batch_size={b}, gradient_accumulation_steps={g}); "
-            f"try {', or '.join(fixes)}. Last good checkpoint: {last_good or 'none'}")
+    return oom_text(cfg, where=where, device=device, setting=f"batch_size={b}, gradient_accumulation_steps={g}",
+                    fixes=fixes, last_good=last_good)
 
 
 def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
