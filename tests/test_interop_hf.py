@@ -88,6 +88,49 @@ def test_import_refuses_partial_sliding_window(tmp_path, tok_dir):
     assert not (tmp_path / "ck").exists()
 
 
+def test_import_qwen2_window_flag_with_all_full_layers_is_unwindowed(tmp_path, tok_dir):
+    """use_sliding_window=True but max_window_layers >= num_hidden_layers: transformers windows no layer
+    (layer_types all full_attention), so the import must not window either (20-token probe > window 6)."""
+    hf, folder = _hf_folder(tmp_path, transformers.Qwen2ForCausalLM, transformers.Qwen2Config, tok_dir, bias=True,
+                            use_sliding_window=True, sliding_window=6, max_window_layers=2,
+                            attn_implementation="eager")
+    assert set(hf.config.layer_types) == {"full_attention"}
+    out = import_hf(str(folder), tmp_path / "ck")
+    assert read_checkpoint(out).model_config.sliding_window is None
+    assert _logits_diff(load_model(out), hf, 320) < 1e-4
+
+
+def test_import_parity_probe_is_longer_than_the_sliding_window(tmp_path, tok_dir, monkeypatch):
+    """A window of 24 that transformers does not have changes logits only past 24 tokens: the import's
+    logit check must see it (a 16-token probe did not) and write nothing."""
+    from llmlab.interop import hf_io
+
+    _, folder = _hf_folder(tmp_path, transformers.LlamaForCausalLM, transformers.LlamaConfig, tok_dir)
+    translate = hf_io.model_config_from_hf
+    monkeypatch.setattr(hf_io, "model_config_from_hf",
+                        lambda hf, **kw: translate(hf, **kw).with_overrides(["sliding_window=24"]))
+    with pytest.raises(CheckpointError, match="imported logits differ"):
+        import_hf(str(folder), tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("config,field", [
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), "'llama3'"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(mlp_bias=True), "mlp_bias=True"),
+])
+def test_hf_config_translation_refuses_what_llmlab_cannot_represent(config, field):
+    from llmlab.hf import model_config_from_hf
+
+    hf = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=320, max_position_embeddings=64, **config)
+    with pytest.raises(ConfigError, match=field) as e:
+        model_config_from_hf(hf)
+    assert "\n" not in str(e.value)
+
+
 def _llmlab_checkpoint(tmp_path, tok_dir, **overrides):
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=320, init_std=0.2, d_model=64, **overrides)

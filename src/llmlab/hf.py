@@ -67,11 +67,18 @@ def model_config_from_hf(hf: Any, tokenizer_name: str = "Qwen/Qwen2.5-0.5B") -> 
         raise ConfigError(f"rope scaling {rope_type!r} is not supported; supported: default, yarn")
     sliding = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
     layer_types = getattr(hf, "layer_types", None) or []
+    if sliding is not None and layer_types and "sliding_attention" not in layer_types:
+        sliding = None  # e.g. Qwen2 with max_window_layers >= num_hidden_layers: transformers windows no layer
     if sliding is not None and len(set(layer_types)) > 1:
-        raise ConfigError(f"{model_type} with sliding_window on some layers only (max_window_layers="
-                          f"{getattr(hf, 'max_window_layers', '?')}) is not supported; LLM-Lab windows every layer")
+        raise ConfigError(f"{model_type} with sliding_window on some layers only (layer_types mixes "
+                          f"{sorted(set(layer_types))}, max_window_layers={getattr(hf, 'max_window_layers', '?')}) "
+                          f"is not supported; LLM-Lab windows every layer or none")
     if model_type == "llama" and getattr(hf, "attention_bias", False):
-        raise ConfigError("Llama attention_bias also biases o_proj, which LLM-Lab does not have")
+        raise ConfigError("Llama attention_bias=True also biases o_proj, which LLM-Lab does not have; "
+                          "only attention_bias=False Llama models can be imported")
+    if getattr(hf, "mlp_bias", False):
+        raise ConfigError(f"{model_type} mlp_bias=True (biases on gate/up/down_proj) has no LLM-Lab equivalent; "
+                          f"only mlp_bias=False models can be imported")
     attention_type = "mha" if n_kv == n_heads else ("mqa" if n_kv == 1 else "gqa")
     return ModelConfig(
         tokenizer_name=tokenizer_name,

@@ -123,17 +123,33 @@ def load_hf(source: str, *, with_tokenizer: bool = True) -> tuple[Any, Any]:
     return model.eval(), tok
 
 
-def parity_ids(vocab_size: int, n: int = 16) -> torch.Tensor:
+PROBE_MIN, PROBE_MAX = 16, 512  # probe tokens: past any sliding window, capped for speed on CPU
+
+
+def parity_ids(vocab_size: int, n: int = PROBE_MIN) -> torch.Tensor:
     """A fixed, spread-out probe sequence (no RNG, so the check is reproducible)."""
     return (torch.arange(n, dtype=torch.long) * 7919 + 11).remainder(vocab_size)[None]
 
 
-def max_logit_diff(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> float:
-    ids = parity_ids(ours.config.vocab_size) if ids is None else ids
+def probe_length(ours: torch.nn.Module, hf_model: Any) -> int:
+    """Probe tokens for the parity check: 16 past the wider of both sides' sliding windows (so a window on
+    one side only changes the logits), at most PROBE_MAX and the model's max_seq_len."""
+    windows = [ours.config.sliding_window, getattr(hf_model.config, "sliding_window", None)]
+    widest = max((w for w in windows if w), default=0)
+    return max(1, min(ours.config.max_seq_len, PROBE_MAX, max(PROBE_MIN, widest + PROBE_MIN)))
+
+
+def logit_diff_and_scale(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> tuple[float, float]:
+    """(max |ours - transformers| logit difference, max |transformers logit|) on the probe, both in fp32."""
+    ids = parity_ids(ours.config.vocab_size, probe_length(ours, hf_model)) if ids is None else ids
     with torch.no_grad():
         ref = hf_model(ids).logits.float()
         got = ours(ids).float()
-    return float((ref - got).abs().max())
+    return float((ref - got).abs().max()), float(ref.abs().max())
+
+
+def max_logit_diff(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> float:
+    return logit_diff_and_scale(ours, hf_model, ids)[0]
 
 
 def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
