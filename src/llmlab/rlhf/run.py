@@ -60,6 +60,7 @@ from llmlab.train.loop import (
     write_run_status,
 )
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
+from llmlab.train.stage import check_saved_optimizer, check_tokenizer_fits
 
 REWARD_PLOT = "rewards.png"
 
@@ -257,8 +258,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, cfg: RLHFConfig
                    where: Path) -> None:
     """Load a resumed run's optimizer state: refused when written by another optimizer (or when it does not
     fit); the config's hyperparameters (weight_decay, betas, ...) win over the saved ones."""
-    from llmlab.train.stage import check_saved_optimizer
-
     check_saved_optimizer(saved_name, cfg)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
@@ -294,9 +293,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     messages: list[str] = [m for m in [dropout_notice(cfg)] if m]
     base = base_transformer(policy)
     base.gradient_checkpointing = cfg.gradient_checkpointing
-    if len(tokenizer) > base.config.vocab_size:
-        raise ConfigError(f"policy_checkpoint: its tokenizer has {len(tokenizer)} tokens but the model only "
-                          f"{base.config.vocab_size} embedding rows; use the tokenizer the model was trained with")
+    check_tokenizer_fits(base.config.vocab_size, len(tokenizer))
     # The reference is the starting policy: after a resume without LoRA, read it back from disk.
     ref_source = cfg.reference_checkpoint or (cfg.policy_checkpoint if resume_dir and not cfg.use_lora else None)
     reference = build_reference(policy, ref_source, device) if needs_reference(cfg) else None

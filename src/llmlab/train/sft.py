@@ -31,6 +31,7 @@ from llmlab.train.distributed import DistInfo, init_distributed, rank0_print, sh
 from llmlab.train.loop import resume_state, train_loop
 from llmlab.train.stage import (
     check_optimizer_switch,
+    check_tokenizer_fits,
     save_resolved,
     seed_everything,
     stage_config_from_checkpoint,
@@ -105,9 +106,7 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
             start = None
         model_cfg: ModelConfig = ckpt.model_config
         tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, ckpt)
-        if model_cfg.vocab_size < len(tok):
-            raise ConfigError(f"policy_checkpoint: the model has {model_cfg.vocab_size} embedding rows but the "
-                              f"tokenizer has {len(tok)} tokens; use the tokenizer the model was pretrained with")
+        check_tokenizer_fits(model_cfg.vocab_size, len(tok))
         seq_len = stage_seq_len(cfg, model_cfg)
 
         out = Path(cfg.output_dir)

@@ -75,6 +75,15 @@ def check_vocab_size(model_cfg: ModelConfig, n_tokens: int) -> str | None:
     return None
 
 
+def check_tokenizer_fits(vocab_size: int, n_tokens: int) -> None:
+    """A ConfigError when a checkpoint's model (SFT's and RLHF's policy_checkpoint) has fewer embedding rows
+    than its tokenizer has tokens: ids past the embedding. Pretraining sizes vocab_size itself
+    (`check_vocab_size`)."""
+    if vocab_size < n_tokens:
+        raise ConfigError(f"policy_checkpoint: the model has {vocab_size} embedding rows but the tokenizer has "
+                          f"{n_tokens} tokens; use the tokenizer the model was trained with")
+
+
 def stage_seq_len(cfg: Any, model_cfg: ModelConfig) -> int:
     """The training sequence length: `cfg.max_seq_len`, else the model's; longer than the model is an error."""
     seq_len = cfg.max_seq_len or model_cfg.max_seq_len
