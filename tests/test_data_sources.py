@@ -122,7 +122,46 @@ def test_mixed_schemas_and_text_files(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "one.txt").write_text("line one\nline two\n")
     texts = sorted(r["text"] for r in load_sources([a, b, str(tmp_path / "c")], stopping_strategy="all_exhausted"))
-    assert set(texts) == {"xxx", "yy", "line one", "line two"}
+    assert set(texts) == {"xxx", "yy", "line one\nline two"}  # a text file's paragraph is one document
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_files_are_paragraph_documents_in_order(tmp_path, streaming):
+    # A verse of 3 lines, blank lines (also several in a row, and whitespace-only ones), a .md file.
+    (tmp_path / "poem.txt").write_text("Roses are red,\nviolets are blue,\nsugar is sweet.\n\n\n\n"
+                                       "Second verse\nends here.\n  \n\nlast line\n")
+    (tmp_path / "notes.md").write_text("# Title\n\nbody line 1\nbody line 2\n")
+    poem = [r["text"] for r in load_sources([str(tmp_path / "poem.txt")], streaming=streaming)]
+    assert sorted(poem) == sorted(["Roses are red,\nviolets are blue,\nsugar is sweet.",
+                                   "Second verse\nends here.", "last line"])  # no empty or EOS-only documents
+    md = [r["text"] for r in load_sources([str(tmp_path / "notes.md")], streaming=streaming)]
+    assert sorted(md) == ["# Title", "body line 1\nbody line 2"]
+
+
+def test_text_file_lines_of_a_paragraph_share_one_side_of_the_split(tmp_path):
+    paragraphs = [f"paragraph {i} first line\nparagraph {i} second line" for i in range(200)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs) + "\n")
+    train = one_epoch(RecordStream([str(tmp_path / "book.txt")], split="train", val_fraction=0.2))
+    val = one_epoch(RecordStream([str(tmp_path / "book.txt")], split="val", val_fraction=0.2))
+    assert sorted(train + val) == sorted(paragraphs)  # whole paragraphs, each on exactly one side
+    assert 15 <= len(val) <= 65  # one file still gives a validation split (40 expected, sd about 5.7)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_null_or_empty_text_is_skipped_never_another_column(tmp_path, streaming):
+    f = write_jsonl(tmp_path / "web.jsonl", [
+        {"text": None, "url": "http://one.example"},
+        {"text": "real document", "url": "http://two.example"},
+        {"text": "", "url": "http://three.example"},
+        {"text": " \n ", "url": "http://four.example"},
+        {"url": "http://five.example"},
+    ])
+    assert [r["text"] for r in load_sources([f], streaming=streaming)] == ["real document"]
+    assert [k for _, (k, _) in zip(range(3), RecordStream([f], val_fraction=0.0, streaming=streaming))] == \
+        ["real document"] * 3
+    with pytest.raises(DataError) as e:
+        load_sources([f"{f} | | 1 | column=body"], streaming=streaming)
+    assert "no column 'body'" in str(e.value) and "keys: text, url" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_validation_split_disjoint_and_sized(tmp_path):

@@ -17,6 +17,16 @@ Every kind goes through `datasets.load_dataset` (local files via the `json`/`par
 they behave alike. Local files load into an Arrow table and get a fresh permutation each epoch; hub
 streams are read in their stored order (a shuffle buffer would make resuming inexact).
 
+Plain `.txt`/`.md` files are read one document per paragraph (`sample_by="paragraph"`: the text between
+blank lines, leading newlines and trailing whitespace stripped), not one per line: the lines of a paragraph
+(a verse, a speech, a code block without blank lines) stay together and in order, blank lines make no
+empty documents, and a single file still has enough documents for the content-hash validation split (one document per file
+would put a lone file wholly in train or wholly in validation). Paragraphs are shuffled and split like
+any documents; for whole files as documents, write them as jsonl `{"text": ...}` lines.
+
+Pretraining text: the text column is chosen once per source (from its features, or its first rows for a
+stream without features), never per row; rows whose text is null, empty or whitespace are skipped.
+
 Each source is normalised to one schema before mixing, so sources with different columns and types can
 be combined: `{"text": str, "source": int}` for pretraining (the text column is named with `column=`, or
 detected: `text`, `content`, ...) or `{"record": <canonical JSON>, "source": int}` for structured data
@@ -27,7 +37,8 @@ the others continue.
 
 Validation split: a document belongs to validation iff the first 8 bytes of blake2b(text), read as an
 integer and divided by 2**64, fall below `val_fraction` (for structured records the hash is over the
-canonical JSON). The split depends only on the content, never on the seed, order, rank or source, so
+canonical JSON of the content columns only — messages, prompt, answers, ... (`CONTENT_KEYS`) — not ids
+or other metadata). The split depends only on the content, never on the seed, order, rank or source, so
 training and validation never share a document (identical duplicates land on the same side).
 
 Determinism and resuming: everything is a function of (seed, epoch). `RecordStream` is the infinite,
@@ -54,6 +65,9 @@ from llmlab.errors import DataError
 
 TEXT_COLUMNS = ("text", "content", "document", "body", "raw_content", "markdown", "article", "story", "passage")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+# Plain text files: one document per paragraph (text between blank lines), not the `text` builder's
+# default of one per line. See the module docstring.
+TEXT_FILE_OPTIONS = {"sample_by": "paragraph"}
 SPEC_KEYS = ("name", "subset", "weight", "column", "split")
 Split = Literal["train", "val"]
 
@@ -227,14 +241,24 @@ def resolve(spec: DatasetSpec, where: str = "datasets") -> tuple[str, dict[str, 
     if _looks_local(name):
         files = local_files(where, name)
         builder = LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
-        return builder, {"data_files": files, "split": "train"}, True
+        options = TEXT_FILE_OPTIONS if builder == "text" else {}
+        return builder, {"data_files": files, "split": "train", **options}, True
     return name, {"name": spec.subset, "split": spec.split}, False
 
 
+def resolve_builder(spec: DatasetSpec) -> str | None:
+    """The local `datasets` builder of a local spec (`json`, `parquet`, `text`), None for hub and bundled."""
+    if spec.name.startswith("bundled:") or not _looks_local(spec.name):
+        return None
+    files = local_files("datasets", spec.name)
+    return LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
+
+
 @lru_cache(maxsize=32)
-def _load_local(builder: str, files: tuple[str, ...], stamps: tuple[float, ...]) -> datasets.Dataset:
+def _load_local(builder: str, files: tuple[str, ...], stamps: tuple[float, ...],
+                options: tuple[tuple[str, Any], ...] = ()) -> datasets.Dataset:
     # `stamps` (mtimes) makes an edited file load again; the cache spares re-reading per epoch.
-    return datasets.load_dataset(builder, data_files=list(files), split="train")
+    return datasets.load_dataset(builder, data_files=list(files), split="train", **dict(options))
 
 
 def _first_line(e: BaseException) -> str:
@@ -252,7 +276,8 @@ def load_one(spec: DatasetSpec, *, streaming: bool | None = None, where: str = "
     try:
         if is_local and not stream:
             files = tuple(kwargs["data_files"])
-            return _load_local(path, files, tuple(os.path.getmtime(f) for f in files))
+            options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("data_files", "split")))
+            return _load_local(path, files, tuple(os.path.getmtime(f) for f in files), options)
         return datasets.load_dataset(path, **kwargs, streaming=stream)
     except DataError:
         raise
@@ -269,32 +294,65 @@ def load_one(spec: DatasetSpec, *, streaming: bool | None = None, where: str = "
 # --------------------------------------------------------------------------------------------------
 
 
-def detect_text_column(record: dict[str, Any]) -> str | None:
-    """The text column of a record: a known name (`text`, `content`, ...) or its only string field."""
+def detect_text_column(columns: list[str], string_columns: set[str]) -> str | None:
+    """The text column among a source's columns: a known name (`text`, `content`, ...) that holds strings,
+    else its only string column."""
     for c in TEXT_COLUMNS:
-        if isinstance(record.get(c), str):
+        if c in string_columns:
             return c
-    strings = [k for k, v in record.items() if isinstance(v, str)]
+    strings = [c for c in columns if c in string_columns]
     return strings[0] if len(strings) == 1 else None
+
+
+PEEK_ROWS = 100  # rows read to find the columns of a stream whose features are unknown
+
+
+def _columns(ds: Any) -> tuple[list[str], set[str]]:
+    """(all columns, string columns) of a source: from its features, else from its first rows."""
+    features = getattr(ds, "features", None)
+    if features is not None:
+        return list(features), {k for k, f in features.items()
+                                if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")}
+    columns: dict[str, None] = {}
+    strings: set[str] = set()
+    for _, row in zip(range(PEEK_ROWS), ds):
+        for k, v in row.items():
+            columns.setdefault(k)
+            if isinstance(v, str):
+                strings.add(k)
+    return list(columns), strings
+
+
+def text_column_of(ds: Any, spec: DatasetSpec, column: str | None, where: str) -> str:
+    """The one text column of a source, chosen once (not per row, where a null would pick another column)."""
+    columns, strings = _columns(ds)
+    fix = f"name the text column: \"{spec.name} | | {spec.weight:g} | column=...\""
+    if column is not None:
+        if columns and column not in columns:
+            raise DataError(f"{where}: {spec.name!r} has no column {column!r} (keys: {', '.join(columns)}); {fix}")
+        return column
+    found = detect_text_column(columns, strings)
+    if found is None:
+        raise DataError(f"{where}: cannot tell the text column of {spec.name!r} (keys: {', '.join(columns)}); {fix}")
+    return found
 
 
 def canonical_json(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, sort_keys=True, default=str)
 
 
-def _to_text(index: int, spec: DatasetSpec, column: str | None, where: str):
+def _to_text(index: int, column: str, strip_newlines: bool):
     def fn(record: dict[str, Any]) -> dict[str, Any]:
-        col = column or detect_text_column(record)
-        value = record.get(col) if col else None
-        if value is None:
-            if col:
-                raise DataError(f"{where}: {spec.name!r} has no column {col!r} (keys: {', '.join(record)}); "
-                                f"name the text column: \"{spec.name} | | {spec.weight:g} | column=...\"")
-            raise DataError(f"{where}: cannot tell the text column of {spec.name!r} (keys: {', '.join(record)}); "
-                            f"name it: \"{spec.name} | | {spec.weight:g} | column=...\"")
-        return {"text": value if isinstance(value, str) else str(value), "source": index}
+        value = record.get(column)
+        text = "" if value is None else value if isinstance(value, str) else str(value)
+        return {"text": text.lstrip("\n").rstrip() if strip_newlines else text, "source": index}
 
     return fn
+
+
+def _has_text(row: dict[str, Any]) -> bool:
+    """Rows whose text is null, empty or only whitespace are skipped (they would be an eos-only document)."""
+    return bool(row["text"].strip())
 
 
 def _to_record(index: int):
@@ -349,8 +407,10 @@ def load_sources(
                 raise DataError(f"{where}: {spec.name!r} is empty")
             ds = ds.shuffle(seed=seed + 1000 * epoch + i).to_iterable_dataset()
         if as_text:
-            ds = ds.map(_to_text(i, spec, spec.column or text_column, where), features=TEXT_FEATURES)
-            ds = ds.select_columns(["text", "source"])
+            column = text_column_of(ds, spec, spec.column or text_column, where)
+            is_text_file = resolve_builder(spec) == "text"
+            ds = ds.map(_to_text(i, column, is_text_file), features=TEXT_FEATURES)
+            ds = ds.select_columns(["text", "source"]).filter(_has_text)
         else:
             ds = ds.map(_to_record(i), features=RECORD_FEATURES).select_columns(["record", "source"])
         if world_size > 1:
@@ -374,6 +434,21 @@ def hash_fraction(text: str) -> float:
     """A number in [0, 1) fixed by the content: blake2b's first 8 bytes / 2**64."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+# The columns that make up a structured record's content (SFT, preference and prompt formats); ids,
+# sources, urls, task names and other metadata are left out of the split hash.
+CONTENT_KEYS = ("messages", "conversations", "system", "instruction", "input", "response", "output", "prompt",
+                "question", "completion", "chosen", "rejected", "answer")
+
+
+def content_key(record_json: str) -> str:
+    """What a structured record's validation split is hashed over: the canonical JSON of its content
+    columns (`CONTENT_KEYS`), so that the same conversation with another id or source lands on the same
+    side; the whole record when it has none of them."""
+    record = json.loads(record_json)
+    content = {k: record[k] for k in CONTENT_KEYS if k in record} if isinstance(record, dict) else {}
+    return canonical_json(content) if content else record_json
 
 
 def in_split(text: str, split: Split, val_fraction: float) -> bool:
@@ -439,7 +514,7 @@ class RecordStream:
                     continue
                 self.rows_read += 1
                 key = row[key_name]
-                if in_split(key, self.split, self.val_fraction):
+                if in_split(key if self.as_text else content_key(key), self.split, self.val_fraction):
                     kept += 1
                     yield key, row
             if kept == 0 and fresh:
@@ -527,6 +602,7 @@ class RecordBatches:
         self.skipped_invalid = 0
         self.skipped_empty = 0
         self.batches_yielded = 0
+        self._dry: list[int] | None = None  # [epoch, rows_read, invalid, empty] since the last usable example
 
     def encode(self, record: dict[str, Any], where: str) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -538,8 +614,15 @@ class RecordBatches:
         return self
 
     def next_example(self) -> Any:
-        """The next usable example, skipping (and counting) what cannot be trained on."""
+        """The next usable example, skipping (and counting) what cannot be trained on.
+
+        A DataError when a full pass over the split (one whole epoch) gives no usable example, instead of
+        skipping forever.
+        """
+        stream = self.records.stream
         while True:
+            if self._dry is None:
+                self._dry = [stream.epoch, stream.rows_read, 0, 0]
             record = next(self.records)
             try:
                 example = self.encode(record, self.records.where)
@@ -547,11 +630,30 @@ class RecordBatches:
                 if not self.skip_invalid:
                     raise
                 self.skipped_invalid += 1
+                self._dry[2] += 1
+                self._check_dry()
                 continue
             if example is None:
                 self.skipped_empty += 1
+                self._dry[3] += 1
+                self._check_dry()
                 continue
+            self._dry = None
             return example
+
+    def _check_dry(self) -> None:
+        """Raise once every record of one whole epoch was skipped: the skipping began at an epoch's start
+        and the next epoch has begun, or it began within epoch e and epoch e + 2 has begun (each epoch has
+        its own order, so only a whole epoch proves that no record is usable)."""
+        epoch, rows, invalid, empty = self._dry
+        stream = self.records.stream
+        if stream.epoch < (epoch + 1 if rows == 0 else epoch + 2):
+            return
+        limit = f"seq_len={self.seq_len}" if self.seq_len is not None else "the length limit"
+        raise DataError(
+            f"datasets: no usable record in a full pass over the {stream.split} split ({invalid + empty} skipped: "
+            f"{invalid} in no known format, {empty} with no answer token left after truncation to {limit}); "
+            f"raise max_seq_len so the answers fit, or check the record format")
 
     def __next__(self) -> Any:
         batch = self.collate([self.next_example() for _ in range(self.batch_size)])
@@ -564,6 +666,7 @@ class RecordBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records.load_state_dict(state["records"])
+        self._dry = None
         self.batches_yielded = int(state.get("batches", 0))
         self.skipped_invalid = int(state.get("skipped_invalid", 0))
         self.skipped_empty = int(state.get("skipped_empty", 0))
