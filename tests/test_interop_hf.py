@@ -192,6 +192,36 @@ def test_export_hf_merges_lora_adapter(tmp_path, tok_dir):
     _assert_same_in_transformers(merged, out, "LlamaForCausalLM")
 
 
+def _double_final_norm(state):
+    return {k: v * 2 if k == "model.norm.weight" else v for k, v in state.items()}
+
+
+def _tenfold_rope_theta(translate):
+    def wrong(cfg, **kw):
+        hf = translate(cfg, **kw)
+        hf.rope_parameters = {**hf.rope_parameters, "rope_theta": cfg.rope_theta * 10}
+        return hf
+    return wrong
+
+
+@pytest.mark.parametrize("target,corrupt", [
+    ("llmlab_state_to_hf", lambda translate: lambda state: _double_final_norm(translate(state))),
+    ("hf_config_from_llmlab", _tenfold_rope_theta),
+])
+def test_export_hf_checks_its_own_output_and_writes_nothing_on_mismatch(tmp_path, tok_dir, monkeypatch, target,
+                                                                          corrupt):
+    """export_hf reloads what it wrote with transformers and compares logits: a weight or a config field
+    written wrong (here injected) is a one-line CheckpointError and no folder, even with force."""
+    from llmlab.interop import hf_io
+
+    _, ck = _llmlab_checkpoint(tmp_path, tok_dir)
+    monkeypatch.setattr(hf_io, target, corrupt(getattr(hf_io, target)))
+    with pytest.raises(CheckpointError, match="logits for the exported folder differ") as e:
+        export_hf(ck, tmp_path / "hf", force=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []
+
+
 @pytest.mark.parametrize("overrides,option", [
     (dict(positional_encoding="alibi"), "positional_encoding='alibi'"),
     (dict(norm_type="layernorm"), "norm_type='layernorm'"),

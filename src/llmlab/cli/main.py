@@ -165,7 +165,10 @@ def _export_hf(args: argparse.Namespace) -> int:
 def _export_gguf(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    commands.interop("export_gguf", args.checkpoint, args.out, force=args.force)
+    module, what = commands.INTEROP["export_gguf"]  # commands.interop with the dtype passed through
+    result = commands._stage_function(module, "export_gguf", what)(args.checkpoint, args.out, force=args.force,
+                                                                   dtype=args.dtype)
+    commands.console().print(f"{what}: {args.checkpoint} -> {result}")
     return 0
 
 
@@ -297,6 +300,13 @@ def _args_export(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
+def _args_export_gguf(p: argparse.ArgumentParser) -> None:
+    _args_export(p, "GGUF file to write")
+    p.add_argument("--dtype", choices=["f16", "f32"], default="f16",
+                   help="matrices in f16 (half the size) or f32 (exact); norms and biases stay f32 "
+                        "(default: %(default)s)")
+
+
 PIPELINE_PRESETS = ("micro", "tiny", "small", "base")  # llmlab.pipeline.PRESETS (kept light to import)
 
 
@@ -336,8 +346,7 @@ COMMANDS: dict[str, Command] = {
                          _args_import_hf),
     "export-hf": Command("write a checkpoint as a Hugging Face transformers model", _export_hf, None,
                          lambda p: _args_export(p, "folder for the transformers model")),
-    "export-gguf": Command("write a checkpoint as a GGUF file", _export_gguf, None,
-                           lambda p: _args_export(p, "GGUF file to write")),
+    "export-gguf": Command("write a checkpoint as a GGUF file", _export_gguf, None, _args_export_gguf),
     "pipeline": Command("the whole pipeline on bundled data: tokenizer, pretrain, SFT+LoRA, merge, DPO, GRPO, "
                         "chat", _pipeline, None, _args_pipeline),
 }

@@ -23,7 +23,7 @@ import torch
 
 from llmlab.checkpoint import load_model, model_state_for_saving, read_checkpoint
 from llmlab.config import ModelConfig
-from llmlab.errors import ConfigError
+from llmlab.errors import CheckpointError, ConfigError
 from llmlab.hf import llmlab_key_to_hf
 from llmlab.interop.hf_io import check_output, checkpoint_tokenizer
 
@@ -104,7 +104,8 @@ def tokenizer_metadata(tok: Any, vocab_size: int) -> dict[str, Any] | None:
 
 
 def _write(path: Path, arch: str, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str,
-           tok_meta: dict[str, Any] | None, name: str) -> None:
+           tok_meta: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """Write the GGUF file; returns {GGUF tensor name: the numpy array written} for `check_gguf`."""
     import gguf
 
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -133,7 +134,9 @@ def _write(path: Path, arch: str, cfg: ModelConfig, state: dict[str, torch.Tenso
             if tok_meta[key] is not None:
                 add(tok_meta[key])
         w.add_add_bos_token(tok_meta["add_bos"])
+        # HOOK(chat-template): tok_meta's template comes from data.tokenizer.chat_template_of (what SFT/chat use)
         w.add_chat_template(tok_meta["chat_template"])
+    written = {}
     for key, t in state.items():
         hf_name = llmlab_key_to_hf(key)
         base, suffix = hf_name.rsplit(".", 1)
@@ -148,16 +151,40 @@ def _write(path: Path, arch: str, cfg: ModelConfig, state: dict[str, torch.Tenso
         arr = t.numpy()
         if dtype == "f16" and t.dim() == 2:  # llama.cpp keeps norms and biases in f32
             arr = arr.astype("float16")
+        written[f"{g}.{suffix}"] = arr
         w.add_tensor(f"{g}.{suffix}", arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return written
+
+
+def check_gguf(path: Path, written: dict[str, Any], where: str) -> None:
+    """Read the file back with gguf's reader: the same tensor names, and each tensor's shape, dtype and values
+    equal to what was written; a CheckpointError naming the first difference."""
+    import gguf
+    import numpy as np
+
+    try:
+        tensors = {t.name: t.data for t in gguf.GGUFReader(str(path)).tensors}
+    except Exception as e:  # noqa: BLE001 - a truncated or malformed file
+        raise CheckpointError(f"{where}: the GGUF file written does not read back ({e}); nothing was written") from None
+    if set(tensors) != set(written):
+        diff = sorted(set(tensors) ^ set(written))
+        raise CheckpointError(f"{where}: the GGUF file read back has different tensors ({', '.join(diff[:4])}); "
+                              f"nothing was written")
+    for name, arr in written.items():
+        got = tensors[name]
+        if got.shape != arr.shape or got.dtype != arr.dtype or not np.array_equal(got, arr):
+            raise CheckpointError(f"{where}: GGUF tensor {name} reads back as {got.dtype}{list(got.shape)} with "
+                                  f"other values than the {arr.dtype}{list(arr.shape)} written; nothing was written")
 
 
 def export_gguf(checkpoint: str | os.PathLike, out_file: str | os.PathLike, *, force: bool = False,
-                dtype: str = "f16") -> Path:
-    """An LLM-Lab checkpoint (a LoRA adapter is merged) -> one GGUF file (`dtype` f16 or f32 matrices)."""
+                dtype: str = "f16", check: bool = True) -> Path:
+    """An LLM-Lab checkpoint (a LoRA adapter is merged) -> one GGUF file (`dtype` f16 or f32 matrices).
+    `check` reads the file back (`check_gguf`) before it appears under `out_file`."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     ckpt = read_checkpoint(checkpoint)
@@ -175,7 +202,10 @@ def export_gguf(checkpoint: str | os.PathLike, out_file: str | os.PathLike, *, f
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        _write(tmp, arch, cfg, state, dtype, tok_meta, name=f"llmlab-{ckpt.path.name}")
+        written = _write(tmp, arch, cfg, state, dtype, tok_meta, name=f"llmlab-{ckpt.path.name}")
+        if check:
+            check_gguf(tmp, written, str(ckpt.path))
+        del written
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -206,10 +206,33 @@ def generation_config_for(tok: Any) -> Any:
                             eos_token_id=stops[0] if len(stops) == 1 else (stops or None))
 
 
-def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+EXPORT_RTOL = 1e-4  # export check: max logit difference allowed, relative to the largest |logit| (>= 1)
+
+
+def check_hf_export(model: torch.nn.Module, folder: str | os.PathLike, where: str) -> None:
+    """Load `folder` with transformers (local, safetensors only, fp32) and compare its logits with `model`'s on
+    the parity probe; a CheckpointError when it does not load or differs by more than EXPORT_RTOL of the scale."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
+                                                        local_files_only=True).eval()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{where}: the exported folder does not load in transformers ({_first_line(e)}); "
+                              f"nothing was written") from None
+    diff, scale = logit_diff_and_scale(model.float().eval(), hf_model)
+    if not diff <= EXPORT_RTOL * max(scale, 1.0):
+        raise CheckpointError(f"{where}: transformers' logits for the exported folder differ from LLM-Lab's by "
+                              f"{diff:.2e} (logit scale {scale:.2e}, allowed {EXPORT_RTOL:g} of it); nothing was "
+                              f"written (an export bug: please report it)")
+
+
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
+              check: bool = True) -> Path:
     """An LLM-Lab checkpoint -> a folder `AutoModelForCausalLM.from_pretrained` loads (Llama, Mistral when
     windowed, Qwen2 when q/k/v have bias): model.safetensors, config.json, generation_config.json and the
-    tokenizer with its chat template. A LoRA adapter is merged into the weights."""
+    tokenizer with its chat template. A LoRA adapter is merged into the weights. `check` reloads the written
+    folder with transformers and compares logits before it appears under `out_dir` (`check_hf_export`)."""
     from safetensors.torch import save_file
 
     from llmlab.data.tokenizer import chat_template_of
@@ -221,6 +244,8 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, forc
     if len(tok) > ckpt.model_config.vocab_size:
         raise ConfigError(f"{ckpt.path}: the tokenizer has {len(tok)} tokens but vocab_size is "
                           f"{ckpt.model_config.vocab_size}; the checkpoint and tokenizer do not belong together")
+    # HOOK(chat-template): the template SFT and chat use; data.tokenizer.chat_template_of is meant to return
+    # data.chat.effective_chat_template(tok) (another change); the export follows it with no edit here.
     tok.chat_template = chat_template_of(tok)
     model = load_model(ckpt.path)  # merges a LoRA adapter
     hf_cfg = hf_config_from_llmlab(ckpt.model_config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -232,4 +257,6 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, forc
         hf_cfg.save_pretrained(str(tmp))
         generation_config_for(tok).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        if check:  # before the folder appears under its name: a mismatch leaves nothing behind
+            check_hf_export(model, tmp, str(ckpt.path))
     return out
