@@ -128,13 +128,12 @@ class ChatSession:
         In chat mode the oldest exchanges are dropped until the prompt leaves room for the reply."""
         if not self.chat:
             return self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
-        from llmlab.data.chat import render
+        from llmlab.data.chat import encode_messages
 
         limit = self.model.config.max_seq_len - min(self.settings.max_new_tokens, self.model.config.max_seq_len // 2)
         history = self.history
-        while True:
-            text = render(self.tokenizer, self._messages(user_text, history), add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        while True:  # the training rendering: effective_chat_template, content control tokens as text
+            ids = encode_messages(self.tokenizer, self._messages(user_text, history), add_generation_prompt=True)
             if len(ids) <= limit or not history:
                 break
             history = history[2:]

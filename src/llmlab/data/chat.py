@@ -11,23 +11,33 @@ Loss spans are found from the template itself, not by searching for strings: for
 text rendered for messages[:i] with a generation prompt is where the answer starts, and the text rendered
 for messages[:i+1] (trailing whitespace removed) is where it ends — so the span is the answer plus the
 end-of-turn token (`<|im_end|>` in ChatML). Characters map to tokens through the fast tokenizer's offsets.
-A template that does not render prefixes consistently (e.g. one that rewrites earlier turns) falls back
-to ChatML for that conversation.
+
+One template serves training and inference: `effective_chat_template(tokenizer)` is the tokenizer's own
+when it renders a probe conversation prefix-consistently, else ChatML (a one-line notice says so once);
+ChatML ends turns with `<|im_end|>` when that is one token of the vocabulary, else with the tokenizer's
+eos (gpt2, Llama-2 base), so the model learns to stop on a token it has and generation stops on.
+SFT, DPO, RL prompts and chat all render through `render`, which uses it.
+
+Message content is text: control tokens written inside it (`<|im_end|>`, `<|endoftext|>`, ...) are
+encoded as plain text pieces, never as the special token, so data cannot fake a turn end; only the
+template's own markers are special (`encode_rendered`).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
-from llmlab.data.tokenizer import CHATML_TEMPLATE
+from llmlab.data.tokenizer import CHATML_EOS_TEMPLATE, CHATML_TEMPLATE, IM_END, IM_START
 from llmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 SFT_FORMATS = ("'messages' (list of {role, content}), 'instruction' + 'response' (optional 'input'), "
-               "or 'prompt' + 'completion'")
+               "or 'prompt' + 'completion' (or 'response'/'output')")
+ANSWER_KEYS = ("completion", "response", "output")
 IGNORE_INDEX = -100
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -69,20 +79,30 @@ def instruction_text(record: dict[str, Any]) -> str:
 
 def sft_messages(record: dict[str, Any], where: str = "record") -> list[dict[str, str]]:
     """The conversation of an SFT record in any of the three formats (detected per record)."""
+    refuse_message_tree(record, where)
     if "messages" in record or "conversations" in record:
         messages = check_messages(record.get("messages", record.get("conversations")), where)
     elif isinstance(record.get("instruction"), str) and any(
             isinstance(record.get(k), str) for k in ("response", "output")):
         answer = record["response"] if isinstance(record.get("response"), str) else record["output"]
         messages = [{"role": "user", "content": instruction_text(record)}, {"role": "assistant", "content": answer}]
-    elif "prompt" in record and "completion" in record:
+    elif "prompt" in record and any(k in record for k in ANSWER_KEYS):
+        key = next(k for k in ANSWER_KEYS if k in record)
         messages = (_as_messages(record["prompt"], "user", where)
-                    + _as_messages(record["completion"], "assistant", where))
+                    + _as_messages(record[key], "assistant", where))
     else:
         raise DataError(f"{where}: no known SFT format (keys: {_keys(record)}); expected {SFT_FORMATS}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to learn from")
     return messages
+
+
+def refuse_message_tree(record: dict[str, Any], where: str) -> None:
+    """A one-line DataError for OpenAssistant/oasst1-style rows: one message of a conversation tree each."""
+    if "message_tree_id" in record or {"message_id", "parent_id", "text"} <= set(record):
+        raise DataError(f"{where}: one message of a conversation tree (OpenAssistant/oasst1 layout, keys: "
+                        f"{_keys(record)}); flatten the trees into 'messages' conversations first, or use a "
+                        f"flattened dataset (e.g. OpenAssistant/oasst2-derived chat data with 'messages')")
 
 
 def parse_hh(transcript: str, where: str = "record") -> list[dict[str, str]]:
@@ -130,12 +150,60 @@ def is_hh(record: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+_PROBE = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+          {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+_EFFECTIVE: dict[tuple, str] = {}
+
+
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens (eos, pad, chat markers, ...), longest first."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((t for t in specials if t), key=lambda t: (-len(t), t))
+
+
+def _is_token(tokenizer: Any, token: str) -> bool:
+    return token in tokenizer.get_vocab() and len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+
+
+def fallback_template(tokenizer: Any) -> str:
+    """ChatML with `<|im_end|>` when that is one token of the vocabulary, else ChatML whose turns end with
+    the tokenizer's eos (a token the model has and generation stops on; no embedding row is added)."""
+    if _is_token(tokenizer, IM_END) or tokenizer.eos_token is None:
+        return CHATML_TEMPLATE
+    return CHATML_EOS_TEMPLATE
+
+
+def effective_chat_template(tokenizer: Any) -> str:
+    """The one chat template SFT, DPO, RL prompts, chat and export use: the tokenizer's own when it
+    renders a probe conversation prefix-consistently, else `fallback_template` (said once, in one line)."""
+    own = getattr(tokenizer, "chat_template", None)
+    own = own if isinstance(own, str) and own else None
+    key = (own, tokenizer.eos_token, tokenizer.bos_token, IM_START in tokenizer.get_vocab(),
+           IM_END in tokenizer.get_vocab(), len(tokenizer))
+    if key not in _EFFECTIVE:
+        chosen = fallback_template(tokenizer)
+        if own is not None:
+            try:
+                consistent = _spans(tokenizer, _PROBE, own) is not None
+            except DataError:
+                consistent = False
+            if consistent:
+                chosen = own
+            else:
+                name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+                print(f"notice: the chat template of {name} does not render conversations prefix-consistently; "
+                      f"training and chat use ChatML instead", file=sys.stderr)
+        _EFFECTIVE[key] = chosen
+    return _EFFECTIVE[key]
+
+
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
            template: str | None = None) -> str:
-    """Chat-template text of the messages (the tokenizer's template, or ChatML when it has none)."""
+    """Chat-template text of the messages (default: `effective_chat_template(tokenizer)`)."""
     if not messages and not add_generation_prompt:
         return ""
-    template = template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    template = template or effective_chat_template(tokenizer)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              chat_template=template)
@@ -145,10 +213,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
         raise DataError(f"chat template: cannot render the conversation ({str(e).splitlines()[0]})") from None
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None
-                    ) -> tuple[str, list[tuple[int, int]]] | None:
-    """Full text and the character spans (answer + end-of-turn) of every assistant turn; None when the
-    template does not render prefixes consistently."""
+def _spans(tokenizer: Any, messages: list[dict[str, str]], template: str
+           ) -> tuple[str, list[tuple[int, int]]] | None:
     text = render(tokenizer, messages, template=template)
     spans = []
     for i, m in enumerate(messages):
@@ -158,16 +224,51 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: st
         after = render(tokenizer, messages[:i + 1], template=template).rstrip()
         if not (after.startswith(before) and text.startswith(after)):
             return None
-        spans.append((len(before), len(after)))
+        if m["content"].strip():  # an empty answer teaches nothing but the end-of-turn: not trained
+            spans.append((len(before), len(after)))
     return text, spans
 
 
-def _token_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None
+                    ) -> tuple[str, list[tuple[int, int]]] | None:
+    """Full text and the character spans (answer + end-of-turn) of every non-empty assistant turn; None
+    when the template does not render prefixes consistently."""
+    return _spans(tokenizer, messages, template or effective_chat_template(tokenizer))
+
+
+def content_ranges(tokenizer: Any, messages: list[dict[str, str]], text: str, template: str | None = None,
+                   add_generation_prompt: bool = False) -> list[tuple[int, int]] | None:
+    """Character ranges of the messages' contents in `text` (their rendering), found by rendering the
+    conversation with placeholders; None when the template changes content beyond stripping it."""
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    skeleton = render(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)],
+                      add_generation_prompt=add_generation_prompt, template=template)
+    pieces = re.split("(\ue000\\d+\ue001)", skeleton)
+    pos, ranges = 0, []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            if not text.startswith(piece, pos):
+                return None
+            pos += len(piece)
+            continue
+        content, following = messages[int(piece[1:-1])]["content"], pieces[k + 1]
+        for cand in (content, content.strip()):
+            if text.startswith(cand, pos) and text.startswith(following, pos + len(cand)):
+                ranges.append((pos, pos + len(cand)))
+                pos += len(cand)
+                break
+        else:
+            return None
+    return ranges if pos == len(text) else None
+
+
+def _encode_plain(tokenizer: Any, text: str, split_special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    kw = {"split_special_tokens": True} if split_special else {}
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, **kw)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    # Slow tokenizers have no offsets: measure each token's end by tokenizing growing prefixes.
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Slow tokenizers have no offsets: measure each token's end by decoding growing prefixes.
+    ids = tokenizer(text, add_special_tokens=False, **kw)["input_ids"]
     offsets, prev = [], 0
     for k in range(1, len(ids) + 1):
         end = len(tokenizer.decode(ids[:k]))
@@ -176,15 +277,78 @@ def _token_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int
     return ids, offsets
 
 
+def encode_text(tokenizer: Any, text: str, ranges: list[tuple[int, int]] = ()
+                ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`; control tokens written inside `ranges` (message
+    content) are encoded as plain text, those outside (the template's markers) as special tokens."""
+    controls = control_tokens(tokenizer)
+    cuts = []
+    for a, b in ranges:
+        k = a
+        while k < b:
+            hit = next((t for t in controls if text.startswith(t, k) and k + len(t) <= b), None)
+            if hit is None:
+                k += 1
+                continue
+            cuts.append((k, k + len(hit)))
+            k += len(hit)
+    if not cuts:
+        return _encode_plain(tokenizer, text, False)
+    ids, offsets, pos = [], [], 0
+    for a, b in [*cuts, (len(text), len(text))]:
+        for chunk_start, chunk_end, split in ((pos, a, False), (a, b, True)):
+            if chunk_end > chunk_start:
+                i, o = _encode_plain(tokenizer, text[chunk_start:chunk_end], split)
+                ids += i
+                offsets += [(s + chunk_start, e + chunk_start) for s, e in o]
+        pos = b
+    return ids, offsets
+
+
+def _has_controls(tokenizer: Any, contents: list[str]) -> bool:
+    controls = control_tokens(tokenizer)
+    return any(t in c for c in contents for t in controls)
+
+
+def encode_rendered(tokenizer: Any, messages: list[dict[str, str]], text: str, template: str | None = None,
+                    add_generation_prompt: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode_text` of `text`, the rendering of `messages`, with the messages' contents as plain text."""
+    if not _has_controls(tokenizer, [m["content"] for m in messages]):
+        return _encode_plain(tokenizer, text, False)
+    ranges = content_ranges(tokenizer, messages, text, template, add_generation_prompt)
+    if ranges is None:  # the template transforms content: its control tokens cannot be told apart
+        _refuse_controls(tokenizer, messages)
+    return encode_text(tokenizer, text, ranges)
+
+
+def _refuse_controls(tokenizer: Any, messages: list[dict[str, str]]) -> None:
+    controls = control_tokens(tokenizer)
+    for j, m in enumerate(messages):
+        hit = next((t for t in controls if t in m["content"]), None)
+        if hit:
+            raise DataError(f"message {j} ({m['role']}): its content holds the control token {hit!r}, which this "
+                            f"chat template cannot keep apart from its own markers; remove it from the data")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
+                    template: str | None = None) -> list[int]:
+    """Token ids of the rendered conversation (what chat and RL prompts feed the model)."""
+    text = render(tokenizer, messages, add_generation_prompt=add_generation_prompt, template=template)
+    return encode_rendered(tokenizer, messages, text, template, add_generation_prompt)[0]
+
+
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]], max_len: int | None = None
                 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and labels: the id on assistant tokens (end-of-turn
+    """Token ids of the rendered conversation and labels: the id on non-empty assistant turns (end-of-turn
     included), -100 elsewhere. Truncated on the right to `max_len`."""
-    found = assistant_spans(tokenizer, messages)
-    if found is None:
-        found = assistant_spans(tokenizer, messages, template=CHATML_TEMPLATE)
+    template = effective_chat_template(tokenizer)
+    found = _spans(tokenizer, messages, template)
+    if found is None:  # this conversation renders inconsistently even so: ChatML for it
+        template = fallback_template(tokenizer)
+        found = _spans(tokenizer, messages, template)
     text, spans = found
-    ids, offsets = _token_offsets(tokenizer, text)
+    ids, offsets = encode_rendered(tokenizer, messages, text, template)
     labels = []
     for tid, (s, e) in zip(ids, offsets):
         inside = any(s < b and e > a for a, b in spans)

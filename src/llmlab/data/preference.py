@@ -25,7 +25,13 @@ import torch
 from llmlab.data.chat import (
     IGNORE_INDEX,
     check_messages,
+    content_ranges,
+    effective_chat_template,
+    encode_rendered,
+    encode_text,
+    fallback_template,
     is_hh,
+    refuse_message_tree,
     render,
     right_pad,
     split_hh,
@@ -33,8 +39,8 @@ from llmlab.data.chat import (
 from llmlab.data.sources import RecordBatches
 from llmlab.errors import DataError
 
-PREFERENCE_FORMATS = ("'prompt' + 'chosen' + 'rejected' (strings or message lists), or HH transcripts in "
-                      "'chosen' + 'rejected'")
+PREFERENCE_FORMATS = ("'prompt' + 'chosen' + 'rejected' (strings or message lists), HH transcripts in "
+                      "'chosen' + 'rejected', or 'instruction' + 'chosen_response' + 'rejected_response'")
 
 
 def _answer(value: Any, where: str, name: str) -> tuple[list[dict[str, str]] | None, str]:
@@ -49,6 +55,14 @@ def _answer(value: Any, where: str, name: str) -> tuple[list[dict[str, str]] | N
 
 def preference_parts(record: dict[str, Any], where: str = "record") -> tuple[list[dict[str, str]], str, str]:
     """(prompt messages, chosen answer, rejected answer) of a record in any supported layout."""
+    refuse_message_tree(record, where)
+    if "chosen" not in record and {"chosen_response", "rejected_response"} <= set(record):
+        # argilla/ultrafeedback-binarized-preferences: instruction / chosen_response / rejected_response
+        prompt = record.get("instruction", record.get("prompt"))
+        if not isinstance(prompt, str) or not all(isinstance(record[k], str)
+                                                  for k in ("chosen_response", "rejected_response")):
+            raise DataError(f"{where}: 'instruction', 'chosen_response' and 'rejected_response' must be strings")
+        return [{"role": "user", "content": prompt}], record["chosen_response"], record["rejected_response"]
     if "chosen" not in record or "rejected" not in record:
         raise DataError(f"{where}: no known preference format (keys: {', '.join(sorted(record)) or 'none'}); "
                         f"expected {PREFERENCE_FORMATS}")
@@ -68,28 +82,47 @@ def preference_parts(record: dict[str, Any], where: str = "record") -> tuple[lis
     return messages, chosen, rejected
 
 
+def _template_for(tokenizer: Any, prompt_messages: list[dict[str, str]], answer: str) -> str:
+    """The effective chat template, or ChatML when it renders this conversation inconsistently."""
+    template = effective_chat_template(tokenizer)
+    prompt = render(tokenizer, prompt_messages, add_generation_prompt=True, template=template)
+    full = render(tokenizer, [*prompt_messages, {"role": "assistant", "content": answer}], template=template)
+    return template if full.rstrip().startswith(prompt) else fallback_template(tokenizer)
+
+
 def answer_text(tokenizer: Any, prompt_messages: list[dict[str, str]], answer: str) -> tuple[str, str]:
     """(rendered prompt with generation prompt, the template's text for the answer incl. end-of-turn)."""
-    prompt = render(tokenizer, prompt_messages, add_generation_prompt=True)
-    full = render(tokenizer, [*prompt_messages, {"role": "assistant", "content": answer}]).rstrip()
-    if full.startswith(prompt):
-        return prompt, full[len(prompt):]
-    from llmlab.data.tokenizer import CHATML_TEMPLATE, IM_END  # template renders inconsistently: ChatML
-
-    return render(tokenizer, prompt_messages, add_generation_prompt=True, template=CHATML_TEMPLATE), answer + IM_END
+    template = _template_for(tokenizer, prompt_messages, answer)
+    prompt = render(tokenizer, prompt_messages, add_generation_prompt=True, template=template)
+    full = render(tokenizer, [*prompt_messages, {"role": "assistant", "content": answer}], template=template)
+    return prompt, full.rstrip()[len(prompt):]
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode_pair_side(tokenizer: Any, prompt_messages: list[dict[str, str]], answer: str
+                     ) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids incl. end-of-turn); control tokens inside any content stay plain text."""
+    template = _template_for(tokenizer, prompt_messages, answer)
+    messages = [*prompt_messages, {"role": "assistant", "content": answer}]
+    prompt = render(tokenizer, prompt_messages, add_generation_prompt=True, template=template)
+    full = render(tokenizer, messages, template=template)
+    prompt_ids = encode_rendered(tokenizer, prompt_messages, prompt, template, add_generation_prompt=True)[0]
+    text = full.rstrip()[len(prompt):]
+    ranges = [(0, len(text))]
+    found = content_ranges(tokenizer, messages, full, template)
+    if found is not None:
+        a, b = found[-1]
+        ranges = [(max(a - len(prompt), 0), min(b - len(prompt), len(text)))]
+    return prompt_ids, encode_text(tokenizer, text, ranges)[0]
 
 
 def encode_preference_example(record: dict[str, Any], tokenizer: Any, max_len: int | None = None,
                               where: str = "record") -> dict[str, list[int]]:
-    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; prompt + answer fits in `max_len` tokens."""
+    """`{"prompt_ids", "chosen_ids", "rejected_ids"}`; prompt + answer fits in `max_len` tokens. A blank
+    answer gives no ids (the pair is skipped): it would teach only the end-of-turn token."""
     messages, chosen, rejected = preference_parts(record, where)
-    prompt, chosen_text = answer_text(tokenizer, messages, chosen)
-    _, rejected_text = answer_text(tokenizer, messages, rejected)
-    p, c, r = _ids(tokenizer, prompt), _ids(tokenizer, chosen_text), _ids(tokenizer, rejected_text)
+    p, c = encode_pair_side(tokenizer, messages, chosen)
+    r = encode_pair_side(tokenizer, messages, rejected)[1]
+    c, r = (c if chosen.strip() else []), (r if rejected.strip() else [])
     if max_len is not None and len(p) + max(len(c), len(r)) > max_len:
         keep = max(max_len - max(len(c), len(r)), max_len // 2)
         p = p[-keep:] if keep > 0 else []

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmlab.data.chat import check_messages, instruction_text, is_hh, render, split_hh
+from llmlab.data.chat import (
+    check_messages,
+    encode_rendered,
+    instruction_text,
+    is_hh,
+    refuse_message_tree,
+    render,
+    split_hh,
+)
 from llmlab.data.sources import RecordBatches, Split
 from llmlab.errors import DataError
 
@@ -25,6 +33,7 @@ PROMPT_FORMATS = "'prompt' or 'question', 'instruction' (+ 'input'), 'messages',
 
 def prompt_messages(record: dict[str, Any], where: str = "record") -> list[dict[str, str]]:
     """The conversation up to (not including) the answer the policy should generate."""
+    refuse_message_tree(record, where)
     if is_hh(record):
         return split_hh(record["chosen"], record.get("rejected", record["chosen"]), where)[0]
     if "messages" in record or "conversations" in record:
@@ -49,8 +58,9 @@ def prompt_messages(record: dict[str, Any], where: str = "record") -> list[dict[
 def encode_prompt(record: dict[str, Any], tokenizer: Any, max_prompt_len: int | None = None,
                   where: str = "record") -> dict[str, Any]:
     """`{"prompt": rendered text, "prompt_ids": [...], **other columns}` for one record."""
-    text = render(tokenizer, prompt_messages(record, where), add_generation_prompt=True)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    messages = prompt_messages(record, where)
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    ids = list(encode_rendered(tokenizer, messages, text, add_generation_prompt=True)[0])
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         ids = ids[-max_prompt_len:]
         text = tokenizer.decode(ids)

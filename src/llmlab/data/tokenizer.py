@@ -34,6 +34,10 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# ChatML for tokenizers without `<|im_start|>`/`<|im_end|>` tokens (gpt2, Llama-2 base): a turn ends with the
+# tokenizer's own eos token, one token the model already knows (pretraining ends documents with it) and that
+# generation stops on, so no embedding row is added and the model's vocab_size needs no room.
+CHATML_EOS_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_end|>'", "eos_token")
 
 
 def _ensure_pad(tok: Any, source: str) -> Any:
@@ -162,16 +166,71 @@ def model_vocab_size(tokenizer: Any, multiple_of: int | None = None) -> int:
 
 
 def chat_template_of(tokenizer: Any) -> str:
-    """The tokenizer's own chat template, or the built-in ChatML one when it has none."""
-    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    """The chat template training and inference use (`llmlab.data.chat.effective_chat_template`): the
+    tokenizer's own when it renders prefixes consistently, else ChatML (turns ending with eos when the
+    vocabulary has no `<|im_end|>` token)."""
+    from llmlab.data.chat import effective_chat_template
+
+    return effective_chat_template(tokenizer)
+
+
+def generation_config_eos_ids(tokenizer: Any) -> list[int]:
+    """`eos_token_id` (an id or a list) of a generation_config.json in the tokenizer's folder or the folder
+    above it (a checkpoint holds `tokenizer/` beside the one `import_hf` saves); [] when there is none."""
+    import json
+
+    source = getattr(tokenizer, "name_or_path", None)
+    if not source or not os.path.isdir(source):
+        return []
+    for folder in (Path(source), Path(source).parent):
+        f = folder / "generation_config.json"
+        if f.is_file():
+            try:
+                value = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                return []
+            values = value if isinstance(value, list) else [value]
+            return [v for v in values if isinstance(v, int) and 0 <= v < len(tokenizer)]
+    return []
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's content (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, ...), found by rendering a probe conversation; None when the
+    template puts no special token there."""
+    from llmlab.data.chat import control_tokens, render
+
+    answer = "Probe answer 7"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "Probe question"},
+                                  {"role": "assistant", "content": answer}])
+    except DataError:
+        return None
+    cut = text.rfind(answer)
+    if cut < 0:
+        return None
+    rest = text[cut + len(answer):]
+    found = [(rest.find(t), t) for t in control_tokens(tokenizer) if t in rest]
+    found = [(i, t) for i, t in found if not rest[:i].strip()]
+    return min(found, key=lambda x: (x[0], -len(x[1])))[1] if found else None
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end a generated reply: eos and, when the vocabulary has it, `<|im_end|>`."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
-    if im_end is not None and im_end not in ids:
-        ids.append(im_end)
+    """Token ids that end a generated reply: eos, the eos ids of a generation_config.json beside the
+    tokenizer or its checkpoint, the chat template's end-of-turn token and, when the vocabulary has it,
+    `<|im_end|>`."""
+    ids: list[int] = []
+
+    def add(i: Any) -> None:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+
+    add(tokenizer.eos_token_id)
+    for i in generation_config_eos_ids(tokenizer):
+        add(i)
+    turn_end = end_of_turn_token(tokenizer)
+    if turn_end is not None:
+        add(tokenizer.convert_tokens_to_ids(turn_end))
+    if IM_END in tokenizer.get_vocab():
+        add(tokenizer.convert_tokens_to_ids(IM_END))
     return ids
