@@ -236,3 +236,122 @@ def test_bundled_tasks_are_question_answer_text_with_correct_answers():
         assert answer == str(a + b)
     texts = [r["text"] for r in load_sources(["bundled:tasks"])]
     assert all(t.startswith("Question:\n") for t in texts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Structured records: no endless skipping, content-only split; prepared shards' val_fraction
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    import os
+
+    from llmlab.data.tokenizer import load_tokenizer, train_tokenizer
+
+    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:sft"], 300, out, max_docs=100)
+    return load_tokenizer(str(out))
+
+
+@pytest.fixture
+def bounded_reads(monkeypatch):
+    """Turn an endless skip loop into a failure: more than 300 records read is an AssertionError."""
+    real = sources.RecordIterator.__next__
+    reads = [0]
+
+    def guarded(self):
+        reads[0] += 1
+        assert reads[0] <= 300, "endless loop: 300 records read without an example or an error"
+        return real(self)
+
+    monkeypatch.setattr(sources.RecordIterator, "__next__", guarded)
+    return reads
+
+
+def _batches(kind, path, tok, **kw):
+    from llmlab.data.preference import PreferenceBatches
+    from llmlab.data.sft import SFTBatches
+
+    cls = SFTBatches if kind == "sft" else PreferenceBatches
+    return cls([str(path)], tok, kw.pop("seq_len", 16), 1, **{"val_fraction": 0.0, **kw})
+
+
+LONG = " ".join(["hello world"] * 40)
+UNUSABLE = {  # (kind, records, skip_invalid, words the error must contain)
+    "sft-prompt-too-long": ("sft", [{"instruction": f"{LONG} {i}", "response": "ok"} for i in range(3)], False,
+                            "4 with nothing to train on"),
+    "sft-unknown-format-skipped": ("sft", [{"title": f"t{i}"} for i in range(3)], True, "4 in no known format"),
+    "dpo-blank-answers": ("dpo", [{"prompt": f"q{i}", "chosen": " ", "rejected": ""} for i in range(3)], False,
+                          "4 with nothing to train on"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+def test_no_usable_record_is_a_data_error_not_an_endless_loop(tmp_path, tok, bounded_reads, case):
+    kind, records, skip_invalid, counts = UNUSABLE[case]
+    f = write_jsonl(tmp_path / "data.jsonl", records)
+    with pytest.raises(DataError) as e:
+        next(_batches(kind, f, tok, skip_invalid=skip_invalid))
+    msg = str(e.value)
+    assert "no usable record in a full pass over the train split" in msg and "\n" not in msg, msg
+    assert "4 skipped in a row" in msg and counts in msg, msg  # one whole epoch, plus the next one's first row
+    assert "raise max_seq_len" in msg and "check the record format" in msg
+    assert bounded_reads[0] <= 2 * len(records) + 1
+
+
+def test_startup_validation_check_fails_fast_on_unusable_val_split(tmp_path, tok, bounded_reads):
+    import copy
+
+    # train/sft.py checks the val split at startup: state, next(val), restore. Nearly all records are val.
+    f = write_jsonl(tmp_path / "data.jsonl", [{"instruction": f"{LONG} {i}", "response": "ok"} for i in range(3)])
+    val = _batches("sft", f, tok, split="val", val_fraction=0.999)
+    position = copy.deepcopy(val.state_dict())
+    with pytest.raises(DataError, match="no usable record in a full pass over the val split"):
+        next(val)
+    val.load_state_dict(position)
+
+
+def test_one_usable_record_among_many_unusable_is_found_every_epoch(tmp_path, tok, bounded_reads):
+    records = [{"instruction": f"{LONG} {i}", "response": "ok"} for i in range(8)] + [{"title": "x"}] * 3
+    records.append({"instruction": "hi", "response": "the only usable answer"})
+    batches = _batches("sft", write_jsonl(tmp_path / "data.jsonl", records), tok, skip_invalid=True, seq_len=24)
+    for _ in range(8):  # 8 epochs (the usable record once per epoch, at a different place each time)
+        assert (next(batches)["labels"] != -100).any()
+    assert batches.skipped_empty >= 8 * 7 and batches.skipped_invalid >= 8 * 2
+
+
+def test_record_split_hashes_content_not_ids(tmp_path):
+    convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+             for i in range(60)]
+    records = [{"id": f"a{i}", "source": "one", "messages": c} for i, c in enumerate(convs)]
+    records += [{"id": f"b{i}", "source": "two", "messages": c} for i, c in enumerate(convs)]
+    records += [{"uid": i, "prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(30)]
+    records += [{"uid": i + 100, "prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(30)]
+    f = write_jsonl(tmp_path / "sft.jsonl", records)
+    sides = {}
+    for split in ("train", "val"):
+        for key in one_epoch(RecordStream([f], split=split, val_fraction=0.5, as_text=False)):
+            r = json.loads(key)
+            content = json.dumps(r.get("messages") or r["prompt"])
+            sides.setdefault(content, set()).add(split)
+    assert len(sides) == 90 and all(len(s) == 1 for s in sides.values())  # both copies on one side
+    assert 20 < sum(s == {"val"} for s in sides.values()) < 70  # and the split still splits (45 expected)
+
+
+def test_prepared_shards_say_when_the_run_val_fraction_is_ignored(tmp_path, tok, capsys):
+    from llmlab.data.pretrain import PretrainBatches, prepare_shards
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}: hello world " * 3} for i in range(80)])
+    folder = str(prepare_shards([docs], tok, tmp_path / "shards", val_fraction=0.1))
+    capsys.readouterr()
+    PretrainBatches([folder], tok, 8, 1, val_fraction=0.1)
+    assert capsys.readouterr().err == ""  # same value: nothing to say
+    PretrainBatches([folder], tok, 8, 1, val_fraction=0.3, rank=1, world_size=2)
+    assert capsys.readouterr().err == ""  # rank 0 speaks for all ranks
+    PretrainBatches([folder], tok, 8, 1, val_fraction=0.3)
+    PretrainBatches([folder], tok, 8, 1, val_fraction=0.3, split="val")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("notice: datasets:"), err  # one line, once per run
+    assert "val_fraction=0.1" in err and "val_fraction=0.3 is ignored" in err and "prepare the shards again" in err

@@ -6,6 +6,12 @@
 
 No padding anywhere: documents are concatenated with the tokenizer's eos after each one and cut into
 blocks; a document may continue into the next block. Labels equal the inputs; the loss shifts them.
+
+This is standard GPT-style packing: there is no BOS token and no per-document attention mask, so within
+a block the causal attention of a document's tokens also sees the end of the previous document(s); the
+eos between them is the only boundary marker, and the model learns that what follows an eos is
+unrelated. A document's first tokens may thus be predicted with unrelated context (or, at a block start,
+none) — the usual trade-off that wastes no tokens on padding.
 The stream is infinite: when the sources run out a new epoch starts with a new shuffle seed.
 
 Each rank reads a disjoint part of the data (see `llmlab.data.sources`), and `split="val"` reads only the
@@ -14,13 +20,17 @@ emitted, so a stream resumed at batch k yields exactly the batches an uninterrup
 
 `prepare_shards` (backend of `llm-lab data prepare`) tokenizes once into uint16/uint32 memmap files with
 a JSON index; give the shard folder as the dataset name and `PretrainBatches` reads blocks from it in a
-seeded random order per epoch, which is faster and trivially resumable.
+seeded random order per epoch, which is faster and trivially resumable. The train/val split of shards is
+fixed when they are prepared: a run's different `val_fraction` cannot change it and is ignored, with a
+one-line notice (on rank 0) naming both values.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,7 @@ SHARD_INDEX = "index.json"
 SHARD_FORMAT = "llmlab-token-shards"
 SHARD_VERSION = 1
 DOCS_PER_ENCODE = 16  # documents tokenized together; bounds the tokens kept in the resume state
+_NOTICED: set[tuple[str, float]] = set()  # (shard folder, run val_fraction) whose val_fraction notice was printed
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -78,7 +89,7 @@ class PretrainBatches:
         self.eos_id = _eos_id(tokenizer)
         folder = shard_folder(datasets)
         self._shards = (ShardBlocks(folder, tokenizer, seq_len, batch_size, seed=seed, split=split, rank=rank,
-                                    world_size=world_size) if folder else None)
+                                    world_size=world_size, val_fraction=val_fraction) if folder else None)
         self._stream = None if folder else RecordStream(
             datasets, seed=seed, split=split, val_fraction=val_fraction, rank=rank, world_size=world_size,
             as_text=True, text_column=text_column, streaming=streaming)
@@ -199,7 +210,7 @@ class ShardBlocks:
     """Blocks of `seq_len` tokens from prepared shards, in a seeded random order per epoch."""
 
     def __init__(self, folder: Path, tokenizer: Any, seq_len: int, batch_size: int, *, seed: int, split: str,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, val_fraction: float | None = None) -> None:
         try:
             index = json.loads((folder / SHARD_INDEX).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
@@ -210,6 +221,13 @@ class ShardBlocks:
         if index["eos_id"] != tokenizer.eos_token_id or index["vocab_size"] > len(tokenizer):
             raise DataError(f"datasets: {folder} was tokenized with another tokenizer ({index['tokenizer']!r}); "
                             f"use that tokenizer or prepare the shards again")
+        stored = index.get("val_fraction")
+        if val_fraction is not None and stored is not None and not math.isclose(stored, val_fraction) \
+                and rank == 0 and (str(folder), val_fraction) not in _NOTICED:
+            _NOTICED.add((str(folder), val_fraction))
+            print(f"notice: datasets: {folder} was prepared with val_fraction={stored:g}, whose train/val split "
+                  f"is used as is (val_fraction={val_fraction:g} is ignored); prepare the shards again to change "
+                  f"it", file=sys.stderr)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.arrays = []

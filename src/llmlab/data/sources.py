@@ -651,9 +651,9 @@ class RecordBatches:
             return
         limit = f"seq_len={self.seq_len}" if self.seq_len is not None else "the length limit"
         raise DataError(
-            f"datasets: no usable record in a full pass over the {stream.split} split ({invalid + empty} skipped: "
-            f"{invalid} in no known format, {empty} with no answer token left after truncation to {limit}); "
-            f"raise max_seq_len so the answers fit, or check the record format")
+            f"datasets: no usable record in a full pass over the {stream.split} split ({invalid + empty} skipped "
+            f"in a row: {invalid} in no known format, {empty} with nothing to train on (a blank answer, or none "
+            f"left within {limit})); raise max_seq_len so the answers fit, or check the record format")
 
     def __next__(self) -> Any:
         batch = self.collate([self.next_example() for _ in range(self.batch_size)])
