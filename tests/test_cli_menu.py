@@ -278,3 +278,77 @@ def test_plain_prompts_without_a_terminal(tmp_path, monkeypatch):
     assert "error: d_model: expected an integer, got 'abc'" in text
     cfg = ModelConfig.load(tmp_path / "model_config.json")
     assert (cfg.d_model, cfg.n_heads, cfg.vocab_size, cfg.max_seq_len) == (64, 4, 500, 64)
+
+
+def test_menu_options_3_4_and_6_hand_the_chosen_configs_to_their_stages(tmp_path, monkeypatch):
+    """Menu 3 (SFT) and 4 (RLHF) with an existing config file, 6 (merge, option 1): each stage function is
+    mocked and receives exactly the config / paths chosen; 5 is Test model (the README says so)."""
+    import torch
+    from tests.conftest import tiny_config
+
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.cli import commands
+    from llmlab.model import build_model
+
+    assert [(k, label.split(" ")[0]) for k, label, _ in menu.MENU] == [
+        ("1", "Configure"), ("2", "Base"), ("3", "SFT"), ("4", "RLHF"), ("5", "Test"), ("6", "Merge"), ("0", "Exit")]
+    monkeypatch.chdir(tmp_path)
+    SFTConfig(max_steps=7, warmup_steps=1, output_dir="sft_out").save("sft_config.json")
+    RLHFConfig(algorithm="dpo", max_steps=5, warmup_steps=1, policy_checkpoint="no/such/policy").save("rlhf_config.json")
+    torch.manual_seed(0)
+    base = save_checkpoint(tmp_path / "base", build_model(tiny_config()))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    calls = []
+
+    def fake_stage(module, name, what):
+        return lambda *args, **kw: calls.append((name, args, kw)) or tmp_path / "out"
+
+    monkeypatch.setattr(commands, "_stage_function", fake_stage)
+    answers = ["3", "1", "", "", "",             # SFT: use existing, sft_config.json, save as, start
+               "4", "1", "", "", "",             # RLHF: the same with rlhf_config.json
+               "6", "1", "adapter", "base", "merged_out",  # merge option 1: adapter + base, output
+               "0"]
+    p = Scripted(answers)
+    assert menu.run_menu(p) == 0 and p.answers == []
+    assert "error:" not in "".join(p.lines)
+    (sft_name, (sft_cfg,), _), (rlhf_name, (rlhf_cfg,), _), (merge_name, merge_args, merge_kw) = calls
+    assert sft_name == "run_sft" and sft_cfg == SFTConfig.load("sft_config.json")
+    assert (sft_cfg.max_steps, sft_cfg.output_dir) == (7, "sft_out")
+    assert rlhf_name == "run_rlhf" and (rlhf_cfg.algorithm, rlhf_cfg.max_steps) == ("dpo", 5)
+    assert merge_name == "merge_adapter_folder" and merge_args == ("adapter", "base", "merged_out") and base.is_dir()
+    assert merge_kw == {"force": False}
+
+
+def test_chat_help_lists_every_repl_command_the_session_accepts(capsys):
+    """`llm-lab chat --help` ends with the REPL commands; each one listed is one ChatSession.command runs."""
+    from llmlab.cli import chat
+    from llmlab.cli.main import main
+
+    assert main(["chat", "--help"]) == 0
+    text = capsys.readouterr().out
+    listed = [w.rstrip(",") for line in text.split("commands typed at the you> prompt")[1].splitlines()
+              for w in line.split()[:2] if w.startswith("/")] + ["/temperature"]
+    assert set(listed) == {"/reset", "/temp", "/temperature", "/top_p", "/top_k", "/max_tokens", "/help", "/exit",
+                           "/quit"}
+    session = chat.ChatSession(model=None, tokenizer=None, chat=True)
+    for name in listed:
+        out = io.StringIO()
+        keep_going = session.command(f"{name} 1", out)
+        assert "unknown command" not in out.getvalue() and keep_going == (name not in ("/exit", "/quit"))
+    assert "/system" not in text  # not a command: the session's answer to it is "unknown command"
+    out = io.StringIO()
+    session.command("/system x", out)
+    assert "unknown command" in out.getvalue()
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "--prompt", "hi"]])
+def test_system_message_with_raw_mode_is_refused_before_loading(command, monkeypatch, capsys):
+    """--system has no effect in raw completion (no template): a one-line error, exit 2, nothing loaded."""
+    from llmlab.cli import chat
+    from llmlab.cli.main import main
+
+    monkeypatch.setattr(chat.ChatSession, "open", classmethod(lambda *a, **kw: pytest.fail("loaded a model")))
+    assert main(command + ["--checkpoint", "ck", "--raw", "--system", "be brief"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --system") and err.count("\n") == 1 and "--chat" in err

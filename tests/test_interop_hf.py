@@ -9,7 +9,7 @@ import transformers
 from tests.conftest import tiny_config
 
 from llmlab.checkpoint import load_model, read_checkpoint, save_checkpoint
-from llmlab.data.tokenizer import load_tokenizer, stop_token_ids, train_tokenizer
+from llmlab.data.tokenizer import chat_template_of, load_tokenizer, stop_token_ids, train_tokenizer
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.generate import generate_tokens
 from llmlab.interop import export_hf, import_hf
@@ -169,6 +169,8 @@ def test_export_hf_same_logits_and_greedy_tokens(tmp_path, tok_dir, overrides, a
     assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
     assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
     _assert_same_in_transformers(model.eval(), out, arch)
+    # the saved template is the one SFT and chat render with (data.tokenizer.chat_template_of)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == chat_template_of(load_tokenizer(str(tok_dir)))
 
 
 def test_export_hf_merges_lora_adapter(tmp_path, tok_dir):

@@ -95,9 +95,16 @@ def _rlhf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_system_in_raw_mode(args: argparse.Namespace) -> None:
+    if args.mode == "raw" and args.system is not None:
+        raise ConfigError("--system is a chat-template message and --raw renders no template: drop --system, "
+                          "or use --chat instead of --raw")
+
+
 def _chat(args: argparse.Namespace) -> int:
     from llmlab.cli import chat
 
+    _refuse_system_in_raw_mode(args)
     session = chat.ChatSession.open(args.checkpoint, adapter=args.adapter, mode=args.mode,
                                     settings=chat.settings_from_args(args), system=args.system,
                                     seed=args.seed, device=args.device)
@@ -108,6 +115,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from llmlab.cli import chat
 
+    _refuse_system_in_raw_mode(args)
     session = chat.ChatSession.open(args.checkpoint, adapter=args.adapter, mode=args.mode,
                                     settings=chat.settings_from_args(args), system=args.system,
                                     seed=args.seed, device=args.device)
@@ -221,7 +229,19 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
     _args_resume(p)
 
 
+CHAT_COMMANDS_HELP = """commands typed at the you> prompt (llmlab.cli.chat):
+  /reset              clear the conversation
+  /temp X             sampling temperature (also /temperature X; 0 = greedy)
+  /top_p X            nucleus sampling
+  /top_k N            top-k sampling (0 = off)
+  /max_tokens N       longest reply
+  /help               list these commands
+  /exit, /quit        leave (so does Ctrl-C or Ctrl-D)"""
+
+
 def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:
+    if not one_shot:
+        p.epilog = CHAT_COMMANDS_HELP
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="checkpoint folder (base, SFT, RLHF, merged or imported)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) applied to the checkpoint")
@@ -237,7 +257,7 @@ def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:
                       help="use the chat template (default for SFT, RLHF and merged checkpoints)")
     mode.add_argument("--raw", dest="mode", action="store_const", const="raw",
                       help="raw completion (default for base models)")
-    p.add_argument("--system", help="system message in chat mode")
+    p.add_argument("--system", help="system message in chat mode (refused with --raw)")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
