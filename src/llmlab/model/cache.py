@@ -45,12 +45,6 @@ class KVCache:
         """The mask for q_len new queries (`builder`: the model's `AttentionMask`)."""
         return builder(q_len, self.length, key_padding, device)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (drop finished sequences)."""
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is not None:
-                self.k[i], self.v[i] = k[index], v[index]
-
 
 class StaticKVCache(KVCache):
     """Whole-buffer attention, fill level as a tensor (see the module docstring). `key_padding` given to

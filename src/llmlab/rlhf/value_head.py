@@ -61,6 +61,3 @@ def value_head_for(model: nn.Module) -> ValueHead:
     head = ValueHead(base_transformer(model).config.d_model)
     return head.to(next(model.parameters()).device)
 
-
-def has_value_head(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / VALUE_HEAD_FILE).is_file()

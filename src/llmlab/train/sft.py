@@ -34,16 +34,10 @@ from llmlab.train.stage import (
     check_tokenizer_fits,
     save_resolved,
     seed_everything,
-    stage_config_from_checkpoint,
     stage_main,
     stage_seq_len,
     tokenizer_for,
 )
-
-
-def sft_config_from_checkpoint(path: str | Path) -> SFTConfig:
-    """The SFTConfig a checkpoint was trained with (its training_config.json)."""
-    return stage_config_from_checkpoint(path, SFTConfig)
 
 
 def sft_batches(cfg: SFTConfig, tokenizer: Any, seq_len: int, split: str, info: DistInfo | None = None):
