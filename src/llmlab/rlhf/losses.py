@@ -1,5 +1,5 @@
 """The maths of RLHF as pure functions on tensors: log-probs, masked statistics, KL estimators,
-PPO (token rewards, GAE, clipped policy and value losses, KL controllers), DPO and GRPO.
+PPO (token rewards, GAE, clipped policy and value losses, explained variance, KL controllers), DPO and GRPO.
 
 Nothing here touches a model, an optimizer or a config object: the PPO, DPO and GRPO loops gather
 tensors and call these functions, and every function is unit-tested on hand-computed numbers
@@ -232,6 +232,14 @@ def ppo_value_loss(
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((err_clipped > err).float(), mask)}
     return loss, stats
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """PPO's critic diagnostic, a float for logging: 1 - Var(returns - values) / Var(returns) over the
+    valid tokens (1 = perfect critic, <= 0 useless; 0 when the returns do not vary)."""
+    var_r = masked_var(returns, mask)
+    var_d = masked_var(returns - values, mask)
+    return float(1.0 - var_d / var_r) if float(var_r) > 0 else 0.0
 
 
 class FixedKLController:

@@ -12,7 +12,8 @@ token; GAE (gamma, gae_lambda) turns rewards and the rollout's values into advan
 advantages are whitened over the batch (`whiten_advantages`). Each of `ppo_epochs` passes over random
 mini-batches of `mini_batch_size` responses re-scores them in one forward pass (log-probs and values)
 and minimises the clipped surrogate plus vf_coef x the clipped value loss. The KL coefficient is fixed
-or adaptive (`rlhf.losses.make_kl_controller`). All the maths is in `rlhf.losses`.
+or adaptive (`rlhf.losses.make_kl_controller`). All the maths is in `rlhf.losses` (including the critic's
+`explained_variance`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.rlhf.losses import (
+    explained_variance,
     gae_advantages,
     make_kl_controller,
-    masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_token_rewards,
@@ -112,13 +113,6 @@ def ppo_update(
                             hessian=rollout_hessian(policy, rollout, temperature), updates=updates)
     out["explained_var"] = explained_variance(rollout.values, returns, rollout.response_mask)
     return out
-
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over the valid tokens (1 = perfect critic, <= 0 useless)."""
-    var_r = masked_var(returns, mask)
-    var_d = masked_var(returns - values, mask)
-    return float(1.0 - var_d / var_r) if float(var_r) > 0 else 0.0
 
 
 class PPOStage:
