@@ -1,5 +1,6 @@
-"""Text generation with a static KV cache: prefill the (left-padded) prompts once, then one token per
-step for the whole batch, each sequence stopping on its own EOS / stop tokens.
+"""Text generation with a KV cache (a growing `KVCache`; a `StaticKVCache` only with compile=True): prefill
+the (left-padded) prompts once, then one token per step for the whole batch, each sequence stopping on
+its own EOS / stop tokens.
 
 Samplers are pure functions of logits. Generation sees only token ids; the chat REPL and RL rollouts
 are thin layers over `generate_tokens`.

@@ -1,11 +1,11 @@
-"""Position schemes. Each answers three questions the transformer asks, so `forward` never branches on
+"""Position schemes. Each answers four questions the transformer asks, so `forward` never branches on
 the config string:
 
 - `embed(h, position_ids)`: what to add to the token embeddings (sinusoidal only);
 - `prepare(position_ids)` once per forward pass, then `rotate(x, prepared)` in every layer: how to
   rotate queries and keys, (B, heads, T, head_dim) (rope, yarn: the cos/sin tables are computed once
   and shared by the layers);
-- `score_bias(n_heads, q_slots, k_slots)`: an additive bias on attention scores (alibi), or None.
+- `score_bias(q_slots, k_slots)`: an additive bias on attention scores, (heads, Tq, Tk) (alibi), or None;
 - `step_prepare(max_len)`: a faster `prepare` for decode steps (rope, yarn: lookups in tables made once).
 
 RoPE follows the Llama "rotate_half" layout (first half / second half of each head), which is what

@@ -3,10 +3,12 @@
     llm-lab rlhf --config rlhf_config.json algorithm=grpo
 
 - `losses`      the maths as pure functions: log-probs, masked statistics, KL estimators, PPO (token
-                rewards, GAE, clipped losses, KL controllers), DPO and GRPO losses
+                rewards, GAE, clipped losses, explained variance, KL controllers), DPO and GRPO losses
 - `rewards`     reward functions (`module:function`, built-ins) and the HF reward model, combined
 - `rollout`     batched KV-cache sampling, policy/reference log-probs in one forward pass each, the
-                reference policy (disabled adapter or frozen copy), prompt data and greedy evaluation
+                reference policy (disabled adapter or frozen copy), the mini-batch update loop PPO and
+                GRPO share (`minibatch_updates`: clipping, Sophia's Hessian refresh), prompt data and
+                greedy evaluation
 - `value_head`  PPO's critic on the policy's final hidden states
 - `ppo`, `dpo`, `grpo`   each algorithm's update on tensors, and its stage for the run loop
 - `run`         `run_rlhf(cfg, resume=..., progress=...)`: setup, loop, checkpoints, resume, signals

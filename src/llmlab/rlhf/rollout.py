@@ -5,7 +5,7 @@
                                pad_id=pad, reference=reference, generator=gen)
     rollout.logprobs, rollout.ref_logprobs, rollout.response_mask   # (B, N) each
 
-Generation (`llmlab.generate.generate_tokens`) samples the whole batch with a static KV cache. The
+Generation (`llmlab.generate.generate_tokens`) samples the whole batch with a KV cache. The
 log-probabilities PPO and GRPO need are then recomputed in ONE batched forward pass over prompt +
 response for the policy and one for the reference (the sampling loop keeps no graph and its per-step
 logits would cost B x N x V memory). Positions are rebuilt exactly as generation built them (left padding
