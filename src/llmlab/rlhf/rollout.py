@@ -101,11 +101,10 @@ def response_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response tokens `sequences[:, prompt_len:]` under `model` (at `temperature`),
     and the value head's estimates for the same states when `value_head` is given: (B, N) and (B, N) or
-    None. One forward pass (`response_logits`); gradients flow unless the caller disables them."""
+    None. One forward pass (`response_logits`, which refuses prompt_len < 1); gradients flow unless the
+    caller disables them."""
     B, total = sequences.shape
     n = total - prompt_len
-    if prompt_len < 1:
-        raise DataError("rollout: every prompt needs at least one token (the chat generation prompt)")
     if n <= 0:
         empty = torch.zeros(B, 0, device=sequences.device)
         return empty, (empty.clone() if value_head is not None else None)
