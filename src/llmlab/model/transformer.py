@@ -54,6 +54,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = build_positions(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.use_dropout = cfg.dropout > 0  # as in Block: decided here, never from the config in forward
         self.layers = nn.ModuleList(Block(cfg, i, self.positions) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # exactly nn.Linear (the chunked loss's fused path)
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
         else:
             mask = self.attention_mask(T, 0, attention_mask, input_ids.device)
         h = self.positions.embed(self.embed_tokens(input_ids), position_ids)  # (B, T, D)
-        if self.config.dropout > 0:
+        if self.use_dropout:
             h = self.embed_dropout(h)
         rope = self.positions.prepare(position_ids)  # cos/sin once for all layers
         for layer in self.layers:
