@@ -72,7 +72,7 @@ def test_ppo_lora_keeps_base_weights_and_trains_value_head(policy_dir, reward_fi
     from llmlab.rlhf.value_head import ValueHead
 
     out = run_rlhf(_cfg(policy_dir, reward_file, tmp_path, use_lora=True, lora_preset="attention_only", lora_r=4,
-                        max_steps=3, eval_every=3, adaptive_kl=True, target_kl=0.01), progress=False)
+                        max_steps=3, eval_every=3, log_every=1, adaptive_kl=True, target_kl=0.01), progress=False)
     ckpt = read_checkpoint(out)
     start = read_checkpoint(policy_dir).state_dict()
     assert ckpt.has_adapter and all(torch.equal(start[k], v) for k, v in ckpt.state_dict().items())
@@ -80,4 +80,11 @@ def test_ppo_lora_keeps_base_weights_and_trains_value_head(policy_dir, reward_fi
     head.load(ckpt.path)
     assert head.proj.weight.abs().sum() > 0  # zero-initialised, moved by the value loss
     state = ckpt.trainer_state()["stage"]
-    assert state["kl_coef"] > 0.02  # adaptive: the KL passed the (tiny) target, so the coefficient grew
+    # adaptive: after each batch the coefficient follows that batch's KL (Ziegler et al.): 0.02 times
+    # (1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon) per step, from the logged KLs
+    kls = [r["kl"] for r in read_metrics(tmp_path) if "kl" in r]
+    assert len(kls) == 3 and kls[0] == 0.0  # the first rollout comes from the reference itself
+    expected = 0.02
+    for kl in kls:
+        expected *= 1 + min(max(kl / 0.01 - 1, -0.2), 0.2) * 8 / 10000
+    assert state["kl_coef"] == pytest.approx(expected, rel=1e-9) and state["kl_coef"] != 0.02
