@@ -33,6 +33,17 @@ def tiny_cfg() -> ModelConfig:
     return tiny_config()
 
 
+@pytest.fixture(scope="session")
+def macbeth_tok_dir(tmp_path_factory):
+    """A small trained tokenizer folder (300 tokens, 40 Macbeth documents), built once per session; tests
+    only read it."""
+    from llmlab.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

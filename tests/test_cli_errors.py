@@ -30,21 +30,12 @@ def one_line_error(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from llmlab.data.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ckpts(tok_dir, tmp_path_factory):
+def ckpts(macbeth_tok_dir, tmp_path_factory):
     """A raw (pretrain) and a chat (sft) checkpoint with a 64-token context."""
     from llmlab.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("ck")
-    tok = load_tokenizer(str(tok_dir))
+    tok = load_tokenizer(str(macbeth_tok_dir))
     torch.manual_seed(0)
     model = build_model(tiny_config(vocab_size=len(tok), max_seq_len=64))
     save_checkpoint(root / "pretrain", model, kind="pretrain", tokenizer=tok)
@@ -187,12 +178,13 @@ def test_merge_of_a_checkpoint_with_broken_training_config_is_one_line(tmp_path)
 # ---- 6. existing --out folders ---------------------------------------------------------------------
 
 
-def test_tokenizer_train_and_data_prepare_refuse_an_existing_out_without_force(tok_dir, tmp_path, capsys):
+def test_tokenizer_train_and_data_prepare_refuse_an_existing_out_without_force(macbeth_tok_dir, tmp_path,
+                                                                               capsys):
     out = tmp_path / "keep"
     out.mkdir()
     (out / "model.safetensors").write_text("precious")
     for argv in (["tokenizer", "train", "--datasets", "bundled:shakespeare", "--out", str(out)],
-                 ["data", "prepare", "--datasets", "bundled:shakespeare", "--tokenizer", str(tok_dir),
+                 ["data", "prepare", "--datasets", "bundled:shakespeare", "--tokenizer", str(macbeth_tok_dir),
                   "--out", str(out)]):
         code, _, err = run(argv, capsys)
         assert code == 2 and "--out:" in one_line_error(err) and "--force" in err

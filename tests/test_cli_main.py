@@ -114,22 +114,14 @@ def test_estimate_reads_model_and_training_overrides(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from llmlab.data.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tok_dir, tmp_path_factory):
+def checkpoints(macbeth_tok_dir, tmp_path_factory):
     from llmlab.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(str(tok_dir))
+    tok = load_tokenizer(str(macbeth_tok_dir))
     root = tmp_path_factory.mktemp("ck")
     torch.manual_seed(0)
-    model = build_model(tiny_config(vocab_size=len(tok), tokenizer_name=str(tok_dir), max_seq_len=128))
+    model = build_model(tiny_config(vocab_size=len(tok), tokenizer_name=str(macbeth_tok_dir),
+                                    max_seq_len=128))
     for kind in ("pretrain", "sft"):
         save_checkpoint(root / kind, model, kind=kind, tokenizer=tok)
     return root, model, tok
@@ -243,10 +235,11 @@ def test_configs_can_be_read_back_from_the_output(tmp_path, capsys):
     assert json.loads(out.read_text())["d_model"] == 64
 
 
-def test_pretrain_then_resume_from_the_checkpoints_own_config(tok_dir, tmp_path, capsys):
+def test_pretrain_then_resume_from_the_checkpoints_own_config(macbeth_tok_dir, tmp_path, capsys):
     from llmlab.data.tokenizer import load_tokenizer
 
-    tiny_config(vocab_size=len(load_tokenizer(str(tok_dir))), tokenizer_name=str(tok_dir)).save(tmp_path / "m.json")
+    tok_dir = str(macbeth_tok_dir)
+    tiny_config(vocab_size=len(load_tokenizer(tok_dir)), tokenizer_name=tok_dir).save(tmp_path / "m.json")
     out = tmp_path / "ck"
     code, printed, err = run(["pretrain", "--model-config", str(tmp_path / "m.json"), "max_steps=2", "warmup_steps=0",
                               "batch_size=2", "gradient_accumulation_steps=1", "eval_every=2", "eval_steps=1",
@@ -264,15 +257,16 @@ def test_pretrain_then_resume_from_the_checkpoints_own_config(tok_dir, tmp_path,
     assert code == 2 and "not SFTConfig" in err
 
 
-def test_configure_sizes_vocab_from_the_tokenizer_and_rounds_up(tok_dir, tmp_path):
+def test_configure_sizes_vocab_from_the_tokenizer_and_rounds_up(macbeth_tok_dir, tmp_path):
     from llmlab.config import ModelConfig
     from llmlab.data.tokenizer import load_tokenizer
 
-    n = len(load_tokenizer(str(tok_dir)))
+    n = len(load_tokenizer(str(macbeth_tok_dir)))
     for extra, expected in (([], n), (["--vocab-multiple-of", "64"], -(-n // 64) * 64)):
         out = tmp_path / f"m{len(extra)}.json"
-        assert main.main(["configure", "--out", str(out), "--vocab-from-tokenizer", *extra, f"tokenizer_name={tok_dir}",
-                     "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64", "n_layers=2"]) == 0
+        assert main.main(["configure", "--out", str(out), "--vocab-from-tokenizer", *extra,
+                          f"tokenizer_name={macbeth_tok_dir}", "d_model=32", "n_heads=4", "n_kv_heads=2",
+                          "d_ff=64", "n_layers=2"]) == 0
         assert ModelConfig.load(out).vocab_size == expected
     assert expected % 64 == 0 and expected > n  # 300 tokens + specials: rounding adds rows
 

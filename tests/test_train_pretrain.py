@@ -36,30 +36,23 @@ def test_vocab_size_below_the_tokenizer_is_an_error_and_far_above_it_a_notice():
                       "and lm_head rows are never used; set vocab_size=300 (or up to 367) to drop them")
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from llmlab.data.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:shakespeare | macbeth"], 300, out, max_docs=40)
-    return out
-
-
 @pytest.mark.parametrize("vocab,train_len,notice", [(512, None, True), (320, 16, False)])
-def test_run_pretrain_prints_the_vocab_notice_and_trains_at_the_resolved_length(tok_dir, tmp_path, monkeypatch,
-                                                                                capsys, vocab, train_len, notice):
+def test_run_pretrain_prints_the_vocab_notice_and_trains_at_the_resolved_length(macbeth_tok_dir, tmp_path,
+                                                                                monkeypatch, capsys, vocab,
+                                                                                train_len, notice):
     """run_pretrain with a local tokenizer folder, stopped where the loop would start."""
     seen = {}
     monkeypatch.setattr(pretrain, "train_loop", lambda model, cfg, train, val, **kw: seen.update(train=train))
-    model_cfg = tiny_config(vocab_size=vocab, tokenizer_name=str(tok_dir), max_seq_len=48)
+    model_cfg = tiny_config(vocab_size=vocab, tokenizer_name=str(macbeth_tok_dir), max_seq_len=48)
     cfg = TrainConfig(max_steps=1, warmup_steps=0, datasets=["bundled:shakespeare"], output_dir=str(tmp_path / "o"),
                       max_seq_len=train_len)
     pretrain.run_pretrain(cfg, model_cfg, progress=False, show_config=False)
     out = capsys.readouterr().out
-    n = len(load_tokenizer(str(tok_dir)))
+    n = len(load_tokenizer(str(macbeth_tok_dir)))
     assert ("note: vocab_size" in out) is notice
     if notice:
-        assert f"note: vocab_size: 512 is {512 - n} more than the tokenizer's {n} tokens ({tok_dir})" in out
+        assert (f"note: vocab_size: 512 is {512 - n} more than the tokenizer's {n} tokens ({macbeth_tok_dir})"
+                in out)
     assert seen["train"].seq_len == (train_len or 48)
     with pytest.raises(ConfigError, match=r"^vocab_size: 299 is smaller"):
         pretrain.run_pretrain(cfg, model_cfg.with_overrides({"vocab_size": 299}), progress=False)
