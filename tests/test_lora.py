@@ -297,7 +297,40 @@ def test_merge_option1_keeps_the_base_checkpoints_own_adapter(tmp_path):
         assert (start(x) - want).abs().max() > 1e-2  # adapter 2 mattered
         plain = llmlab.load_model(tmp_path / "sft" / "best", with_adapter=False)
         assert (plain(x) - start(x)).abs().max() > 1e-2  # and so did adapter 1
-    # the checkpoint's own adapter (best_lora_adapters/ beside best/) would be added twice: refused
-    with pytest.raises(LLMLabError, match="same adapter as the one --base .* holds.*applied twice") as e:
-        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "sft" / "best", tmp_path / "m2")
-    assert "\n" not in str(e.value) and not (tmp_path / "m2").exists()
+    # the checkpoint's own adapter (best_lora_adapters/ beside best/) goes onto the plain base weights, not
+    # on top of itself: the result is best/ itself
+    merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "sft" / "best", tmp_path / "m2")
+    with torch.no_grad():
+        assert (llmlab.load_model(tmp_path / "m2")(x) - start(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("evidence", ["weights", "training_config"])
+def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tmp_path, evidence):
+    """best_lora_adapters/ with latest/ of the same run (a later step, another adapter on the same frozen
+    base): the adapter goes onto the plain base weights, so the result is the best model, not
+    base + latest's adapter + best's adapter. Known from the frozen weights of the checkpoint the adapter
+    was saved with, or (that checkpoint gone) from the same stage/output_dir/policy_checkpoint."""
+    cfg, _, best_model = _trained_lora(tmp_path)
+    later = copy.deepcopy(best_model)
+    randomize_lora(later, seed=3)  # the run went on training its adapter
+    train_cfg = sft_cfg(lora_preset="all")
+    save_lora_checkpoint(tmp_path / "sft" / "latest", later, kind="sft", train_config=train_cfg,
+                         trainer_state={"step": 9}, tokenizer=FakeTokenizer())
+    adapters = tmp_path / "sft" / "best_lora_adapters"
+    if evidence == "training_config":
+        import shutil
+
+        shutil.rmtree(tmp_path / "sft" / "best")
+        (adapters / "training_metadata.json").unlink()
+    merge_adapter_folder(adapters, tmp_path / "sft" / "latest", tmp_path / "merged")
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = best_model(x)
+        assert (llmlab.load_model(tmp_path / "merged")(x) - want).abs().max() < 1e-5
+        assert (later.eval()(x) - want).abs().max() > 1e-2  # latest's adapter differs from best's
+    # chat --adapter, which loads the base with its adapter merged before this check, refuses rather than stack
+    from llmlab.lora import check_not_own_adapter
+
+    with pytest.raises(LLMLabError, match="same LoRA run") as e:
+        check_not_own_adapter(adapters, read_checkpoint(tmp_path / "sft" / "latest"), "--checkpoint")
+    assert "\n" not in str(e.value)

@@ -30,6 +30,7 @@ from torch import nn
 from llmlab.atomic import atomic_dir, atomic_write_text
 from llmlab.checkpoint import (
     META_FILE,
+    MODEL_FILE,
     attach_adapter,
     base_transformer,
     check_adapter_folder,
@@ -329,23 +330,88 @@ def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[
     return out
 
 
-def check_not_own_adapter(adapter_dir: str | os.PathLike, base: Any, flag: str = "--base") -> None:
-    """Refuse an adapter folder that is the base checkpoint's own adapter (e.g. best_lora_adapters/ with
-    the best/ checkpoint of the same run): the base is loaded with its adapter merged, so applying the
-    same adapter again would add B A alpha / r twice."""
-    from safetensors.torch import load_file
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors (names, shapes, values), read one at a time."""
+    from safetensors import safe_open
 
+    if a.resolve() == b.resolve():
+        return True
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def _adapter_training_checkpoints(adapter_dir: Path) -> list[Path]:
+    """LoRA checkpoints saved with `adapter_dir` by the run that trained it: their model.safetensors holds
+    the frozen weights the adapter was trained on. training_metadata.json names the checkpoint (best/);
+    best_lora_adapters/ sits beside best/, and a checkpoint's adapter/ inside it."""
+    found = []
+    meta_path = adapter_dir / ADAPTER_META
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if isinstance(meta.get("checkpoint"), str):
+        found.append(Path(meta["checkpoint"]))
+    if adapter_dir.name == BEST_ADAPTERS:
+        found.append(adapter_dir.parent / "best")
+    if adapter_dir.name == ADAPTER_DIR:
+        found.append(adapter_dir.parent)
+    return [c for c in found if (c / MODEL_FILE).is_file() and (c / ADAPTER_DIR / "adapter_config.json").is_file()]
+
+
+def _run_identity(tc: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    if not tc or not tc.get("output_dir"):
+        return None
+    return tc.get("stage"), os.path.normpath(str(tc["output_dir"])), tc.get("policy_checkpoint")
+
+
+def adapter_trained_on_plain_base(adapter_dir: str | os.PathLike, base: Any) -> bool:
+    """Whether `adapter_dir` was trained on the plain weights of a base checkpoint that holds its own
+    adapter, i.e. both adapters come from the same LoRA run (e.g. best_lora_adapters/ with latest/ of that
+    run): then the base must be loaded WITHOUT its adapter, or two adapters of one run would be stacked.
+    Otherwise (an adapter trained on the LoRA checkpoint with its adapter merged, as RLHF on an SFT-LoRA
+    checkpoint is) the adapters stack. Decided by, in order: the same adapter tensors; the frozen weights
+    of the checkpoint the adapter was saved with against the base's (`_adapter_training_checkpoints`);
+    else the same stage, output_dir and policy_checkpoint in both training_config.json files."""
     if not base.has_adapter:
-        return
+        return False
+    adapter_dir = Path(adapter_dir)
     ours = base.path / ADAPTER_DIR / "adapter_model.safetensors"
-    theirs = Path(adapter_dir) / "adapter_model.safetensors"
-    if not (ours.is_file() and theirs.is_file()):
-        return
-    a, b = load_file(str(ours)), load_file(str(theirs))
-    if a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
-        raise CheckpointError(f"{adapter_dir}: the same adapter as the one {flag} {base.path} holds in its {ADAPTER_DIR}/, "
-                              f"so it would be applied twice; use that checkpoint alone (merge option 2: "
-                              f"--checkpoint {base.path}), or pass as {flag} the checkpoint the LoRA run started from")
+    theirs = adapter_dir / "adapter_model.safetensors"
+    if ours.is_file() and theirs.is_file() and _same_tensors(ours, theirs):
+        return True
+    trained_with = _adapter_training_checkpoints(adapter_dir)
+    if trained_with:
+        return _same_tensors(trained_with[0] / MODEL_FILE, base.path / MODEL_FILE)
+    tc_path = adapter_dir / "training_config.json"
+    mine = _run_identity(read_json(tc_path) if tc_path.is_file() else None)
+    return mine is not None and mine == _run_identity(base.training_config())
+
+
+def base_model_for_adapter(adapter_dir: str | os.PathLike, base: Any) -> nn.Module:
+    """The model an adapter folder goes onto (plain Transformer, eval mode): the base checkpoint with its
+    own adapter merged, as a run that started from it trained on, unless the adapter comes from the same
+    LoRA run as that own adapter (`adapter_trained_on_plain_base`): then the base weights alone. Used by
+    `merge_adapter_folder` and `chat --adapter`."""
+    if not base.has_adapter:
+        return load_model(base.path)
+    if adapter_trained_on_plain_base(adapter_dir, base):
+        print(f"{adapter_dir} comes from the same LoRA run as the adapter {base.path} holds; using the base "
+              f"weights of {base.path} without its adapter")
+        return load_model(base.path, with_adapter=False)
+    # e.g. an RLHF adapter trained on an SFT-LoRA checkpoint: RLHF started from both merged
+    print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top")
+    return load_model(base.path)
+
+
+def check_not_own_adapter(adapter_dir: str | os.PathLike, base: Any, flag: str = "--base") -> None:
+    """Refuse an adapter folder from the same LoRA run as the base checkpoint's own adapter, for a caller
+    that loaded the base with its adapter merged (that would stack two adapters of one run). Callers that
+    can choose the base weights use `base_model_for_adapter` instead."""
+    if adapter_trained_on_plain_base(adapter_dir, base):
+        raise CheckpointError(f"{adapter_dir}: from the same LoRA run as the adapter {flag} {base.path} holds in its "
+                              f"{ADAPTER_DIR}/, so it would be applied on top of it; use that checkpoint alone "
+                              f"(merge option 2: --checkpoint {base.path}), or pass as {flag} the checkpoint the "
+                              f"LoRA run started from")
 
 
 def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
@@ -353,15 +419,13 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | 
     """Option 1: an adapter folder (e.g. best_lora_adapters/) plus the base checkpoint it was trained on
     -> a plain merged checkpoint in `out_dir`. Returns `out_dir`. A base checkpoint that holds a LoRA
     adapter itself (a LoRA run trained on a LoRA checkpoint) is loaded with that adapter merged, as
-    `load_model` and the training that started from it do, so the result is the stacked model."""
+    `load_model` and the training that started from it do, so the result is the stacked model; unless the
+    adapter comes from the same run as that own adapter (`base_model_for_adapter`)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_adapter_folder(adapter_dir)
     base = read_checkpoint(base_checkpoint)
     _check_out(out_dir, force, adapter_dir, base.path)
-    check_not_own_adapter(adapter_dir, base)
-    if base.has_adapter:  # e.g. an RLHF adapter trained on an SFT-LoRA checkpoint: RLHF started from both merged
-        print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top")
-    model = load_model(base.path)  # the base with its own adapter (if any) merged, as training saw it
+    model = base_model_for_adapter(adapter_dir, base)
     merged = attach_adapter(model, adapter_dir, where=f"base checkpoint {base.path}").merge_and_unload()
     meta_path = adapter_dir / ADAPTER_META
     meta = read_json(meta_path) if meta_path.is_file() else base.meta
