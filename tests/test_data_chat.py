@@ -55,8 +55,10 @@ def test_stop_ids_hold_the_templates_end_of_turn_and_generation_config_eos(tmp_p
     assert stop_token_ids(tok) == [eos, eot]  # found by rendering a probe conversation
     _, labels = encode_chat(tok, CONV)
     assert [x for x in labels if x != IGNORE_INDEX][-1] == eot  # what SFT teaches to end with
-    # import_hf writes generation_config.json beside tokenizer/ in the checkpoint folder
+    # import_hf writes generation_config.json beside tokenizer/ in the checkpoint folder (with llmlab.json)
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, other, 10_000]}))
+    assert stop_token_ids(load_tokenizer(str(ckpt / "tokenizer"))) == [eos, eot]  # not a checkpoint: not read
+    (ckpt / "llmlab.json").write_text("{}")
     assert stop_token_ids(load_tokenizer(str(ckpt / "tokenizer"))) == [eos, other, eot]  # out-of-range id dropped
 
 
@@ -151,3 +153,53 @@ def test_ultrafeedback_columns_and_oasst1_rows(tmp_path):
     o.write_text(json.dumps(oasst) + "\n")
     with pytest.raises(DataError, match="oasst1"):
         next(PromptBatches([str(o)], tok, 1, val_fraction=0.0))
+
+
+def test_get_vocab_is_not_called_per_record_and_a_new_chat_template_is_noticed(tmp_path):
+    from llmlab.data.chat import effective_chat_template
+
+    tok = make_tok(tmp_path / "tok", CHATML_SPECIALS, TURN_TEMPLATE.replace("<|hdr|>", "<|im_start|>"))
+    calls = []
+    real = tok.get_vocab
+    tok.get_vocab = lambda: calls.append(1) or real()  # ~0.1 s for a 150k vocabulary: never per record
+    for _ in range(5):
+        encode_sft_example({"prompt": "Hi", "completion": "It is 5."}, tok)
+        encode_preference_example({"prompt": "Hi", "chosen": "Yes.", "rejected": "No<|im_end|>."}, tok)
+        encode_prompt({"prompt": "Hi"}, tok)
+    stop_token_ids(tok)
+    assert calls == []
+    assert effective_chat_template(tok) == tok.chat_template
+    tok.chat_template = INCONSISTENT  # the cache is per tokenizer and template: a changed template is seen
+    assert effective_chat_template(tok) != INCONSISTENT
+
+
+def test_encode_text_without_control_tokens_does_not_scan_every_character(tmp_path):
+    from llmlab.data.chat import encode_text
+
+    tok = make_tok(tmp_path / "tok", CHATML_SPECIALS)
+
+    class Text(str):
+        scans = 0
+
+        def startswith(self, *a):
+            Text.scans += 1
+            return str.startswith(self, *a)
+
+    text = "<|im_start|>assistant\nIt is 5. " * 20 + "<|im_end|>"
+    ids, _ = encode_text(tok, Text(text), [(0, len(text) - len("<|im_end|>"))])
+    assert Text.scans == 0  # no per-character scan
+    im_start, im_end = (tok.convert_tokens_to_ids(t) for t in CHATML_SPECIALS)
+    assert ids.count(im_end) == 1 and im_start not in ids  # inside the range: plain text; outside: special
+
+
+def test_preference_answer_keeps_its_end_of_turn_when_the_template_changes_content(tmp_path):
+    tabs = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] | replace('\\t', ' ') }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = make_tok(tmp_path / "tok", CHATML_SPECIALS, tabs)
+    assert tok.chat_template == tabs
+    ex = encode_preference_example({"prompt": "Hi", "chosen": "It is\t5.", "rejected": "No."}, tok)
+    assert ex["chosen_ids"][-1] == tok.convert_tokens_to_ids("<|im_end|>")  # not '<', '|', ..., '>' pieces
+    assert tok.decode(ex["chosen_ids"]) == "It is 5.<|im_end|>"
+    with pytest.raises(DataError, match="control token '<\\|im_end\\|>'"):
+        encode_preference_example({"prompt": "Hi", "chosen": "It<|im_end|>\tis", "rejected": "No."}, tok)

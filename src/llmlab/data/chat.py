@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 import sys
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-from llmlab.data.tokenizer import CHATML_EOS_TEMPLATE, CHATML_TEMPLATE, IM_END, IM_START
+from llmlab.data.tokenizer import CHATML_EOS_TEMPLATE, CHATML_TEMPLATE, IM_END, in_vocabulary
 from llmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -152,7 +154,24 @@ def is_hh(record: dict[str, Any]) -> bool:
 
 _PROBE = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
           {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
-_EFFECTIVE: dict[tuple, str] = {}
+# Per tokenizer object: {name: (key, value)}. Rendering runs for every SFT/DPO/RL record and chat turn, so
+# nothing here may cost O(vocabulary) per call (get_vocab() of a 150k vocabulary takes ~0.1 s).
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NOTICED: set[tuple[str, str]] = set()
+
+
+def tokenizer_cached(tokenizer: Any, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()`, remembered on the tokenizer object under `name` while `key` (cheap to build) is equal."""
+    try:
+        slots = _CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: computed each time
+        return compute()
+    hit = slots.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    slots[name] = (key, value)
+    return value
 
 
 def control_tokens(tokenizer: Any) -> list[str]:
@@ -163,7 +182,7 @@ def control_tokens(tokenizer: Any) -> list[str]:
 
 
 def _is_token(tokenizer: Any, token: str) -> bool:
-    return token in tokenizer.get_vocab() and len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    return in_vocabulary(tokenizer, token) and len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
 
 
 def fallback_template(tokenizer: Any) -> str:
@@ -176,26 +195,28 @@ def fallback_template(tokenizer: Any) -> str:
 
 def effective_chat_template(tokenizer: Any) -> str:
     """The one chat template SFT, DPO, RL prompts, chat and export use: the tokenizer's own when it
-    renders a probe conversation prefix-consistently, else `fallback_template` (said once, in one line)."""
+    renders a probe conversation prefix-consistently, else `fallback_template` (said once, in one line).
+    Decided once per tokenizer object (again when its chat_template, eos, bos or length change)."""
     own = getattr(tokenizer, "chat_template", None)
     own = own if isinstance(own, str) and own else None
-    key = (own, tokenizer.eos_token, tokenizer.bos_token, IM_START in tokenizer.get_vocab(),
-           IM_END in tokenizer.get_vocab(), len(tokenizer))
-    if key not in _EFFECTIVE:
-        chosen = fallback_template(tokenizer)
-        if own is not None:
-            try:
-                consistent = _spans(tokenizer, _PROBE, own) is not None
-            except DataError:
-                consistent = False
-            if consistent:
-                chosen = own
-            else:
-                name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-                print(f"notice: the chat template of {name} does not render conversations prefix-consistently; "
-                      f"training and chat use ChatML instead", file=sys.stderr)
-        _EFFECTIVE[key] = chosen
-    return _EFFECTIVE[key]
+    key = (own, tokenizer.eos_token, tokenizer.bos_token, len(tokenizer))
+    return tokenizer_cached(tokenizer, "effective_chat_template", key, lambda: _choose_template(tokenizer, own))
+
+
+def _choose_template(tokenizer: Any, own: str | None) -> str:
+    if own is None:
+        return fallback_template(tokenizer)
+    try:
+        if _spans(tokenizer, _PROBE, own) is not None:
+            return own
+    except DataError:
+        pass
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if (name, own) not in _NOTICED:
+        _NOTICED.add((name, own))
+        print(f"notice: the chat template of {name} does not render conversations prefix-consistently; "
+              f"training and chat use ChatML instead", file=sys.stderr)
+    return fallback_template(tokenizer)
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
@@ -281,17 +302,17 @@ def encode_text(tokenizer: Any, text: str, ranges: list[tuple[int, int]] = ()
                 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of `text`; control tokens written inside `ranges` (message
     content) are encoded as plain text, those outside (the template's markers) as special tokens."""
-    controls = control_tokens(tokenizer)
     cuts = []
-    for a, b in ranges:
+    controls = [t for t in control_tokens(tokenizer) if any(t in text[a:b] for a, b in ranges)]
+    for a, b in ranges if controls else ():
         k = a
-        while k < b:
-            hit = next((t for t in controls if text.startswith(t, k) and k + len(t) <= b), None)
-            if hit is None:
-                k += 1
-                continue
-            cuts.append((k, k + len(hit)))
-            k += len(hit)
+        while True:  # the next control token inside [a, b) (longest first where several start at one place)
+            found = [(i, -len(t), t) for t in controls if 0 <= (i := text.find(t, k, b))]
+            if not found:
+                break
+            i, _, hit = min(found)
+            cuts.append((i, i + len(hit)))
+            k = i + len(hit)
     if not cuts:
         return _encode_plain(tokenizer, text, False)
     ids, offsets, pos = [], [], 0

@@ -24,6 +24,8 @@ import torch
 
 from llmlab.data.chat import (
     IGNORE_INDEX,
+    _has_controls,
+    _refuse_controls,
     check_messages,
     content_ranges,
     effective_chat_template,
@@ -107,9 +109,11 @@ def encode_pair_side(tokenizer: Any, prompt_messages: list[dict[str, str]], answ
     full = render(tokenizer, messages, template=template)
     prompt_ids = encode_rendered(tokenizer, prompt_messages, prompt, template, add_generation_prompt=True)[0]
     text = full.rstrip()[len(prompt):]
-    ranges = [(0, len(text))]
-    found = content_ranges(tokenizer, messages, full, template)
-    if found is not None:
+    ranges = []  # no control token in any content: the template's markers (end-of-turn) are the only ones
+    if _has_controls(tokenizer, [m["content"] for m in messages]):
+        found = content_ranges(tokenizer, messages, full, template)
+        if found is None:  # the template transforms content: its control tokens cannot be told apart
+            _refuse_controls(tokenizer, messages)
         a, b = found[-1]
         ranges = [(max(a - len(prompt), 0), min(b - len(prompt), len(text)))]
     return prompt_ids, encode_text(tokenizer, text, ranges)[0]

@@ -40,18 +40,25 @@ CHATML_TEMPLATE = (
 CHATML_EOS_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_end|>'", "eos_token")
 
 
+def in_vocabulary(tokenizer: Any, token: str) -> bool:
+    """Whether `token` is one entry of the vocabulary (added tokens included), without building the whole
+    vocabulary: `get_vocab()` copies it (~0.1 s for 150k tokens), too slow for anything per record."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return isinstance(tid, int) and (tid != tokenizer.unk_token_id or token == tokenizer.unk_token)
+
+
 def _ensure_pad(tok: Any, source: str) -> Any:
     """Give the tokenizer a pad token from its own vocabulary (pad, else eos); never add a row."""
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
-        elif EOS_TOKEN in tok.get_vocab():
+        elif in_vocabulary(tok, EOS_TOKEN):
             tok.eos_token = EOS_TOKEN
             tok.pad_token = EOS_TOKEN
         else:
             raise DataError(f"tokenizer_name: {source!r} has neither a pad nor an eos token; "
                             f"train one with `llm-lab tokenizer train`")
-    if tok.eos_token is None and EOS_TOKEN in tok.get_vocab():
+    if tok.eos_token is None and in_vocabulary(tok, EOS_TOKEN):
         tok.eos_token = EOS_TOKEN
     return tok
 
@@ -73,9 +80,8 @@ def load_tokenizer(name_or_path: str):
             tok = PreTrainedTokenizerFast(tokenizer_file=path)
         except Exception as e:
             raise DataError(f"tokenizer_name: {path} is not a valid tokenizer.json ({_first_line(e)})") from None
-        vocab = tok.get_vocab()
         tok.add_special_tokens({k: v for k, v in (("eos_token", EOS_TOKEN), ("pad_token", PAD_TOKEN))
-                                if v in vocab})  # names existing tokens only; adds no rows
+                                if in_vocabulary(tok, v)})  # names existing tokens only; adds no rows
         return _ensure_pad(tok, path)
     if os.path.isdir(path):
         try:
@@ -175,14 +181,18 @@ def chat_template_of(tokenizer: Any) -> str:
 
 
 def generation_config_eos_ids(tokenizer: Any) -> list[int]:
-    """`eos_token_id` (an id or a list) of a generation_config.json in the tokenizer's folder or the folder
-    above it (a checkpoint holds `tokenizer/` beside the one `import_hf` saves); [] when there is none."""
+    """`eos_token_id` (an id or a list) of a generation_config.json in the tokenizer's folder or, when that
+    folder is an LLM-Lab checkpoint's `tokenizer/` (the folder above holds llmlab.json), in the checkpoint
+    (`import_hf` saves it there, beside `tokenizer/`); [] when there is none. Any other parent folder is
+    not read: it may hold an unrelated model's generation_config.json."""
     import json
 
     source = getattr(tokenizer, "name_or_path", None)
     if not source or not os.path.isdir(source):
         return []
-    for folder in (Path(source), Path(source).parent):
+    parent = Path(source).resolve().parent
+    folders = [Path(source)] + ([parent] if (parent / "llmlab.json").is_file() else [])
+    for folder in folders:
         f = folder / "generation_config.json"
         if f.is_file():
             try:
@@ -231,6 +241,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     turn_end = end_of_turn_token(tokenizer)
     if turn_end is not None:
         add(tokenizer.convert_tokens_to_ids(turn_end))
-    if IM_END in tokenizer.get_vocab():
+    if in_vocabulary(tokenizer, IM_END):
         add(tokenizer.convert_tokens_to_ids(IM_END))
     return ids
