@@ -96,3 +96,31 @@ def test_only_the_specs_file_names_map_to_folders_and_others_list_what_exists(tm
             resolve_checkpoint(ck / typo)
     with pytest.raises(CheckpointError, match="does not exist; pass a checkpoint folder"):
         resolve_checkpoint(tmp_path / "nowhere" / "best_model.pt")
+
+
+def test_checkpoint_saved_with_yarn_at_factor_one_loads_as_rope(tmp_path, capsys):
+    """Before yarn needed rope_scaling_factor > 1, yarn at 1.0 (the default) was saved in config.json; such a
+    checkpoint loads as rope (the same frequencies, attention factor 1) with a note. A user's config still
+    refuses it."""
+    from llmlab.config import ModelConfig
+    from llmlab.errors import ConfigError
+
+    torch.manual_seed(0)
+    rope = build_model(tiny_config(positional_encoding="rope", init_std=0.3)).eval()
+    save_checkpoint(tmp_path / "ck", rope)
+    cfg_file = tmp_path / "ck" / "config.json"
+    data = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**data, "positional_encoding": "yarn", "rope_scaling_factor": 1.0}))
+    capsys.readouterr()
+    loaded = load_model(tmp_path / "ck")
+    assert loaded.config.positional_encoding == "rope"
+    assert "yarn with rope_scaling_factor=1.0 is plain RoPE; loading it as positional_encoding=rope" in \
+        capsys.readouterr().out
+    x = torch.randint(0, rope.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rope(x))
+    with pytest.raises(ConfigError, match="set rope_scaling_factor > 1"):
+        ModelConfig.load(cfg_file)  # a config the user passes keeps the refusal
+    cfg_file.write_text(json.dumps({**data, "positional_encoding": "yarn", "rope_scaling_factor": 0.5}))
+    with pytest.raises(CheckpointError, match="rope_scaling_factor: must be >= 1"):
+        read_checkpoint(tmp_path / "ck")  # not RoPE: still refused

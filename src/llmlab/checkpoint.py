@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmlab.atomic import atomic_dir, leftovers
-from llmlab.config import FORMAT_VERSION, ModelConfig
+from llmlab.config import FORMAT_VERSION, ModelConfig, read_config_json
 from llmlab.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 MODEL_FILE = "model.safetensors"
@@ -295,10 +295,25 @@ class Checkpoint:
                                   f"checkpoint (e.g. latest/ or best/)") from None
 
 
+def checkpoint_model_config(path: str | os.PathLike) -> ModelConfig:
+    """A checkpoint's config.json as a ModelConfig. Checkpoints saved while yarn at rope_scaling_factor 1
+    was allowed (it was the default) load as rope, the same frequencies and attention factor, with a note;
+    a user's model config keeps refusing that pairing (`ModelConfig.validate`)."""
+    p = Path(path)
+    data = read_config_json(p)
+    if isinstance(data, dict) and data.get("positional_encoding") == "yarn":
+        factor = data.get("rope_scaling_factor", ModelConfig.rope_scaling_factor)
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor == 1:  # < 1 stays refused
+            print(f"note: {p}: positional_encoding=yarn with rope_scaling_factor={factor} is plain RoPE; "
+                  f"loading it as positional_encoding=rope (the same computation)")
+            data = {**data, "positional_encoding": "rope"}
+    return ModelConfig.from_dict(data, source=str(p))
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = resolve_checkpoint(path)
     try:
-        cfg = ModelConfig.load(p / "config.json")
+        cfg = checkpoint_model_config(p / "config.json")
     except ConfigError as e:
         if (model_type := _hf_model_folder(p)) is not None:
             raise CheckpointError(f"{p}: a Hugging Face model folder ({model_type}), not an LLM-Lab checkpoint; "
