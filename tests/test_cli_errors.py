@@ -255,3 +255,18 @@ def test_from_pretrained_is_asked_for_safetensors_only(pickle_only, monkeypatch)
     monkeypatch.setattr(hf_io, "pickle_only_folder", lambda _s: False)
     with pytest.raises(CheckpointError, match=r"cannot load the weights .*model.safetensors"):
         hf_io.load_hf(str(pickle_only), with_tokenizer=False)
+
+
+def test_chat_turns_reuse_the_prompt_ids_and_the_sessions_stop_ids(ckpts, monkeypatch):
+    import llmlab.data.tokenizer as tokenizer_module
+
+    found = []
+    real_stops = tokenizer_module.stop_token_ids
+    monkeypatch.setattr(tokenizer_module, "stop_token_ids", lambda tok: found.append(1) or real_stops(tok))
+    session = chat.ChatSession.open(str(ckpts / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=2))
+    encoded, real_prompt = [], session.prompt_ids
+    session.prompt_ids = lambda text: encoded.append(text) or real_prompt(text)
+    lines = iter(["the king", "the queen", "the thane", "/exit"])
+    session.repl(input_fn=lambda _p: next(lines), out=io.StringIO())
+    assert encoded == ["the king", "the queen", "the thane"]  # once per turn, not a check and again in reply
+    assert len(found) == 1  # stop ids (disk read + probe render) once per session, not per turn

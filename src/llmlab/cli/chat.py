@@ -107,6 +107,7 @@ class ChatSession:
     seed: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)
     name: str = "model"
+    _stops: list[int] | None = field(default=None, init=False, repr=False)  # stop_ids, found once
 
     @classmethod
     def open(cls, checkpoint: str, *, adapter: str | None = None, mode: str | None = None,
@@ -115,7 +116,9 @@ class ChatSession:
         model, tokenizer, kind = load_for_inference(checkpoint, adapter, device)
         chat = mode == "chat" if mode else (kind in CHAT_KINDS or kind == "adapter"
                                             or (kind == "imported" and bool(getattr(tokenizer, "chat_template", None))))
-        return cls(model, tokenizer, chat, settings or Settings(), system, seed, name=f"{checkpoint} ({kind})")
+        session = cls(model, tokenizer, chat, settings or Settings(), system, seed, name=f"{checkpoint} ({kind})")
+        session.stop_ids()  # once per session: it reads generation_config.json and renders a probe
+        return session
 
     # ---- prompts -------------------------------------------------------------------------------
 
@@ -162,16 +165,20 @@ class ChatSession:
         return f"notice: {' and '.join(parts)} to fit the model's context (max_seq_len {context})"
 
     def stop_ids(self) -> list[int]:
+        """Token ids that end a reply, found on the first call and kept for the session."""
         from llmlab.data.tokenizer import stop_token_ids
 
-        if self.chat:
-            return stop_token_ids(self.tokenizer)
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        if self._stops is None:
+            eos = self.tokenizer.eos_token_id
+            self._stops = stop_token_ids(self.tokenizer) if self.chat else [eos] if eos is not None else []
+        return self._stops
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def reply(self, user_text: str, stream: TextIO | None = None, notices: TextIO | None = None) -> str:
+    def reply(self, user_text: str, stream: TextIO | None = None, notices: TextIO | None = None, *,
+              ids: list[int] | None = None) -> str:
         """Generate the answer to `user_text`, writing it to `stream` piece by piece; returns the text.
+        `ids` are `prompt_ids(user_text)` when the caller has them already (the REPL's length check).
         Ctrl-C stops the reply early (what was generated is kept). A prompt cut or a reply capped to fit
         max_seq_len is said in one line on `notices` (default stderr); an empty raw prompt, or a chat
         message longer than the context, is a ConfigError."""
@@ -198,7 +205,7 @@ class ChatSession:
         if self.seed is not None:
             generator = torch.Generator(model_device(self.model)).manual_seed(self.seed)
         s = self.settings
-        ids = self.prompt_ids(user_text)
+        ids = self.prompt_ids(user_text) if ids is None else ids
         if not ids:
             raise ConfigError("prompt: empty; it tokenizes to no tokens, give some text")
         notice = self.context_notice(len(ids))
@@ -273,10 +280,10 @@ class ChatSession:
                     return
                 continue
             try:
-                self.prompt_ids(line)  # a message too long for the context: an error line, the session goes on
+                ids = self.prompt_ids(line)  # a message too long for the context: an error line, the session goes on
             except ConfigError as e:
                 out.write(f"error: {e}\n")
                 continue
             out.write("model> ")
             out.flush()
-            self.reply(line, stream=out, notices=out)
+            self.reply(line, stream=out, notices=out, ids=ids)
