@@ -57,6 +57,37 @@ def test_out_of_memory_in_a_step_is_a_one_line_training_error(tmp_path, monkeypa
     assert "max_seq_len (now 16)" in msg and "gradient_checkpointing=true" in msg
     assert f"Last good checkpoint: {tmp_path / 'run' / 'latest'}" in msg
     assert all(p.grad is None for p in model.parameters())  # the failed step's gradients were freed
+    assert loop.last_run_status(cfg.output_dir).stopped == "oom"  # not left at "running"
+
+
+@pytest.mark.parametrize("where", ["to_device", "build_optimizer", "load_optimizer_state"])
+def test_out_of_memory_while_setting_up_is_a_one_line_training_error(tmp_path, monkeypatch, where):
+    """Moving the model to the device, building the optimizer, loading its saved state: an out-of-memory there
+    is the same one-line TrainingError (not a traceback, not 'optimizer state does not fit'), status "oom"."""
+    cfg = make_cfg(tmp_path, max_steps=1, save_best_only=False)
+    start = None
+    if where == "load_optimizer_state":
+        train_loop(tiny_model(), cfg, RuleBatches(4), None, output_dir=cfg.output_dir, progress=False)
+        start = resume_state(tmp_path / "run" / "latest")
+        cfg = make_cfg(tmp_path, max_steps=2, save_best_only=False)
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    def fail(*args, **kw):
+        raise error
+
+    model = tiny_model()
+    if where == "to_device":
+        monkeypatch.setattr(model, "to", fail)
+    else:
+        monkeypatch.setattr(loop, where, fail)
+    with pytest.raises(TrainingError) as info:
+        train_loop(model, cfg, RuleBatches(4), None, output_dir=cfg.output_dir, start_state=start, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and info.value.__cause__ is None
+    assert msg.startswith("out of memory on cpu while setting up the run (the model on cpu, the adamw optimizer")
+    assert "lion or adafactor" in msg and "a smaller model" in msg
+    assert msg.endswith(f"Last good checkpoint: {start.checkpoint if start else 'none'}")
+    assert loop.last_run_status(cfg.output_dir).stopped == "oom"
 
 
 def test_out_of_memory_in_sft_names_sft_fields_and_skips_what_is_set(tmp_path, monkeypatch):
@@ -147,6 +178,49 @@ def test_rlhf_out_of_memory_is_a_one_line_training_error(dpo_setup, tmp_path, mo
     for fix in ("mini_batch_size=1 (keeps batch_size=4)", "batch_size (now 4", "max_seq_len (now 32)",
                 "gradient_checkpointing=true", f"Last good checkpoint: {tmp_path / 'run' / 'latest'}"):
         assert fix in msg
+    assert loop.last_run_status(tmp_path / "run").stopped == "oom"
+
+
+@pytest.mark.parametrize("where", ["build_reference", "load_optimizer"])
+def test_rlhf_out_of_memory_while_setting_up_is_a_one_line_training_error(dpo_setup, tmp_path, monkeypatch, where):
+    """The frozen reference copy, or the resumed optimizer state, not fitting: one line, status "oom"."""
+    from llmlab.rlhf import run
+
+    resume = None
+    if where == "load_optimizer":
+        run.run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run"), progress=False)
+        resume = str(tmp_path / "run" / "latest")
+
+    def fail(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    if where == "load_optimizer":  # inside load_state_dict, which load_optimizer's except clause wraps
+        monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", fail)
+    else:
+        monkeypatch.setattr(run, "build_reference", fail)
+    with pytest.raises(TrainingError) as info:
+        run.run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", max_steps=2), resume=resume, progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg and info.value.__cause__ is None
+    assert msg.startswith("out of memory on cpu while setting up the run (the policy, its frozen reference, the "
+                          "adamw optimizer")
+    assert ("and its saved state" in msg) == (resume is not None)
+    assert "use_lora=true" in msg and msg.endswith(f"Last good checkpoint: {resume or 'none'}")
+    assert loop.last_run_status(tmp_path / "run").stopped == "oom"
+
+
+def test_rlhf_nan_hint_uses_rlhf_field_names(dpo_setup, tmp_path, monkeypatch):
+    from llmlab.rlhf.dpo import DPOStage
+    from llmlab.rlhf.run import run_rlhf
+
+    monkeypatch.setattr(DPOStage, "step", lambda self: {"loss": float("nan"), "tokens": 0})
+    with pytest.raises(TrainingError) as info:
+        run_rlhf(dpo_cfg(dpo_setup, tmp_path / "run", max_steps=2), progress=False)
+    msg = str(info.value)
+    assert msg.startswith("loss became NaN/Inf at step 1") and "\n" not in msg
+    assert msg.endswith(loop.nan_hint(dpo_cfg(dpo_setup, tmp_path / "run")))
+    assert "lower learning_rate, more warmup_steps, max_grad_norm > 0, or nan_policy=skip" in msg
+    assert loop.last_run_status(tmp_path / "run").stopped == "nan"
 
 
 def test_rlhf_resume_refuses_another_optimizer_unless_its_state_is_dropped(dpo_setup, tmp_path):

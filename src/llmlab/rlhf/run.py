@@ -53,9 +53,12 @@ from llmlab.train.loop import (
     capture_rng,
     free_memory,
     is_out_of_memory,
+    lr_clip_fields,
+    nan_hint,
     oom_text,
     restore_rng,
     resume_command,
+    setup_oom_message,
     smaller_batch,
     write_run_status,
 )
@@ -263,6 +266,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, cfg: RLHFConfig
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        if is_out_of_memory(e):
+            raise
         raise CheckpointError(f"optimizer state in {where} does not fit this optimizer ({cfg.optimizer}): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; resume with "
                               f"--no-optimizer-state (load_optimizer_state=False)") from None
@@ -288,49 +293,62 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_policy_tokenizer(cfg.policy_checkpoint)
-    policy = load_policy(cfg, resume_dir, device)
-    disable_dropout(policy)
-    messages: list[str] = [m for m in [dropout_notice(cfg)] if m]
-    base = base_transformer(policy)
-    base.gradient_checkpointing = cfg.gradient_checkpointing
-    check_tokenizer_fits(base.config.vocab_size, len(tokenizer))
-    # The reference is the starting policy: after a resume without LoRA, read it back from disk.
-    ref_source = cfg.reference_checkpoint or (cfg.policy_checkpoint if resume_dir and not cfg.use_lora else None)
-    reference = build_reference(policy, ref_source, device) if needs_reference(cfg) else None
-    if reference is None:
-        messages.append("rlhf: GRPO with kl_coef=0 builds no reference model (nothing uses it), so no kl is "
-                        "logged; set kl_coef > 0 for a KL penalty to the reference")
-    stop_ids = stop_token_ids(tokenizer)
-    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    session = Session(cfg=cfg, policy=policy, reference=reference, tokenizer=tokenizer, device=device,
-                      stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, model_max_len=base.config.max_seq_len,
-                      sample_gen=sample_gen, shuffle_gen=shuffle_gen, notice=messages.append)
-    stage = _stage_class(cfg.algorithm)(session)
-    if cfg.compile:
-        if cfg.algorithm == "dpo":
-            messages.append("rlhf: compile has no effect on dpo (it generates nothing; its forward shapes "
-                            "change every step)")
-        else:
-            check_compiler(device)
-            messages.append("rlhf: compile applies to generation (rollouts, greedy evaluation); the update "
-                            "runs eager (its shapes change every step)")
+    oom: str | None = None
+    stage = None
+    try:  # the policy, the frozen reference, the optimizer and its saved state: an out-of-memory is one line
+        policy = load_policy(cfg, resume_dir, device)
+        disable_dropout(policy)
+        messages: list[str] = [m for m in [dropout_notice(cfg)] if m]
+        base = base_transformer(policy)
+        base.gradient_checkpointing = cfg.gradient_checkpointing
+        check_tokenizer_fits(base.config.vocab_size, len(tokenizer))
+        # The reference is the starting policy: after a resume without LoRA, read it back from disk.
+        ref_source = cfg.reference_checkpoint or (cfg.policy_checkpoint if resume_dir and not cfg.use_lora else None)
+        reference = build_reference(policy, ref_source, device) if needs_reference(cfg) else None
+        if reference is None:
+            messages.append("rlhf: GRPO with kl_coef=0 builds no reference model (nothing uses it), so no kl is "
+                            "logged; set kl_coef > 0 for a KL penalty to the reference")
+        stop_ids = stop_token_ids(tokenizer)
+        sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        session = Session(cfg=cfg, policy=policy, reference=reference, tokenizer=tokenizer, device=device,
+                          stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, model_max_len=base.config.max_seq_len,
+                          sample_gen=sample_gen, shuffle_gen=shuffle_gen, notice=messages.append)
+        stage = _stage_class(cfg.algorithm)(session)
+        if cfg.compile:
+            if cfg.algorithm == "dpo":
+                messages.append("rlhf: compile has no effect on dpo (it generates nothing; its forward shapes "
+                                "change every step)")
+            else:
+                check_compiler(device)
+                messages.append("rlhf: compile applies to generation (rollouts, greedy evaluation); the update "
+                                "runs eager (its shapes change every step)")
 
-    step, best, nan_skips = 0, None, 0
-    if resume_dir is not None:
-        ckpt = read_checkpoint(resume_dir)
-        state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors()  # CPU: RNG states load only from there
-        if not state or not tensors or state.get("algorithm") != cfg.algorithm:
-            raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
-                                  f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
-        step = saved_step(ckpt.path, state)
-        best, nan_skips = state.get("best_metric"), int(state.get("nan_skips", 0))
-        if load_optimizer_state:
-            load_optimizer(stage.optimizer, tensors["optimizer"], cfg, state.get("optimizer"), ckpt.path)
-        stage.load_state_dict(state["stage"], ckpt.path)
-        restore_rng(tensors["rng"], device)
-        sample_gen.set_state(tensors["sample_gen"])
-        shuffle_gen.set_state(tensors["shuffle_gen"])
+        step, best, nan_skips = 0, None, 0
+        if resume_dir is not None:
+            ckpt = read_checkpoint(resume_dir)
+            state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors()  # CPU: RNG states load only from there
+            if not state or not tensors or state.get("algorithm") != cfg.algorithm:
+                raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
+                                      f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
+            step = saved_step(ckpt.path, state)
+            best, nan_skips = state.get("best_metric"), int(state.get("nan_skips", 0))
+            if load_optimizer_state:
+                load_optimizer(stage.optimizer, tensors["optimizer"], cfg, state.get("optimizer"), ckpt.path)
+            stage.load_state_dict(state["stage"], ckpt.path)
+            restore_rng(tensors["rng"], device)
+            sample_gen.set_state(tensors["sample_gen"])
+            shuffle_gen.set_state(tensors["shuffle_gen"])
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        what = "the policy" + (", its frozen reference" if needs_reference(cfg) else "") + f", the {cfg.optimizer} "
+        what += "optimizer" + (" and its saved state" if resume_dir is not None and load_optimizer_state else "")
+        oom = setup_oom_message(cfg, device=device, what=f"{what} on {device.type}", last_good=resume_dir)
+    if oom is not None:  # raised outside the except clause, so what was allocated can be freed
+        write_run_status(output_dir, "oom", step=0, max_steps=cfg.max_steps, kind="rlhf")
+        free_memory(stage.optimizer if stage is not None else None)
+        raise TrainingError(oom)
     if cfg.max_steps <= step:
         raise ConfigError(f"max_steps: {cfg.max_steps} is not above the checkpoint's step {step}; pass "
                           f"max_steps=N with N > {step} to train further")
@@ -379,7 +397,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     stopped: StopReason = "finished"
     window: list[dict[str, Any]] = []
     interval_time, interval_tokens = time.perf_counter(), 0
-    oom: str | None = None
+    oom = None
     where = f"step {step + 1}"  # what an out-of-memory error interrupted
     stop.install()
     try:
@@ -403,13 +421,13 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                 if cfg.nan_policy == "stop":
                     last = paths["latest"] or paths["best"] or resume_dir
                     raise TrainingError(f"loss became NaN/Inf at step {step + 1}; stopped without saving that model. "
-                                        f"Last good checkpoint: {last or 'none'}. Try a lower learning_rate or "
-                                        f"nan_policy=skip")
+                                        f"Last good checkpoint: {last or 'none'}. {nan_hint(cfg)}")
                 logger.message(f"step {step + 1}: non-finite loss, update skipped ({nan_skips}/{cfg.max_nan_skips})",
                                always=True)
                 if nan_skips >= cfg.max_nan_skips:
                     raise TrainingError(f"{nan_skips} steps had a NaN/Inf loss (max_nan_skips={cfg.max_nan_skips}); "
-                                        f"stopped at step {step + 1}. Try a lower learning_rate")
+                                        f"stopped at step {step + 1}. Try a lower {lr_clip_fields(cfg)[0]} or more "
+                                        f"warmup_steps")
             step += 1
             interval_tokens += int(metrics.pop("tokens", 0))
             window.append(metrics)
@@ -448,6 +466,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         logger.close()
         plot_rewards(output_dir)
     if oom is not None:  # raised here, outside the except clause, so the failed step's tensors can be freed
+        record_status("oom")
         free_memory(stage.optimizer)
         raise TrainingError(oom)
     record_status(stopped)

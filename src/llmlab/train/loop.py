@@ -353,14 +353,15 @@ class StopFlag:
 # --------------------------------------------------------------------------------------------------
 
 RUN_STATE_FILE = "run_state.json"
-StopReason = Literal["running", "finished", "interrupted", "nan"]
+StopReason = Literal["running", "finished", "interrupted", "nan", "oom"]
 
 
 @dataclass(frozen=True)
 class RunStatus:
     """What `{output_dir}/run_state.json` says about the last run there. `stopped` is "finished" (max_steps
     reached), "interrupted" (Ctrl-C/SIGTERM: latest/ saved, `resume` continues it), "nan" (stopped by a
-    NaN/Inf loss or gradient) or "running" (still running, or ended by an error)."""
+    NaN/Inf loss or gradient), "oom" (stopped by running out of memory, in setup or a step) or "running" (still
+    running, or ended by another error)."""
 
     stopped: StopReason
     step: int
@@ -380,6 +381,7 @@ def write_run_status(output_dir: str | Path, stopped: StopReason, *, step: int, 
     from llmlab.atomic import atomic_write_text
 
     status = RunStatus(stopped=stopped, step=step, max_steps=max_steps, kind=kind, resume=resume)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)  # a setup failure can come before anything made it
     atomic_write_text(Path(output_dir) / RUN_STATE_FILE, json.dumps(dataclasses.asdict(status), indent=2) + "\n")
 
 
@@ -496,6 +498,19 @@ def oom_message(cfg: Any, *, where: str, device: torch.device, seq_len: int | No
                     fixes=fixes, last_good=last_good)
 
 
+def setup_oom_message(cfg: Any, *, device: torch.device, what: str, last_good: Any) -> str:
+    """The one-line TrainingError text for an out-of-memory while setting a run up (`what`: the model on the
+    device, the optimizer and its state, ...): the weights and optimizer state do not fit, whatever the batch."""
+    fixes = []
+    if hasattr(cfg, "use_lora") and not cfg.use_lora:
+        fixes.append("use_lora=true (the optimizer keeps state for the adapters only)")
+    if cfg.optimizer in ("adamw", "sophia"):
+        fixes.append(f"an optimizer with less state than {cfg.optimizer} (lion or adafactor)")
+    fixes.append("a smaller model or a device with more memory")
+    return (f"out of memory on {device.type} while setting up the run ({what}); try {', or '.join(fixes)}. "
+            f"Last good checkpoint: {last_good or 'none'}")
+
+
 def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
@@ -537,33 +552,49 @@ def train_loop(
     if info.distributed and strategy == "fsdp" and cfg.optimizer == "adafactor":
         raise ConfigError("distributed: adafactor (transformers) cannot update FSDP's sharded parameters; use "
                           "distributed=ddp or another optimizer (adamw, lion, sophia, muon)")
-    model.to(device)
-    model.train()
-    if cfg.gradient_checkpointing:
-        base_transformer(model).gradient_checkpointing = True
-    loss_module = LMLoss(model)
-    if cfg.compile:
-        # the model and its chunked loss as one graph (in place on the loss module: the model's parameter
-        # names, and so checkpoints, stay the plain model's); on an H200 a full-logits loss compiled with
-        # the model made the step 1.23x that of the compiled model with the loss eager (bench/README.md)
-        loss_module.compile()
-    wrapped = wrap_model(loss_module, model, info, strategy)
-    optimizer = build_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if start.optimizer is not None:
-        fresh = _optimizer_hparams(optimizer)
-        try:
-            load_optimizer_state(wrapped, optimizer, start.optimizer)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"optimizer state in {start.checkpoint} does not fit this optimizer "
-                                  f"({cfg.optimizer}): {e}; resume with --no-optimizer-state "
-                                  f"(load_optimizer_state=False)") from None
-        if len(fresh) != len(optimizer.param_groups):
-            raise CheckpointError(f"optimizer state in {start.checkpoint} has {len(optimizer.param_groups)} "
-                                  f"parameter groups, {cfg.optimizer} has {len(fresh)}; resume with "
-                                  f"--no-optimizer-state")
-        for group, hp in zip(optimizer.param_groups, fresh):  # the config's hyperparameters win
-            group.update(hp)
+    optimizer: torch.optim.Optimizer | None = None
+    oom: str | None = None
+    try:  # the weights and the optimizer state: an out-of-memory here is one line too
+        model.to(device)
+        model.train()
+        if cfg.gradient_checkpointing:
+            base_transformer(model).gradient_checkpointing = True
+        loss_module = LMLoss(model)
+        if cfg.compile:
+            # the model and its chunked loss as one graph (in place on the loss module: the model's parameter
+            # names, and so checkpoints, stay the plain model's); on an H200 a full-logits loss compiled with
+            # the model made the step 1.23x that of the compiled model with the loss eager (bench/README.md)
+            loss_module.compile()
+        wrapped = wrap_model(loss_module, model, info, strategy)
+        optimizer = build_optimizer(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if start.optimizer is not None:
+            fresh = _optimizer_hparams(optimizer)
+            try:
+                load_optimizer_state(wrapped, optimizer, start.optimizer)
+            except (ValueError, KeyError, RuntimeError) as e:
+                if is_out_of_memory(e):
+                    raise
+                raise CheckpointError(f"optimizer state in {start.checkpoint} does not fit this optimizer "
+                                      f"({cfg.optimizer}): {e}; resume with --no-optimizer-state "
+                                      f"(load_optimizer_state=False)") from None
+            if len(fresh) != len(optimizer.param_groups):
+                raise CheckpointError(f"optimizer state in {start.checkpoint} has {len(optimizer.param_groups)} "
+                                      f"parameter groups, {cfg.optimizer} has {len(fresh)}; resume with "
+                                      f"--no-optimizer-state")
+            for group, hp in zip(optimizer.param_groups, fresh):  # the config's hyperparameters win
+                group.update(hp)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        oom = setup_oom_message(cfg, device=device, what=f"the model on {device.type}, the {cfg.optimizer} optimizer"
+                                f"{' and its saved state' if start.optimizer is not None else ''}",
+                                last_good=start.checkpoint)
+    if oom is not None:  # raised outside the except clause, so what was allocated can be freed
+        if info.is_main:
+            write_run_status(output_dir, "oom", step=start.step, max_steps=cfg.max_steps, kind=kind)
+        free_memory(optimizer)
+        raise TrainingError(oom)
     scheduler = Scheduler(optimizer, cfg, step=start.step)
 
     same_world = start.world_size == info.world_size
@@ -661,7 +692,7 @@ def train_loop(
             save("best")
         return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)), "val_tokens": n}
 
-    oom: str | None = None
+    oom = None
     where = f"step {step + 1}"  # what an out-of-memory error interrupted
     seq_len: int | None = None
     try:
@@ -754,6 +785,7 @@ def train_loop(
         stop.restore()
         logger.close()
     if oom is not None:  # raised here, outside the except clause, so the failed step's tensors can be freed
+        record_status("oom")
         free_memory(optimizer)
         raise TrainingError(oom)
 
