@@ -2,12 +2,16 @@
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# before torch is imported; and main()/stage_main() call set_threads(), which reads it: without it they would
+# reset torch to every core inside each pytest worker (oversubscription under pytest -n)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 try:  # every run (CI or not) draws the same hypothesis examples: a red run is a real regression, not luck

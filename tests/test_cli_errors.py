@@ -270,3 +270,33 @@ def test_chat_turns_reuse_the_prompt_ids_and_the_sessions_stop_ids(ckpts, monkey
     session.repl(input_fn=lambda _p: next(lines), out=io.StringIO())
     assert encoded == ["the king", "the queen", "the thane"]  # once per turn, not a check and again in reply
     assert len(found) == 1  # stop ids (disk read + probe render) once per session, not per turn
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "the king"], ["chat"]])
+def test_system_message_on_a_raw_completion_default_is_refused_not_dropped(ckpts, command, capsys):
+    code, out, err = run([command[0], "--checkpoint", str(ckpts / "pretrain"), *command[1:], "--system", "Be brief",
+                          "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "--system" in one_line_error(err) and "--chat" in err and out == ""
+
+
+def test_stage_main_applies_the_thread_setting_like_the_cli(monkeypatch, capsys):
+    import llmlab.device
+    from llmlab.config import TrainConfig
+    from llmlab.train.stage import stage_main
+
+    calls = []
+    monkeypatch.setattr(llmlab.device, "set_threads", lambda n=None: calls.append(n) or 1)
+    assert stage_main([], TrainConfig, lambda *a, **k: None, prog="p", description="d") == 2  # no --config
+    assert calls == [None]  # LLMLAB_THREADS / OMP_NUM_THREADS apply under torchrun too
+    assert "--config" in capsys.readouterr().err
+
+
+def test_export_gguf_goes_through_commands_interop_with_its_dtype_and_device_help_names_all(monkeypatch, capsys):
+    from llmlab.cli import commands
+
+    seen = []
+    monkeypatch.setattr(commands, "interop", lambda *a, **k: seen.append((a, k)))
+    code, _, _ = run(["export-gguf", "ck", "--out", "m.gguf", "--dtype", "f32"], capsys)
+    assert code == 0 and seen == [(("export_gguf", "ck", "m.gguf"), {"force": False, "dtype": "f32"})]
+    code, out, _ = run(["generate", "--help"], capsys)
+    assert code == 0 and "cuda:N" in out and "mps" in out

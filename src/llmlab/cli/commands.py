@@ -277,10 +277,11 @@ INTEROP = {
 }
 
 
-def interop(name: str, source: str, out: str, *, force: bool = False) -> Path:
+def interop(name: str, source: str, out: str, *, force: bool = False, **options: Any) -> Path:
+    """Run one INTEROP function (`options`, e.g. export_gguf's dtype, passed through) and say where it wrote."""
     module, what = INTEROP[name]
     fn = _stage_function(module, name, what)
-    result = fn(source, out, force=force)
+    result = fn(source, out, force=force, **options)
     console().print(f"{what}: {source} -> {result}")
     return Path(result)
 

@@ -101,25 +101,28 @@ def _refuse_system_in_raw_mode(args: argparse.Namespace) -> None:
                           "or use --chat instead of --raw")
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _open_session(args: argparse.Namespace):
+    """The chat/generate session; --system is refused when the session completes raw text (explicit --raw,
+    before loading, or a base checkpoint's default), never silently dropped."""
     from llmlab.cli import chat
 
     _refuse_system_in_raw_mode(args)
     session = chat.ChatSession.open(args.checkpoint, adapter=args.adapter, mode=args.mode,
                                     settings=chat.settings_from_args(args), system=args.system,
                                     seed=args.seed, device=args.device)
-    session.repl()
+    if not session.chat and args.system is not None:
+        raise ConfigError(f"--system is a chat-template message but {session.name} completes raw text (a base "
+                          f"model's default): drop --system, or pass --chat to use the chat template")
+    return session
+
+
+def _chat(args: argparse.Namespace) -> int:
+    _open_session(args).repl()
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from llmlab.cli import chat
-
-    _refuse_system_in_raw_mode(args)
-    session = chat.ChatSession.open(args.checkpoint, adapter=args.adapter, mode=args.mode,
-                                    settings=chat.settings_from_args(args), system=args.system,
-                                    seed=args.seed, device=args.device)
-    session.reply(args.prompt, stream=sys.stdout)
+    _open_session(args).reply(args.prompt, stream=sys.stdout)
     return 0
 
 
@@ -173,10 +176,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 def _export_gguf(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    module, what = commands.INTEROP["export_gguf"]  # commands.interop with the dtype passed through
-    result = commands._stage_function(module, "export_gguf", what)(args.checkpoint, args.out, force=args.force,
-                                                                   dtype=args.dtype)
-    commands.console().print(f"{what}: {args.checkpoint} -> {result}")
+    commands.interop("export_gguf", args.checkpoint, args.out, force=args.force, dtype=args.dtype)
     return 0
 
 
@@ -259,7 +259,7 @@ def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:
                       help="raw completion (default for base models)")
     p.add_argument("--system", help="system message in chat mode (refused with --raw)")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (pays 10-30 s once, then faster tokens)")
 

@@ -155,6 +155,9 @@ def stage_main(argv: list[str] | None, cls: type[C], run: Callable[..., Any], *,
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=2000")
     args = p.parse_args(argv)
     try:
+        from llmlab.device import set_threads
+
+        set_threads()  # as the llm-lab CLI does: LLMLAB_THREADS, else OMP_NUM_THREADS, else usable cores
         if args.config:
             cfg = cls.load(args.config)
         elif args.resume:
