@@ -355,3 +355,14 @@ def test_prepared_shards_say_when_the_run_val_fraction_is_ignored(tmp_path, tok,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("notice: datasets:"), err  # one line, once per run
     assert "val_fraction=0.1" in err and "val_fraction=0.3 is ignored" in err and "prepare the shards again" in err
+
+
+def test_ultrafeedback_answers_are_part_of_the_split_hash():
+    rows = [{"id": i, "instruction": "Say hi", "chosen_response": f"hi {i}", "rejected_response": "no"}
+            for i in range(40)]
+    keys = {sources.content_key(json.dumps(r)) for r in rows}
+    assert len(keys) == 40  # not all on the side of 'Say hi' alone
+    again = {**rows[0], "id": "other", "source": "elsewhere"}
+    assert sources.content_key(json.dumps(again)) == sources.content_key(json.dumps(rows[0]))  # ids left out
+    sides = {sources.in_split(k, "val", 0.5) for k in keys}
+    assert sides == {True, False}

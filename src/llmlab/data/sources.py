@@ -439,7 +439,7 @@ def hash_fraction(text: str) -> float:
 # The columns that make up a structured record's content (SFT, preference and prompt formats); ids,
 # sources, urls, task names and other metadata are left out of the split hash.
 CONTENT_KEYS = ("messages", "conversations", "system", "instruction", "input", "response", "output", "prompt",
-                "question", "completion", "chosen", "rejected", "answer")
+                "question", "completion", "chosen", "rejected", "answer", "chosen_response", "rejected_response")
 
 
 def content_key(record_json: str) -> str:
