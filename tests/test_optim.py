@@ -276,9 +276,42 @@ def test_combined_state_is_shared_with_children():
 
 
 def test_sophia_wants_hessian_every_k_steps():
-    opt = build_optimizer(TinyLM(), make_cfg("sophia", sophia_update_k=4))
+    model = TinyLM()
+    opt = build_optimizer(model, make_cfg("sophia", sophia_update_k=4))
+    x, _ = batch()
+    opt.refresh_hessian(lambda: gnb_sampled_loss(model(x)).backward(), batch_tokens=x.numel())
     assert [s for s in range(13) if opt.wants_hessian(s)] == [0, 4, 8, 12]
     assert getattr(build_optimizer(TinyLM(), make_cfg("adamw")), "wants_hessian", None) is None
+
+
+def test_sophia_never_refreshed_refreshes_at_the_next_update_and_the_flag_survives_a_state_dict():
+    """A fresh Sophia on a resumed run (update count restored, load_optimizer_state=False) has h = 0: it
+    refreshes at the first update it sees rather than making sign steps until the next multiple of k. A
+    Sophia that loaded a refreshed state keeps the schedule (resume equals uninterrupted), also after the
+    trainers put the config's hyperparameters (from a fresh optimizer's groups) back over the loaded ones."""
+    model = TinyLM()
+    cfg = make_cfg("sophia", sophia_update_k=4)
+    x, y = batch()
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    assert not opt.hessian_refreshed and all(opt.wants_hessian(s) for s in range(6))
+    for s in range(3):  # refreshes after update 0 only
+        train_step(model, opt, sched, x, y, s)
+    assert opt.hessian_refreshed and [s for s in range(13) if opt.wants_hessian(s)] == [0, 4, 8, 12]
+    saved = _roundtrip(opt.state_dict())
+
+    fresh = build_optimizer(model, cfg)  # load_optimizer_state=False at update 3
+    assert [s for s in range(3, 9) if fresh.wants_hessian(s)] == [3, 4, 5, 6, 7, 8]
+    train_step(model, fresh, build_scheduler(fresh, cfg), x, y, 3)  # refreshes after update 3 (off schedule)
+    assert fresh.hessian_refreshed and any(v["hessian"].abs().sum() > 0 for v in fresh.state.values())
+    assert [s for s in range(4, 13) if fresh.wants_hessian(s)] == [4, 8, 12]
+
+    loaded = build_optimizer(model, cfg)
+    hp = [{k: v for k, v in g.items() if k != "params"} for g in loaded.param_groups]
+    loaded.load_state_dict(saved)
+    for group, h in zip(loaded.param_groups, hp):  # as train_loop and rlhf's load_optimizer do
+        group.update(h)
+    assert loaded.hessian_refreshed and [s for s in range(3, 13) if loaded.wants_hessian(s)] == [4, 8, 12]
 
 
 def test_gnb_sampled_loss_uses_labels_from_the_model():

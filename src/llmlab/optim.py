@@ -110,6 +110,9 @@ def gnb_sampled_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     return (losses * m).sum() / m.sum().clamp(min=1.0)
 
 
+HESSIAN_REFRESHED = "hessian_refreshed"  # SophiaG's param-group flag: refresh_hessian has run
+
+
 class SophiaG(torch.optim.Optimizer):
     """Sophia with the Gauss-Newton-Bartlett Hessian estimator (Liu et al. 2023, Algorithm 3).
 
@@ -129,8 +132,18 @@ class SophiaG(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps))
 
     def wants_hessian(self, step: int) -> bool:
-        """True on updates 0, k, 2k, ... (step = 0-based index of the update the loop is at)."""
-        return step % self.update_k == 0
+        """True on updates 0, k, 2k, ... (step = 0-based index of the update the loop is at), and on any
+        update while the Hessian was never refreshed: a fresh optimizer on a resumed run (its count restored,
+        load_optimizer_state=False) would otherwise make up to k - 1 sign steps on h = 0."""
+        return step % self.update_k == 0 or not self.hessian_refreshed
+
+    @property
+    def hessian_refreshed(self) -> bool:
+        """Whether `refresh_hessian` ever ran on this optimizer or the one whose state it loaded: a param-group
+        key (HESSIAN_REFRESHED), so `state_dict()` / `load_state_dict()` (FSDP's too) carry it. A fresh
+        optimizer's groups lack the key, so restoring a config's hyperparameters from a fresh optimizer's
+        groups after loading (as the trainers do) keeps it."""
+        return any(g.get(HESSIAN_REFRESHED, False) for g in self.param_groups)
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
@@ -167,6 +180,8 @@ class SophiaG(torch.optim.Optimizer):
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
+        for group in self.param_groups:
+            group[HESSIAN_REFRESHED] = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
