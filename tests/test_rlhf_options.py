@@ -186,6 +186,50 @@ def test_every_stage_refreshes_sophia_and_saves_its_update_count(algorithm, poli
     assert len(calls) == 1 and calls[0] > 0
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dpo"])
+def test_sophia_refresh_schedule_continues_across_a_resume(algorithm, policy_dir, reward_file, pairs, tmp_path,
+                                                           monkeypatch):
+    """sophia_update_k=3, 2 steps, then a resume from latest/ to 4 steps: the run's update count comes back
+    from trainer_state.json, so the refreshes fall on updates 0, 3, 6, ... of the whole run (a count restarting
+    at the resume would refresh at its own 0 and 3 again). With --no-optimizer-state the fresh Sophia (h = 0)
+    refreshes at its first update too, then keeps the run's schedule."""
+    import shutil
+
+    import llmlab.rlhf.dpo as dpo_mod
+    from llmlab.optim import refresh_hessian_if_due
+
+    refreshed: list[int] = []
+
+    def spy(optimizer, update, estimate):
+        did = refresh_hessian_if_due(optimizer, update, estimate)
+        if did:
+            refreshed.append(update)
+        return did
+
+    monkeypatch.setattr(rollout_mod, "refresh_hessian_if_due", spy)
+    monkeypatch.setattr(dpo_mod, "refresh_hessian_if_due", spy)
+    common = dict(algorithm=algorithm, policy_checkpoint=str(policy_dir), reward_model_name=None,
+                  batch_size=4, mini_batch_size=2, max_new_tokens=4, val_fraction=0.0, optimizer="sophia",
+                  sophia_update_k=3, ppo_epochs=1, group_size=2, save_best_only=False)
+    data = dict(datasets=[pairs]) if algorithm == "dpo" else dict(datasets=["bundled:prompts"],
+                                                                    reward_functions=[reward_file])
+    per_step = 1 if algorithm == "dpo" else 2  # PPO, GRPO: 1 epoch x 2 mini-batches
+    run_rlhf(RLHFConfig(**common, **data, output_dir=str(tmp_path / "run"), max_steps=2), progress=False)
+    first = list(range(0, 2 * per_step, 3))
+    assert refreshed == first
+    start = tmp_path / "start"
+    shutil.copytree(tmp_path / "run" / "latest", start)
+    later = list(range(2 * per_step, 4 * per_step))  # the resumed run's updates
+    for load_state, out in ((True, "resumed"), (False, "fresh_optimizer")):
+        refreshed.clear()
+        run_rlhf(RLHFConfig(**common, **data, output_dir=str(tmp_path / out), max_steps=4), resume=str(start),
+                 progress=False, load_optimizer_state=load_state)
+        due = [u for u in later if u % 3 == 0]
+        assert refreshed == (due if load_state else sorted({later[0], *due}))
+        state = json.loads((tmp_path / out / "latest" / "trainer_state.json").read_text())
+        assert state["stage"]["updates"] == 4 * per_step
+
+
 # --------------------------------------------------------------------------------------------------
 # The stages pass their config through
 # --------------------------------------------------------------------------------------------------
