@@ -305,7 +305,7 @@ def test_merge_option1_keeps_the_base_checkpoints_own_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("evidence", ["weights", "training_config"])
-def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tmp_path, evidence):
+def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tmp_path, evidence, monkeypatch):
     """best_lora_adapters/ with latest/ of the same run (a later step, another adapter on the same frozen
     base): the adapter goes onto the plain base weights, so the result is the best model, not
     base + latest's adapter + best's adapter. Known from the frozen weights of the checkpoint the adapter
@@ -328,9 +328,10 @@ def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tm
         want = best_model(x)
         assert (llmlab.load_model(tmp_path / "merged")(x) - want).abs().max() < 1e-5
         assert (later.eval()(x) - want).abs().max() > 1e-2  # latest's adapter differs from best's
-    # chat --adapter, which loads the base with its adapter merged before this check, refuses rather than stack
-    from llmlab.lora import check_not_own_adapter
+    # chat --adapter takes the same base (llmlab.lora.base_model_for_adapter): the best model again
+    from llmlab.cli.chat import load_for_inference
 
-    with pytest.raises(LLMLabError, match="same LoRA run") as e:
-        check_not_own_adapter(adapters, read_checkpoint(tmp_path / "sft" / "latest"), "--checkpoint")
-    assert "\n" not in str(e.value)
+    monkeypatch.setattr("llmlab.data.tokenizer.load_tokenizer", lambda source: None)  # FakeTokenizer's folder
+    loaded, _, kind = load_for_inference(str(tmp_path / "sft" / "latest"), adapter=str(adapters), device="cpu")
+    with torch.no_grad():
+        assert kind == "adapter" and (loaded(x) - want).abs().max() < 1e-5

@@ -403,17 +403,6 @@ def base_model_for_adapter(adapter_dir: str | os.PathLike, base: Any) -> nn.Modu
     return load_model(base.path)
 
 
-def check_not_own_adapter(adapter_dir: str | os.PathLike, base: Any, flag: str = "--base") -> None:
-    """Refuse an adapter folder from the same LoRA run as the base checkpoint's own adapter, for a caller
-    that loaded the base with its adapter merged (that would stack two adapters of one run). Callers that
-    can choose the base weights use `base_model_for_adapter` instead."""
-    if adapter_trained_on_plain_base(adapter_dir, base):
-        raise CheckpointError(f"{adapter_dir}: from the same LoRA run as the adapter {flag} {base.path} holds in its "
-                              f"{ADAPTER_DIR}/, so it would be applied on top of it; use that checkpoint alone "
-                              f"(merge option 2: --checkpoint {base.path}), or pass as {flag} the checkpoint the "
-                              f"LoRA run started from")
-
-
 def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
                          out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Option 1: an adapter folder (e.g. best_lora_adapters/) plus the base checkpoint it was trained on

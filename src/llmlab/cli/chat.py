@@ -79,14 +79,16 @@ def load_for_inference(checkpoint: str, adapter: str | None = None, device: str 
 
     target = pick_device(device)  # a bad --device is a one-line error before anything is loaded
     ckpt = read_checkpoint(checkpoint)
-    model = load_model(ckpt.path)  # its own adapter merged: what a further --adapter was trained on
     tokenizer_source = str(ckpt.tokenizer_path) if ckpt.tokenizer_path else ckpt.model_config.tokenizer_name
     kind = ckpt.meta.get("kind", "pretrain")
-    if adapter is not None:
-        from llmlab.lora import check_not_own_adapter
+    if adapter is None:
+        model = load_model(ckpt.path)
+    else:
+        from llmlab.lora import base_model_for_adapter
 
         folder = Path(adapter)
-        check_not_own_adapter(folder, ckpt, "--checkpoint")
+        # its own adapter merged (what a further adapter was trained on), unless both come from one LoRA run
+        model = base_model_for_adapter(folder, ckpt)
         model = attach_adapter(model, folder, where=str(ckpt.path)).merge_and_unload()
         if (folder / "tokenizer").is_dir():
             tokenizer_source = str(folder / "tokenizer")
