@@ -115,7 +115,9 @@ def test_checkpoint_saved_with_yarn_at_factor_one_loads_as_rope(tmp_path, capsys
     loaded = load_model(tmp_path / "ck")
     assert loaded.config.positional_encoding == "rope"
     assert "yarn with rope_scaling_factor=1.0 is plain RoPE; loading it as positional_encoding=rope" in \
-        capsys.readouterr().out
+        capsys.readouterr().err  # on stderr, apart from generated text
+    load_model(tmp_path / "ck")
+    assert "plain RoPE" not in capsys.readouterr().err  # said once per checkpoint
     x = torch.randint(0, rope.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(x), rope(x))

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +336,35 @@ def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tm
     loaded, _, kind = load_for_inference(str(tmp_path / "sft" / "latest"), adapter=str(adapters), device="cpu")
     with torch.no_grad():
         assert kind == "adapter" and (loaded(x) - want).abs().max() < 1e-5
+
+
+def test_adapter_metadata_names_its_checkpoint_absolutely_and_relative_names_are_not_trusted(tmp_path, monkeypatch):
+    """training_metadata.json's checkpoint is saved resolved; a relative one (older saves) was relative to
+    where that run started, so it is not used to find the adapter's frozen weights."""
+    from llmlab.lora import _adapter_training_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config()
+    model = apply_lora(build_model(cfg), sft_cfg(lora_preset="all"), verbose=False)
+    save_lora_checkpoint(Path("run") / "best", model, kind="sft", train_config=sft_cfg(lora_preset="all"),
+                         trainer_state={"step": 1}, tokenizer=FakeTokenizer(), best_adapter_dir=Path("run") / "kept")
+    meta_file = tmp_path / "run" / "kept" / "training_metadata.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["checkpoint"] == str(tmp_path / "run" / "best")
+    assert _adapter_training_checkpoints(tmp_path / "run" / "kept") == [tmp_path / "run" / "best"]
+    meta_file.write_text(json.dumps({**meta, "checkpoint": "run/best"}))
+    assert _adapter_training_checkpoints(tmp_path / "run" / "kept") == []
+
+
+def test_unreadable_weights_while_matching_an_adapter_to_its_base_are_one_line(tmp_path):
+    """merge option 1 reads the frozen weights of the checkpoint the adapter was saved with (best/ beside
+    best_lora_adapters/) to compare them with the base's: a corrupt file there is one line, not a traceback."""
+    _, _, model = _trained_lora(tmp_path)
+    later = copy.deepcopy(model)
+    randomize_lora(later, seed=3)
+    save_lora_checkpoint(tmp_path / "sft" / "latest", later, kind="sft", train_config=sft_cfg(lora_preset="all"),
+                         trainer_state={"step": 9}, tokenizer=FakeTokenizer())
+    (tmp_path / "sft" / "best" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LLMLabError, match="unreadable safetensors") as e:
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "sft" / "latest", tmp_path / "m")
+    assert "\n" not in str(e.value) and not (tmp_path / "m").exists()

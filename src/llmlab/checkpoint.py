@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +296,9 @@ class Checkpoint:
                                   f"checkpoint (e.g. latest/ or best/)") from None
 
 
+_YARN_NOTED: set[Path] = set()
+
+
 def checkpoint_model_config(path: str | os.PathLike) -> ModelConfig:
     """A checkpoint's config.json as a ModelConfig. Checkpoints saved while yarn at rope_scaling_factor 1
     was allowed (it was the default) load as rope, the same frequencies and attention factor, with a note;
@@ -304,8 +308,10 @@ def checkpoint_model_config(path: str | os.PathLike) -> ModelConfig:
     if isinstance(data, dict) and data.get("positional_encoding") == "yarn":
         factor = data.get("rope_scaling_factor", ModelConfig.rope_scaling_factor)
         if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor == 1:  # < 1 stays refused
-            print(f"note: {p}: positional_encoding=yarn with rope_scaling_factor={factor} is plain RoPE; "
-                  f"loading it as positional_encoding=rope (the same computation)")
+            if p.resolve() not in _YARN_NOTED:  # once per checkpoint; on stderr, apart from generated text
+                _YARN_NOTED.add(p.resolve())
+                print(f"note: {p}: positional_encoding=yarn with rope_scaling_factor={factor} is plain RoPE; "
+                      f"loading it as positional_encoding=rope (the same computation)", file=sys.stderr)
             data = {**data, "positional_encoding": "rope"}
     return ModelConfig.from_dict(data, source=str(p))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -256,7 +257,7 @@ def save_lora_checkpoint(path: str | os.PathLike, model: nn.Module, *, best_adap
     if best_adapter_dir is not None:
         state = kwargs.get("trainer_state") or {}
         meta = {"kind": kwargs.get("kind", "sft"), "step": state.get("step"), "metrics": kwargs.get("metrics") or {},
-                "checkpoint": str(out)}
+                "checkpoint": str(Path(out).resolve())}
         save_adapter(model, best_adapter_dir, meta=meta, train_config=kwargs.get("train_config"))
     return out
 
@@ -331,15 +332,20 @@ def _write_merged(out_dir: Path, merged: nn.Module, *, step: Any, metrics: dict[
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
-    """Whether two safetensors files hold the same tensors (names, shapes, values), read one at a time."""
-    from safetensors import safe_open
+    """Whether two safetensors files hold the same tensors (names, shapes, values), read one at a time;
+    an unreadable file is a one-line CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     if a.resolve() == b.resolve():
         return True
-    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-        if set(fa.keys()) != set(fb.keys()):
-            return False
-        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+    try:
+        with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+            if set(fa.keys()) != set(fb.keys()):
+                return False
+            return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{a} or {b}: unreadable safetensors ({str(e).splitlines()[0][:120]}); pass "
+                              f"checkpoints whose weights load, or re-save them") from None
 
 
 def _adapter_training_checkpoints(adapter_dir: Path) -> list[Path]:
@@ -347,31 +353,28 @@ def _adapter_training_checkpoints(adapter_dir: Path) -> list[Path]:
     the frozen weights the adapter was trained on. training_metadata.json names the checkpoint (best/);
     best_lora_adapters/ sits beside best/, and a checkpoint's adapter/ inside it."""
     found = []
-    meta_path = adapter_dir / ADAPTER_META
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    if isinstance(meta.get("checkpoint"), str):
-        found.append(Path(meta["checkpoint"]))
     if adapter_dir.name == BEST_ADAPTERS:
         found.append(adapter_dir.parent / "best")
     if adapter_dir.name == ADAPTER_DIR:
         found.append(adapter_dir.parent)
+    meta_path = adapter_dir / ADAPTER_META
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    # a relative path was relative to where that run was started, not to here: only absolute ones count
+    if isinstance(meta.get("checkpoint"), str) and Path(meta["checkpoint"]).is_absolute():
+        found.append(Path(meta["checkpoint"]))
     return [c for c in found if (c / MODEL_FILE).is_file() and (c / ADAPTER_DIR / "adapter_config.json").is_file()]
 
 
-def _run_identity(tc: dict[str, Any] | None) -> tuple[Any, ...] | None:
-    if not tc or not tc.get("output_dir"):
-        return None
-    return tc.get("stage"), os.path.normpath(str(tc["output_dir"])), tc.get("policy_checkpoint")
 
 
 def adapter_trained_on_plain_base(adapter_dir: str | os.PathLike, base: Any) -> bool:
-    """Whether `adapter_dir` was trained on the plain weights of a base checkpoint that holds its own
-    adapter, i.e. both adapters come from the same LoRA run (e.g. best_lora_adapters/ with latest/ of that
-    run): then the base must be loaded WITHOUT its adapter, or two adapters of one run would be stacked.
-    Otherwise (an adapter trained on the LoRA checkpoint with its adapter merged, as RLHF on an SFT-LoRA
-    checkpoint is) the adapters stack. Decided by, in order: the same adapter tensors; the frozen weights
-    of the checkpoint the adapter was saved with against the base's (`_adapter_training_checkpoints`);
-    else the same stage, output_dir and policy_checkpoint in both training_config.json files."""
+    """Whether `adapter_dir` was trained on the same plain (frozen) weights as the adapter a base checkpoint
+    holds, e.g. best_lora_adapters/ with latest/ of the same LoRA run: then the base must be loaded WITHOUT
+    its adapter, or two adapters trained on one base would be stacked. Otherwise (an adapter trained on the
+    LoRA checkpoint with its adapter merged, as RLHF on an SFT-LoRA checkpoint is) the adapters stack.
+    Decided by, in order: the same adapter tensors; the frozen weights of the checkpoint the adapter was
+    saved with against the base's (`_adapter_training_checkpoints`); else the adapter folder
+    (best_lora_adapters/) sitting in the base checkpoint's run folder with the same stage recorded."""
     if not base.has_adapter:
         return False
     adapter_dir = Path(adapter_dir)
@@ -382,24 +385,26 @@ def adapter_trained_on_plain_base(adapter_dir: str | os.PathLike, base: Any) -> 
     trained_with = _adapter_training_checkpoints(adapter_dir)
     if trained_with:
         return _same_tensors(trained_with[0] / MODEL_FILE, base.path / MODEL_FILE)
+    if adapter_dir.name != BEST_ADAPTERS or adapter_dir.resolve().parent != base.path.resolve().parent:
+        return False
     tc_path = adapter_dir / "training_config.json"
-    mine = _run_identity(read_json(tc_path) if tc_path.is_file() else None)
-    return mine is not None and mine == _run_identity(base.training_config())
+    mine, theirs = read_json(tc_path) if tc_path.is_file() else {}, base.training_config() or {}
+    return bool(mine.get("stage")) and mine.get("stage") == theirs.get("stage")
 
 
 def base_model_for_adapter(adapter_dir: str | os.PathLike, base: Any) -> nn.Module:
     """The model an adapter folder goes onto (plain Transformer, eval mode): the base checkpoint with its
-    own adapter merged, as a run that started from it trained on, unless the adapter comes from the same
-    LoRA run as that own adapter (`adapter_trained_on_plain_base`): then the base weights alone. Used by
+    own adapter merged, as a run that started from it trained on, unless the adapter was trained on the same
+    base weights as that own adapter (`adapter_trained_on_plain_base`): then the base weights alone. Used by
     `merge_adapter_folder` and `chat --adapter`."""
     if not base.has_adapter:
         return load_model(base.path)
     if adapter_trained_on_plain_base(adapter_dir, base):
-        print(f"{adapter_dir} comes from the same LoRA run as the adapter {base.path} holds; using the base "
-              f"weights of {base.path} without its adapter")
+        print(f"{adapter_dir} was trained on the same base weights as the adapter {base.path} holds; using "
+              f"those weights without that adapter", file=sys.stderr)
         return load_model(base.path, with_adapter=False)
     # e.g. an RLHF adapter trained on an SFT-LoRA checkpoint: RLHF started from both merged
-    print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top")
+    print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top", file=sys.stderr)
     return load_model(base.path)
 
 

@@ -71,8 +71,9 @@ class StreamDecoder:
 
 
 def load_for_inference(checkpoint: str, adapter: str | None = None, device: str = "auto"):
-    """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights,
-    on top of the checkpoint's own adapter when it holds one (as `merge_adapter_folder` does)."""
+    """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights:
+    on top of the checkpoint's own adapter when it holds one, unless both were trained on the same base
+    weights (`llmlab.lora.base_model_for_adapter`, as `merge_adapter_folder` does)."""
     from llmlab.checkpoint import attach_adapter, load_model, read_checkpoint
     from llmlab.data.tokenizer import load_tokenizer
     from llmlab.device import pick_device

@@ -160,6 +160,16 @@ def dropout_notice(cfg: RLHFConfig) -> str | None:
     return None
 
 
+def resumed_step(resume_dir: Path | None) -> int:
+    """The step a resumed run starts from (0 for a fresh run, or when its trainer state is unreadable)."""
+    if resume_dir is None:
+        return 0
+    try:
+        return saved_step(resume_dir, read_checkpoint(resume_dir).trainer_state() or {})
+    except LLMLabError:
+        return 0
+
+
 def needs_reference(cfg: RLHFConfig) -> bool:
     """False for GRPO with kl_coef = 0 (and adaptive_kl off): nothing reads the reference's log-probs,
     so no frozen copy is built (nor, under LoRA, the adapter-disabled forward pass). PPO always has one:
@@ -346,7 +356,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         what += "optimizer" + (" and its saved state" if resume_dir is not None and load_optimizer_state else "")
         oom = setup_oom_message(cfg, device=device, what=f"{what} on {device.type}", last_good=resume_dir)
     if oom is not None:  # raised outside the except clause, so what was allocated can be freed
-        write_run_status(output_dir, "oom", step=0, max_steps=cfg.max_steps, kind="rlhf")
+        write_run_status(output_dir, "oom", step=resumed_step(resume_dir), max_steps=cfg.max_steps, kind="rlhf")
         free_memory(stage.optimizer if stage is not None else None)
         raise TrainingError(oom)
     if cfg.max_steps <= step:
