@@ -305,12 +305,32 @@ def test_merge_option1_keeps_the_base_checkpoints_own_adapter(tmp_path):
         assert (llmlab.load_model(tmp_path / "m2")(x) - start(x)).abs().max() < 1e-5
 
 
+def test_merge_option1_stacks_a_later_runs_best_adapters_on_a_lora_checkpoint(tmp_path):
+    """RLHF with LoRA on an SFT-LoRA checkpoint, saved as the trainers do (a full checkpoint whose frozen
+    weights are SFT merged, best_lora_adapters/ beside it): its adapters go on top of the SFT checkpoint
+    with its own adapter merged, since their checkpoint's frozen weights are not the SFT base's."""
+    cfg, _, _ = _trained_lora(tmp_path)
+    start = llmlab.load_model(tmp_path / "sft" / "best")  # what RLHF starts from: base + SFT adapter
+    rl = apply_lora(copy.deepcopy(start), sft_cfg(lora_preset="minimal", lora_r=2), verbose=False)
+    randomize_lora(rl, seed=5)
+    save_lora_checkpoint(tmp_path / "rlhf" / "best", rl, kind="rlhf", train_config=sft_cfg(lora_preset="minimal"),
+                         trainer_state={"step": 3}, tokenizer=FakeTokenizer(),
+                         best_adapter_dir=tmp_path / "rlhf" / "best_lora_adapters")
+    merge_adapter_folder(tmp_path / "rlhf" / "best_lora_adapters", tmp_path / "sft" / "best", tmp_path / "merged")
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = rl.eval()(x)
+        assert (llmlab.load_model(tmp_path / "merged")(x) - want).abs().max() < 1e-5
+        assert (start(x) - want).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("evidence", ["weights", "training_config"])
 def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tmp_path, evidence, monkeypatch):
     """best_lora_adapters/ with latest/ of the same run (a later step, another adapter on the same frozen
     base): the adapter goes onto the plain base weights, so the result is the best model, not
     base + latest's adapter + best's adapter. Known from the frozen weights of the checkpoint the adapter
-    was saved with, or (that checkpoint gone) from the same stage/output_dir/policy_checkpoint."""
+    was saved with, or (that checkpoint gone) from best_lora_adapters/ sitting in the base's run folder
+    with the same stage recorded."""
     cfg, _, best_model = _trained_lora(tmp_path)
     later = copy.deepcopy(best_model)
     randomize_lora(later, seed=3)  # the run went on training its adapter
