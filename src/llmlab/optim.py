@@ -353,18 +353,20 @@ def lr_factor(step: int, cfg: Any) -> float:
     n, warmup, total = step + 1, cfg.warmup_steps, cfg.max_steps
     if n <= warmup:
         return n / warmup
-    if cfg.scheduler == "none":
-        return 1.0
+    shape = SCHEDULE_SHAPES.get(cfg.scheduler)
+    if shape is None:
+        raise ConfigError(f"scheduler: {cfg.scheduler!r} is not one of {', '.join(map(repr, SCHEDULE_SHAPES))}")
     p = min(1.0, (n - warmup) / (total - warmup)) if total > warmup else 1.0
-    if cfg.scheduler == "linear":
-        shape = 1.0 - p
-    elif cfg.scheduler == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * p))
-    elif cfg.scheduler == "polynomial":
-        shape = (1.0 - p) ** cfg.poly_power
-    else:
-        raise ConfigError(f"scheduler: {cfg.scheduler!r} is not one of 'none', 'cosine', 'linear', 'polynomial'")
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape(p, cfg)
+
+
+# The decay after warmup, progress p in [0, 1] -> [0, 1] (mapped onto [min_lr_ratio, 1] by `lr_factor`)
+SCHEDULE_SHAPES: dict[str, Callable[[float, Any], float]] = {
+    "none": lambda p, cfg: 1.0,
+    "linear": lambda p, cfg: 1.0 - p,
+    "cosine": lambda p, cfg: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "polynomial": lambda p, cfg: (1.0 - p) ** cfg.poly_power,
+}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Any) -> float:
