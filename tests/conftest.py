@@ -48,6 +48,20 @@ def macbeth_tok_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A small tokenizer trained on the bundled SFT records (300 tokens, 100 records), loaded once per
+    session; tests only read it."""
+    import os
+
+    from llmlab.data.tokenizer import load_tokenizer, train_tokenizer
+
+    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(["bundled:sft"], 300, out, max_docs=100)
+    return load_tokenizer(str(out))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

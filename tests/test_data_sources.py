@@ -243,18 +243,6 @@ def test_bundled_tasks_are_question_answer_text_with_correct_answers():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    import os
-
-    from llmlab.data.tokenizer import load_tokenizer, train_tokenizer
-
-    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:sft"], 300, out, max_docs=100)
-    return load_tokenizer(str(out))
-
-
 @pytest.fixture
 def bounded_reads(monkeypatch):
     """Turn an endless skip loop into a failure: more than 300 records read is an AssertionError."""

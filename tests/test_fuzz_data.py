@@ -9,7 +9,6 @@ empty strings); files add invalid UTF-8, lines that are not JSON and very long l
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,16 +30,6 @@ def check_error(error: BaseException, *where: str) -> str:
     assert message and "\n" not in message, message
     assert any(w in message for w in where), message
     return message
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from llmlab.data.tokenizer import load_tokenizer, train_tokenizer
-
-    os.environ.setdefault("LLMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "llmlab-cache"))
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(["bundled:sft"], 300, out, max_docs=100)
-    return load_tokenizer(str(out))
 
 
 # --------------------------------------------------------------------------------------------------
