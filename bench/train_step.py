@@ -11,7 +11,9 @@ AdamW step). MFU = model FLOPs/s (`common.train_flops_per_token`) over this mach
 measured in the same run (the best of MKL and oneDNN). `ours_chunked_mkl` is the default step with
 LLM-Lab's oneDNN products turned off (`llmlab.model.linear`), and `gemm_gflops` compares the two
 libraries on the step's product shapes: together they show what oneDNN buys. `attention_fwd_bwd_ms`
-times one layer's causal attention through SDPA and through `llmlab.model.causal_blocks`. `--compile`
+times one layer's causal attention through SDPA and through `llmlab.model.causal_blocks`.
+`sft_masked_prompts`: an SFT-shaped step (half of every sequence a -100 prompt), the trainer's step
+(the LM head on the counted rows only) vs the same on every row vs HF. `--compile`
 adds `compiled`: the trainer's step (`llmlab.train.loop.LMLoss`, model and chunked loss) eager and with
 `compile: true` (the module compiled, as the trainer does), HF eager and compiled, interleaved, with
 each compile's time. Peak memory
@@ -192,6 +194,7 @@ def run(quick: bool = False, compile_: bool = False) -> dict[str, Any]:
         result["qwen_vocab_batch4_fwd_bwd_peak_mib"] = {k: v.get("peak_mib", v.get("error")) for k, v in big.items()}
         result["chunked_memory_ratio"] = _ratio(big["ours_chunked"], big["ours"])
     result["gradient_checkpointing"] = checkpointing(cfg, repeats, ids)
+    result["sft_masked_prompts"] = sft_masked(cfg, repeats, ids)
     if compile_:
         result["compiled"] = compiled(cfg, 2 * repeats, ids)
     return result
@@ -228,6 +231,36 @@ def compiled(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
             "compiled_vs_eager": round(tps["trainer_compiled"] / tps["trainer"], 3),
             "compiled_vs_hf_compiled": round(tps["trainer_compiled"] / tps["hf_compiled"], 3),
             "hf_compiled_vs_hf": round(tps["hf_compiled"] / tps["hf"], 3)}
+
+
+def sft_masked(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
+    """An SFT-shaped step: the first half of every sequence is prompt (labels -100). The trainer's step
+    (`LMLoss` through `forward_backward`: the head on the counted rows only) vs the same with every row
+    (`select_rows=False`, as under compile) vs HF with the same labels; tokens/s over all batch x seq."""
+    from llmlab.train.loop import LMLoss, forward_backward
+
+    labels = ids.clone()
+    labels[:, : SEQ // 2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    steps = {}
+    for kind in ("trainer", "trainer_all_rows", "hf"):
+        model, opt = build("hf" if kind == "hf" else "ours", cfg.vocab_size)
+        module = model if kind == "hf" else LMLoss(model)
+
+        def step(module=module, opt=opt, kind=kind) -> None:
+            opt.zero_grad(set_to_none=True)
+            if kind == "hf":
+                module(input_ids=ids, labels=labels).loss.backward()
+            else:
+                forward_backward(module, [batch], torch.device("cpu"), select_rows=kind == "trainer")
+            opt.step()
+
+        steps[kind] = step
+    times = common.interleaved(steps, repeats)
+    tps = {k: tokens_per_s(v) for k, v in times.items()}
+    return {"prompt_share": 0.5, "tokens_per_s": {k: round(v) for k, v in tps.items()},
+            "trainer_vs_all_rows": round(tps["trainer"] / tps["trainer_all_rows"], 3),
+            "trainer_vs_hf": round(tps["trainer"] / tps["hf"], 3)}
 
 
 def attention_fwd_bwd(repeats: int) -> dict[str, dict[str, float]]:

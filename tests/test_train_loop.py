@@ -16,11 +16,13 @@ from llmlab.model import build_model
 from llmlab.train.loop import (
     LMLoss,
     TrainingError,
+    evaluate,
     forward_backward,
     last_run_status,
     resume_state,
     train_loop,
 )
+from llmlab.train.losses import label_rows
 from llmlab.train.metrics import read_metrics
 
 V = 64
@@ -115,6 +117,33 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch():
         loss_sum = LMLoss(model)(m["input_ids"], m["labels"])
         (loss_sum / int((m["labels"][:, 1:] != -100).sum()) / len(micro)).backward()
     assert max((p.grad - gb[k]).abs().max().item() for k, p in model.named_parameters()) > 1e-5
+
+
+def test_the_head_skips_rows_without_labels_with_the_same_gradients(monkeypatch):
+    """forward_backward and evaluate hand LMLoss the counted positions (SFT's masked prompts): the same
+    loss and gradients as with every row, fewer rows through the head; select_rows=False (compile)
+    passes none."""
+    import llmlab.train.losses as losses
+
+    batch = next(RuleBatches(4, mask=True, seed=5))
+    assert label_rows(batch["labels"]) is not None
+    seen = []
+    real = losses.linear_cross_entropy
+    monkeypatch.setattr(losses, "linear_cross_entropy", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+
+    def run(select):
+        model = tiny_model()
+        loss, n = forward_backward(LMLoss(model), [batch], torch.device("cpu"), select_rows=select)
+        val, _ = evaluate(LMLoss(model), iter([batch]), 1, torch.device("cpu"), select_rows=select)
+        return loss, n, val, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    loss_a, n_a, val_a, ga = run(True)
+    loss_b, n_b, val_b, gb = run(False)
+    rows = batch["input_ids"].numel()
+    assert seen == [n_a.item(), n_a.item(), rows, rows] and n_a.item() < 0.9 * rows
+    assert abs(loss_a.item() - loss_b.item()) < 1e-6 and abs(val_a - val_b) < 1e-6
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_step_counts_updates_and_accumulation_reads_micro_batches(tmp_path):
@@ -213,12 +242,18 @@ def test_only_trainable_parameters_move_and_gradient_checkpointing_is_exact(tmp_
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="needs a C++ compiler")
 def test_compile_trains_the_model_and_its_loss_as_one_compiled_module(tmp_path, monkeypatch):
     """compile: true compiles LMLoss (the model and the chunked loss together, one graph) and trains to
-    the eager run's losses; checkpoints keep the plain model's parameter names."""
+    the eager run's losses; checkpoints keep the plain model's parameter names. The compiled step gets
+    every row (no `rows=`: its number changes with each batch), the eager one the counted rows."""
+    import llmlab.train.loop as loop
+
+    selects, real_fb = [], loop.forward_backward
+    monkeypatch.setattr(loop, "forward_backward", lambda *a, **kw: selects.append(kw["select_rows"]) or real_fb(*a, **kw))
     _, _, eager = run(tmp_path / "a", val=False, max_steps=4)
     compiled, real_compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real_compile(fn, **kw))
     model, _, fused = run(tmp_path / "b", val=False, max_steps=4, compile=True, save_best_only=False, save_every=4)
     assert [type(getattr(fn, "__self__", fn)) for fn in compiled] == [LMLoss]
+    assert selects == [True] * 4 + [False] * 4
     assert train_losses(fused) == pytest.approx(train_losses(eager), rel=1e-4)
     assert set(read_checkpoint(tmp_path / "b" / "run" / "latest").state_dict()) == set(model.state_dict())
 

@@ -9,6 +9,7 @@ from llmlab.train.losses import (
     causal_lm_loss,
     chunked_lm_loss,
     count_label_tokens,
+    label_rows,
     linear_cross_entropy,
     shift_labels,
 )
@@ -59,6 +60,44 @@ def test_chunked_equals_plain_value_and_gradients(dtype, tol, chunk_rows, bias):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b.to(a.dtype), rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_rows_run_the_head_on_the_counted_positions_only(plain_head, monkeypatch):
+    """`rows=label_rows(labels)`: the same loss and gradients, with the head's products over the counted
+    rows alone (a spy counts the rows that reach it)."""
+    import llmlab.train.losses as losses
+
+    hidden, head, labels = make(torch.float64, bias=True)
+    labels[1, :6] = -100  # another prompt: 4 + 5 + 2 skipped, with each row's last position 14 of 27
+    if not plain_head:  # a head that is not exactly nn.Linear (LoRA, say): the checkpointed path
+        wrapped = type("Wrapped", (nn.Linear,), {})(D, V, bias=True).double()
+        wrapped.load_state_dict(head.state_dict())
+        head = wrapped
+    seen = []
+    for name in ("linear_cross_entropy", "checkpointed_cross_entropy"):
+        real = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda x, *a, real=real, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    rows = label_rows(labels)
+    assert rows is not None and rows.tolist() == shift_labels(labels).reshape(-1).ne(-100).nonzero().squeeze(1).tolist()
+    loss, n = causal_lm_loss(hidden, head, labels, rows=rows)
+    got = grads_of(loss * 0.37, hidden, head)
+    ref, _ = causal_lm_loss(hidden, head, labels)
+    want = grads_of(ref * 0.37, hidden, head)
+    assert seen == [n.item(), B * T] and n.item() == B * T - 14
+    assert abs(loss.item() - ref.item()) <= 1e-12 * abs(ref.item())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_label_rows_keeps_every_row_when_few_are_skipped_or_the_labels_are_on_a_device():
+    labels = torch.randint(0, V, (4, 64))  # pretraining: only each sequence's last position is skipped
+    assert label_rows(labels) is None
+    labels[:, :8] = -100  # 7 + 1 of 64 positions skipped (position t predicts label t + 1): 12.5 %
+    assert label_rows(labels).numel() == 4 * (64 - 8)
+    labels[:, :] = -100
+    assert label_rows(labels).numel() == 0
+    assert label_rows(torch.full((2, 8), -100, device="meta")) is None  # would wait for the device
 
 
 def test_ignored_positions_contribute_nothing():

@@ -91,7 +91,7 @@ from llmlab.train.distributed import (
     optimizer_state,
     wrap_model,
 )
-from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss
+from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss, label_rows
 from llmlab.train.metrics import MetricsLogger
 
 Batch = dict[str, Tensor]
@@ -153,6 +153,7 @@ class LMLoss(nn.Module):
     """`model` plus its loss, in one forward, so DDP and FSDP see every parameter use inside forward.
 
     forward(input_ids, labels) -> sum of the token cross entropies (chunked, see `losses`);
+    forward(input_ids, labels, rows=label_rows(labels)) -> the same, the head run on the counted rows only;
     forward(input_ids, labels, gnb=True) -> Sophia's Gauss-Newton-Bartlett sampled loss (a mean, chunked).
     """
 
@@ -160,12 +161,12 @@ class LMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, labels: Tensor, gnb: bool = False) -> Tensor:
+    def forward(self, input_ids: Tensor, labels: Tensor, gnb: bool = False, rows: Tensor | None = None) -> Tensor:
         hidden = self.model(input_ids, output_hidden=True)  # (B, T, D)
         head = lm_head_of(self.model)
         if gnb:
             return chunked_gnb_loss(hidden, head, labels)
-        loss_sum, _ = causal_lm_loss(hidden, head, labels)
+        loss_sum, _ = causal_lm_loss(hidden, head, labels, rows=rows)
         return loss_sum
 
 
@@ -192,14 +193,25 @@ def label_tokens(labels: Tensor, device: torch.device) -> Tensor:
     return n.to(device=device, dtype=torch.float32)
 
 
+def loss_inputs(mb: Batch, device: torch.device, select_rows: bool) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+    """A micro-batch's (input_ids, labels) on `device`, and `rows=`, the positions that carry a loss
+    (`losses.label_rows`, found on the CPU before the move), when `select_rows` and skipping the others
+    pays (SFT's masked prompts and padding)."""
+    rows = label_rows(mb["labels"]) if select_rows else None
+    args = (to_device(mb["input_ids"], device), to_device(mb["labels"], device))
+    return args, ({"rows": to_device(rows, device)} if rows is not None else {})
+
+
 def forward_backward(wrapped: nn.Module, micro_batches: list[Batch], device: torch.device,
-                     info: DistInfo | None = None) -> tuple[Tensor, Tensor]:
+                     info: DistInfo | None = None, *, select_rows: bool = True) -> tuple[Tensor, Tensor]:
     """Accumulate the gradients of one step into `.grad`; returns (this rank's share of the step's mean
     loss, global label-token count), both detached device tensors.
 
     Each micro-batch's loss sum is divided by the token count of the whole step over all ranks (and
     multiplied by world_size, which DDP/FSDP's gradient averaging divides back out), so the accumulated
     gradient is that of sum(token losses) / total tokens, whatever the split into micro-batches and ranks.
+    `select_rows`: the LM head runs only on the positions that carry a loss (`loss_inputs`); off under
+    torch.compile (their number changes every batch).
     """
     info = info or DistInfo(device=device)
     counts = torch.stack([label_tokens(mb["labels"], device) for mb in micro_batches]).sum()
@@ -208,10 +220,10 @@ def forward_backward(wrapped: nn.Module, micro_batches: list[Batch], device: tor
     total = torch.zeros((), device=device)
     last = len(micro_batches) - 1
     for i, mb in enumerate(micro_batches):
-        input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+        args, rows = loss_inputs(mb, device, select_rows)
         with gradient_sync(wrapped, enabled=i == last):
             with autocast(device):
-                loss_sum = wrapped(input_ids, labels)
+                loss_sum = wrapped(*args, **rows)
             (loss_sum * scale).backward()
         total += loss_sum.detach().float()
     return total / n_global.clamp(min=1.0), n_global
@@ -219,9 +231,10 @@ def forward_backward(wrapped: nn.Module, micro_batches: list[Batch], device: tor
 
 @torch.no_grad()
 def evaluate(wrapped: nn.Module, batches: Iterator[Batch], steps: int, device: torch.device,
-             info: DistInfo | None = None) -> tuple[float | None, int]:
+             info: DistInfo | None = None, *, select_rows: bool = True) -> tuple[float | None, int]:
     """Mean token loss over up to `steps` batches (fewer if the iterator ends), over all ranks; returns
-    (loss or None when there were no tokens, number of tokens). The model is put back in train mode."""
+    (loss or None when there were no tokens, number of tokens). The model is put back in train mode.
+    `select_rows`: as in `forward_backward`."""
     info = info or DistInfo(device=device)
     wrapped.eval()
     acc = torch.zeros(2, device=device, dtype=torch.float64)
@@ -231,9 +244,9 @@ def evaluate(wrapped: nn.Module, batches: Iterator[Batch], steps: int, device: t
                 mb = next(batches)
             except StopIteration:
                 break
-            input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+            (input_ids, labels), rows = loss_inputs(mb, device, select_rows)
             with autocast(device):
-                loss_sum = wrapped(input_ids, labels)
+                loss_sum = wrapped(input_ids, labels, **rows)
             acc[0] += loss_sum.double()
             acc[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     finally:
@@ -683,7 +696,7 @@ def train_loop(
         if val_source is None:
             return {}
         check_finite()
-        val, n = evaluate(wrapped, val_source(), cfg.eval_steps, device, info)
+        val, n = evaluate(wrapped, val_source(), cfg.eval_steps, device, info, select_rows=not cfg.compile)
         if val is None:
             return {}
         last_val = val
@@ -706,7 +719,7 @@ def train_loop(
                                     f"endless (the LLM-Lab batch iterators start a new epoch by themselves)") from None
             seq_len = int(micro[0]["input_ids"].shape[-1])
             step_tokens = sum(int(mb["input_ids"].numel()) for mb in micro) * info.world_size
-            step_loss, _ = forward_backward(wrapped, micro, device, info)
+            step_loss, _ = forward_backward(wrapped, micro, device, info, select_rows=not cfg.compile)
             norm = grad_norm_and_clip(params, cfg.clip_norm).to(device)
             finite = torch.isfinite(step_loss) & torch.isfinite(norm)
             group = optimizer.param_groups[0]

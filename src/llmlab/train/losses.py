@@ -20,6 +20,15 @@ The gradients are computed only when grad is enabled and an input needs them (ev
 loss alone). Under CUDA autocast the matmuls run in the autocast dtype (bf16), as `lm_head` would, and
 everything after them (log-sum-exp, softmax, the weight-gradient sum) in fp32.
 
+Rows without a label cost nothing. SFT masks its prompt tokens and right padding with -100 (often half
+of a batch or more); their logits would be computed and then ignored. `label_rows` finds the positions
+that carry a loss from the labels while they are still on the CPU (no wait for the device), and
+`causal_lm_loss(..., rows=...)` gathers those hidden states before the head, so the three products per
+chunk run on the counted rows only: with half the rows masked, a training step of the bench model
+(vocab 8,192) took ~16 % less time, ~32 % less at vocab 65,536 (bench/README.md). Same loss and
+gradients (the gather's backward scatters them back). Where fewer than 1/16 of the rows are skipped
+(pretraining: one position per sequence) the rows are all kept.
+
 A head that is not a plain `nn.Linear` (a PEFT LoRA-wrapped lm_head, say) goes through
 `checkpointed_cross_entropy`: the same chunks, each under activation checkpointing, so only one chunk's
 logits live at a time and backward recomputes them. Sophia's Hessian estimate (`chunked_gnb_loss`) is
@@ -42,6 +51,7 @@ from llmlab.optim import gnb_sampled_loss
 IGNORE_INDEX = -100
 CHUNK_BYTES = 256 * 2**20  # target size of one chunk's fp32 logits
 MIN_CHUNK_ROWS = 128
+MIN_SKIPPED_FRACTION = 1 / 16  # below this share of label-less positions, `label_rows` keeps every row
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -60,6 +70,20 @@ def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
     """Number of positions that carry a loss (labels[:, 1:] != ignore_index), as a 0-d int64 tensor on
     the labels' device (no host synchronisation)."""
     return (labels[:, 1:] != ignore_index).sum()
+
+
+def label_rows(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor | None:
+    """Flat (B*T) indices of the positions that carry a loss (their next label counts), for `rows=` of
+    `causal_lm_loss`; None where finding them would wait for the device (labels not on the CPU) or where
+    fewer than MIN_SKIPPED_FRACTION of the positions are skipped (computing those rows costs less than
+    gathering the others)."""
+    if labels.device.type != "cpu":
+        return None
+    counted = (shift_labels(labels, ignore_index) != ignore_index).reshape(-1)
+    skipped = counted.numel() - int(counted.sum())
+    if skipped < MIN_SKIPPED_FRACTION * counted.numel():
+        return None
+    return counted.nonzero().squeeze(1)
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -165,11 +189,14 @@ def checkpointed_cross_entropy(x: Tensor, head: nn.Module, target: Tensor, *, ch
 
 
 def causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
-                   ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+                   ignore_index: int = IGNORE_INDEX, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """hidden (B, T, D) after the final norm, the lm_head module, labels (B, T) aligned with the inputs
-    -> (sum of token losses, number of label tokens). Chunked: see the module docstring."""
+    -> (sum of token losses, number of label tokens). Chunked: see the module docstring. `rows`
+    (`label_rows(labels)`, on the hidden states' device): the head runs on those positions only."""
     targets = shift_labels(labels, ignore_index).reshape(-1)
     x = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D), a view
+    if rows is not None:  # the positions that carry a loss: the others' logits would be thrown away
+        x, targets = x.index_select(0, rows), targets.index_select(0, rows)
     if type(head) is nn.Linear:  # a plain projection (not a LoRA or other wrapper): the fused path
         loss_sum = linear_cross_entropy(x, head.weight, head.bias, targets, chunk_rows=chunk_rows,
                                         ignore_index=ignore_index)
