@@ -1,4 +1,5 @@
-"""All CPU benchmarks (`make bench`): training step, generation, data loader, GRPO rollouts, threads.
+"""All CPU benchmarks (`make bench`): training step, generation, data loader, GRPO rollouts, RLHF scoring,
+threads.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/run_all.py                 # what `make bench` runs
     .venv/bin/python bench/run_all.py --quick --only train,generation   # a subset, fewer repeats
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from llmlab.device import available_cores, set_threads  # noqa: E402
 
-ALL = ("train", "generation", "loader", "grpo", "threads")
+ALL = ("train", "generation", "loader", "grpo", "rl", "threads")
 
 
 def threads_check(default: int) -> dict[str, Any]:
@@ -91,6 +92,10 @@ def main() -> None:
         import grpo_step
 
         part("grpo", lambda: grpo_step.run(a.quick))
+    if "rl" in only:
+        import rl_logprobs
+
+        part("rl", lambda: rl_logprobs.run(a.quick))
     if "threads" in only:
         part("threads", lambda: threads_check(threads))
     result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)

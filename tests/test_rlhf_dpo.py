@@ -154,6 +154,42 @@ def test_preference_logps_ignore_right_padding_exactly():
     assert abs(want_c) > 1 and abs(want_c - want_r) > 1  # non-trivial sums, distinguishable
 
 
+def test_preference_logps_score_only_response_positions_with_the_full_logits_values_and_gradients(monkeypatch):
+    """The head runs on the positions that predict a response token, in checkpointed chunks: the sums and
+    their gradients equal those from the full (2B, T, V) logits."""
+    from tests.conftest import tiny_config
+
+    import llmlab.train.losses as losses
+    from llmlab.model import build_model
+
+    model = build_model(tiny_config(init_std=0.2))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (6, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompts
+    labels[1, 9:] = -100  # padding
+    batch = {"chosen_input_ids": ids[:3], "chosen_labels": labels[:3],
+             "rejected_input_ids": ids[3:], "rejected_labels": labels[3:]}
+    monkeypatch.setattr(losses, "default_chunk_rows", lambda vocab: 8)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    got_c, got_r = preference_logps(model, batch)
+    (got_c.sum() - 2 * got_r.sum()).backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    counted = int((labels[:, 1:] != -100).sum())  # 6 x 7 - 3
+    assert counted == 39 and sum(seen) == 2 * counted and max(seen) == 8  # forward + recomputation
+
+    model.zero_grad(set_to_none=True)
+    logp = torch.log_softmax(model(ids)[:, :-1], -1)  # the full logits
+    keep = labels[:, 1:] != -100
+    per_token = logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1) * keep
+    want = per_token.sum(-1)
+    (want[:3].sum() - 2 * want[3:].sum()).backward()
+    torch.testing.assert_close(torch.cat([got_c, got_r]), want, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got_grads[n], p.grad, rtol=1e-4, atol=1e-4, msg=n)  # grads of ~10
+
+
 def test_beta_falls_back_to_clip_range_with_a_notice():
     said = []
     assert beta_of(RLHFConfig(clip_range=0.3, reward_model_name=None), said.append) == 0.3

@@ -11,7 +11,6 @@ from llmlab.rlhf.losses import (
     dpo_loss,
     dpo_metrics,
     gae_advantages,
-    gather_logprobs,
     group_advantages,
     grpo_loss,
     kl_k1,
@@ -25,7 +24,6 @@ from llmlab.rlhf.losses import (
     ppo_policy_loss,
     ppo_token_rewards,
     ppo_value_loss,
-    sequence_logprobs,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -39,38 +37,6 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(
         torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol
     )
-
-
-# --- log-probs ---------------------------------------------------------------------------------
-
-
-def test_gather_logprobs_uniform_and_two_way():
-    # V = 2, logits [0, 0] -> each token has p = 1/2; logits [ln 3, 0] -> p(0) = 3/4, p(1) = 1/4.
-    logits = torch.tensor([[[0.0, 0.0], [LN3, 0.0], [LN3, 0.0]]])  # (1, 3, 2)
-    tokens = torch.tensor([[1, 0, 1]])
-    close(gather_logprobs(logits, tokens), [[-LN2, math.log(0.75), math.log(0.25)]])
-
-
-def test_gather_logprobs_matches_log_softmax_and_bf16_is_upcast():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 11, generator=g)
-    tokens = torch.randint(0, 11, (3, 5), generator=g)
-    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    close(gather_logprobs(logits, tokens), expected)
-    low = gather_logprobs(logits.bfloat16(), tokens)
-    assert low.dtype == torch.float32
-    expected_low = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    close(low, expected_low)
-
-
-def test_sequence_logprobs_shifts_and_ignores():
-    # Positions 0..2 predict labels 1..3. Label 1 is ignored (-100), labels 2 and 3 count:
-    # logits[:, 1] = [ln 3, 0] -> p(token 0) = 3/4; logits[:, 2] = [0, 0] -> p(token 1) = 1/2.
-    logits = torch.tensor([[[5.0, -5.0], [LN3, 0.0], [0.0, 0.0], [9.0, 9.0]]])
-    labels = torch.tensor([[7, -100, 0, 1]])  # label 0 is never predicted (no position before it)
-    close(sequence_logprobs(logits, labels), [math.log(0.75) - LN2])
-    all_ignored = torch.full((1, 4), -100)
-    close(sequence_logprobs(logits, all_ignored), [0.0])
 
 
 # --- masked statistics -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Chunked causal-LM cross entropy: same value and gradients as the plain loss, -100 ignored, any head."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from llmlab.train.losses import (
     label_rows,
     linear_cross_entropy,
     shift_labels,
+    token_logprobs,
 )
 
 B, T, D, V = 3, 9, 16, 50
@@ -203,3 +206,41 @@ def test_chunked_gnb_loss_matches_sophias_estimator_and_replays_its_samples():
     torch.manual_seed(6)  # other samples give another gradient: the comparisons above can tell
     other = chunked_gnb_loss(hidden, head, labels, chunk_rows=4)
     assert not torch.equal(grads_of(other, hidden, head)[0], chunked[1])
+
+
+# --- token_logprobs: what RLHF scores responses with ---------------------------------------------
+
+
+def test_token_logprobs_by_hand_and_bf16_is_upcast():
+    # an identity head: the rows are the logits. V = 2: [0, 0] -> p = 1/2 each; [ln 3, 0] -> 3/4, 1/4
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[0.0, 0.0], [ln3, 0.0], [ln3, 0.0]])
+    got = token_logprobs(logits, nn.Identity(), torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(got, torch.tensor([-math.log(2.0), math.log(0.75), math.log(0.25)]))
+    # temperature 2 halves the logits: [ln 3 / 2, 0] -> p(0) = sqrt(3) / (sqrt(3) + 1)
+    hot = token_logprobs(logits[1:2], nn.Identity(), torch.tensor([0]), temperature=2.0)
+    torch.testing.assert_close(hot, torch.tensor([math.log(math.sqrt(3) / (math.sqrt(3) + 1))]))
+    g = torch.Generator().manual_seed(0)
+    x, tok = torch.randn(7, 11, generator=g), torch.randint(0, 11, (7,), generator=g)
+    low = token_logprobs(x.bfloat16(), nn.Identity(), tok)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, torch.log_softmax(x.bfloat16().float(), -1).gather(-1, tok[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_in_chunks_equal_the_full_logits_and_hold_one_chunk(temperature):
+    """Chunked (3 rows, checkpointed) = one pass over the full logits, values and gradients; the head
+    never sees more than one chunk, in forward or in backward's recomputation."""
+    hidden, head, labels = make(torch.float64, bias=True)
+    x, t = hidden.reshape(-1, D), labels.reshape(-1).clamp(min=0)
+    seen = []
+    head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    got = token_logprobs(x, head, t, temperature=temperature, chunk_rows=3)
+    g = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(1))
+    ga = grads_of((got * g).sum(), hidden, head)
+    assert max(seen) == 3 and len(seen) == 2 * math.ceil(x.shape[0] / 3)  # forward, then recomputed
+    want = torch.log_softmax(head(x) / temperature, -1).gather(-1, t[:, None]).squeeze(1)
+    gb = grads_of((want * g).sum(), hidden, head)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

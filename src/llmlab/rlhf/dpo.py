@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast
 from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
-from llmlab.rlhf.losses import dpo_loss, dpo_metrics, sequence_logprobs
+from llmlab.rlhf.losses import dpo_loss, dpo_metrics
 from llmlab.rlhf.rollout import Reference, UpdateCount, optimizer_update
+from llmlab.train.losses import shift_labels, token_logprobs
 
 if TYPE_CHECKING:
     from llmlab.rlhf.run import Session
@@ -45,14 +47,21 @@ def _trim(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
 
 def preference_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the chosen and rejected responses, (B,) each, in one forward pass over the
-    2B concatenated rows (right-padded, so causal attention needs no mask)."""
+    2B concatenated rows (right-padded, so causal attention needs no mask). The LM head runs only on the
+    positions that predict a response token (labels != -100), chunk by chunk
+    (`llmlab.train.losses.token_logprobs`): prompts and padding cost no logits, and the (2B, T, V)
+    logits never exist at once."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    targets = shift_labels(labels, IGNORE_INDEX).reshape(-1)  # position t predicts labels[:, t + 1]
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) flat positions that score a response token
     with autocast(ids.device):
-        logits = model(ids)  # (2B, T, V)
-    logps = sequence_logprobs(logits, labels, ignore_index=IGNORE_INDEX)
+        hidden = model(ids, output_hidden=True)  # (2B, T, D)
+        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                              base_transformer(model).lm_head, targets.index_select(0, rows))
+    sums = logp.new_zeros(ids.shape[0]).index_add(0, rows // ids.shape[1], logp)  # per sequence
     n = batch["chosen_input_ids"].shape[0]
-    return logps[:n], logps[n:]
+    return sums[:n], sums[n:]
 
 
 def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_size: int):

@@ -1,5 +1,6 @@
-"""The maths of RLHF as pure functions on tensors: log-probs, masked statistics, KL estimators,
-PPO (token rewards, GAE, clipped policy and value losses, explained variance, KL controllers), DPO and GRPO.
+"""The maths of RLHF as pure functions on tensors: masked statistics, KL estimators, PPO (token rewards,
+GAE, clipped policy and value losses, explained variance, KL controllers), DPO and GRPO. The log-probs
+they take come from `llmlab.train.losses.token_logprobs` (the LM head chunk by chunk).
 
 Nothing here touches a model, an optimizer or a config object: the PPO, DPO and GRPO loops gather
 tensors and call these functions, and every function is unit-tested on hand-computed numbers
@@ -23,44 +24,6 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
-
-# --------------------------------------------------------------------------------------------------
-# Log-probabilities
-# --------------------------------------------------------------------------------------------------
-
-
-def gather_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] for every position: (B, T, V), (B, T) -> (B, T), in float32.
-
-    Computed as ``logit[token] - logsumexp(logits)`` so that the (B, T, V) log-softmax is never
-    materialised. Low-precision logits (bf16/fp16) are upcast one sequence at a time, so the extra
-    float32 memory is one (T, V) slice rather than the whole batch.
-    """
-    if logits.dtype == torch.float32 or logits.dtype == torch.float64:
-        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-        return (picked - torch.logsumexp(logits, dim=-1)).float()
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):  # (T, V), (T,)
-        row_logits = row_logits.float()
-        picked = torch.gather(row_logits, -1, row_tokens.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
-
-
-def sequence_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Summed log-probability of each sequence's label tokens: (B, T, V), (B, T) -> (B,).
-
-    The usual causal shift applies: ``logits[:, t]`` predicts ``labels[:, t + 1]``. Positions whose
-    label is ``ignore_index`` (prompt and padding) contribute nothing. DPO compares these sums
-    (Rafailov et al. 2023 score a response by log pi(y | x), the sum over its tokens).
-    """
-    logits = logits[:, :-1]  # (B, T-1, V)
-    labels = labels[:, 1:]  # (B, T-1)
-    keep = labels != ignore_index
-    safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
-    token_logps = gather_logprobs(logits, safe_labels)  # (B, T-1)
-    return (token_logps * keep).sum(dim=-1)
-
 
 # --------------------------------------------------------------------------------------------------
 # Masked statistics

@@ -44,7 +44,7 @@ from llmlab.device import autocast, model_device
 from llmlab.errors import DataError
 from llmlab.generate import generate_tokens
 from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
-from llmlab.rlhf.losses import gather_logprobs
+from llmlab.train.losses import token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Log-probs (and values) of the response tokens in one forward pass
@@ -60,6 +60,28 @@ def forward_mask(prompt_mask: Tensor, n_response: int) -> Tensor | None:
     return torch.cat([prompt_mask, ones], dim=1)
 
 
+def response_hidden(
+    model: nn.Module,
+    sequences: Tensor,
+    prompt_len: int,
+    attention_mask: Tensor | None = None,
+    *,
+    value_head: nn.Module | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The final hidden states (B, N, D) that predict the response tokens `sequences[:, prompt_len:]`,
+    and the value head's (B, N) estimates for the same states when `value_head` is given.
+
+    One forward pass returns the final hidden states (B, P + N, D); position P - 1 + t predicts token
+    P + t, and is also the state the value V_t is taken from. Gradients flow unless the caller disables
+    them. Run under the caller's autocast."""
+    total = sequences.shape[1]
+    if prompt_len < 1:
+        raise DataError("rollout: every prompt needs at least one token (the chat generation prompt)")
+    hidden = model(sequences, attention_mask=attention_mask, output_hidden=True)  # (B, P + N, D)
+    hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
+    return hidden, (value_head(hidden) if value_head is not None else None)
+
+
 def response_logits(
     model: nn.Module,
     sequences: Tensor,
@@ -67,27 +89,16 @@ def response_logits(
     attention_mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
-    value_head: nn.Module | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tensor:
     """Logits (B, N, V) that predict the response tokens `sequences[:, prompt_len:]`, divided by
-    `temperature` (in fp32) when it is not 1, and the value head's (B, N) estimates for the same states
-    when `value_head` is given.
-
-    One forward pass returns the final hidden states (B, P + N, D); the LM head runs only on the N
-    positions that predict response tokens (position P - 1 + t predicts token P + t, and is also the
-    state the value V_t is taken from). Gradients flow unless the caller disables them.
-    """
-    total = sequences.shape[1]
-    if prompt_len < 1:
-        raise DataError("rollout: every prompt needs at least one token (the chat generation prompt)")
+    `temperature` (in fp32) when it is not 1: the LM head on the N positions of `response_hidden`. For
+    Sophia's Hessian estimate; scoring goes through `response_logprobs`, which never holds all of them."""
     with autocast(sequences.device):
-        hidden = model(sequences, attention_mask=attention_mask, output_hidden=True)  # (B, P + N, D)
-        hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
+        hidden, _ = response_hidden(model, sequences, prompt_len, attention_mask)
         logits = base_transformer(model).lm_head(hidden)  # (B, N, V)
-        values = value_head(hidden) if value_head is not None else None
     if temperature != 1.0 and temperature > 0:
         logits = logits.float() / temperature  # scaled in fp32, as sampling did
-    return logits, values
+    return logits
 
 
 def response_logprobs(
@@ -101,18 +112,20 @@ def response_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response tokens `sequences[:, prompt_len:]` under `model` (at `temperature`),
     and the value head's estimates for the same states when `value_head` is given: (B, N) and (B, N) or
-    None. One forward pass (`response_logits`, which refuses prompt_len < 1); gradients flow unless the
-    caller disables them."""
+    None. One forward pass (`response_hidden`, which refuses prompt_len < 1), then the LM head chunk by
+    chunk (`llmlab.train.losses.token_logprobs`: the (B, N, V) logits never exist at once); gradients
+    flow unless the caller disables them."""
     B, total = sequences.shape
     n = total - prompt_len
     if n <= 0:
         empty = torch.zeros(B, 0, device=sequences.device)
         return empty, (empty.clone() if value_head is not None else None)
-    logits, values = response_logits(model, sequences, prompt_len, attention_mask, temperature=temperature,
-                                     value_head=value_head)
-    # at temperature 1, bf16 logits stay bf16: gather_logprobs upcasts one row at a time
-    logp = gather_logprobs(logits, sequences[:, prompt_len:])
-    return logp, (values.float() if values is not None else None)
+    scale = temperature if temperature > 0 else 1.0
+    with autocast(sequences.device):
+        hidden, values = response_hidden(model, sequences, prompt_len, attention_mask, value_head=value_head)
+        logp = token_logprobs(hidden.reshape(B * n, -1), base_transformer(model).lm_head,
+                              sequences[:, prompt_len:].reshape(-1), temperature=scale)
+    return logp.float().view(B, n), (values.float() if values is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,8 +387,8 @@ def rollout_hessian(policy: nn.Module, rollout: Rollout, temperature: float = 1.
         mb = rollout.select(rows.to(rollout.logprobs.device))
 
         def closure() -> Tensor:
-            logits, _ = response_logits(policy, mb.sequences, mb.prompt_len, mb.attention_mask,
-                                        temperature=temperature)
+            logits = response_logits(policy, mb.sequences, mb.prompt_len, mb.attention_mask,
+                                     temperature=temperature)
             loss = gnb_sampled_loss(logits, mb.response_mask.bool())
             loss.backward()
             return loss

@@ -188,6 +188,38 @@ def checkpointed_cross_entropy(x: Tensor, head: nn.Module, target: Tensor, *, ch
     return total
 
 
+def _chunk_logprobs(head: nn.Module, h: Tensor, t: Tensor, temperature: float) -> Tensor:
+    logits = head(h)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(x: Tensor, head: nn.Module, targets: Tensor, *, temperature: float = 1.0,
+                   chunk_rows: int | None = None) -> Tensor:
+    """log softmax(head(x) / temperature)[target] for every row: x (N, D), targets (N,) -> (N,) in fp32
+    (fp64 for fp64). What RLHF scores responses with (DPO's sums, PPO's and GRPO's ratios and KL).
+
+    Rows go through the head in chunks of about CHUNK_BYTES of fp32 logits; with more than one chunk and
+    gradients on, each chunk is checkpointed (backward recomputes its logits), so one chunk's logits
+    exist at a time: at Qwen's 151,936-token vocabulary a 4,096-token batch would otherwise hold ~2.5 GB
+    of logits, plus as much again for their gradient. A batch that fits in one chunk runs unchunked (no
+    recomputation)."""
+    weight = getattr(head, "weight", None)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
+    if x.shape[0] <= rows:
+        return _chunk_logprobs(head, x, targets, temperature)
+    parts = []
+    for start in range(0, x.shape[0], rows):
+        h, t = x[start:start + rows], targets[start:start + rows]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h, t, temperature))
+    return torch.cat(parts)
+
+
 def causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
                    ignore_index: int = IGNORE_INDEX, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """hidden (B, T, D) after the final norm, the lm_head module, labels (B, T) aligned with the inputs
