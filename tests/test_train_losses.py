@@ -208,6 +208,27 @@ def test_chunked_gnb_loss_matches_sophias_estimator_and_replays_its_samples():
     assert not torch.equal(grads_of(other, hidden, head)[0], chunked[1])
 
 
+def test_gnb_rows_loss_is_sophias_estimator_on_the_given_rows_at_temperature():
+    """RLHF's Hessian estimate: the GNB loss of head(x) / T over every row given (the scored response
+    positions); its chunks are chunked_gnb_loss's (checkpointed, samples replayed: tested above)."""
+    from llmlab.optim import gnb_sampled_loss
+    from llmlab.train.losses import gnb_rows_loss
+
+    hidden, head, _ = make(torch.float64)
+    x = hidden.reshape(-1, D)[3:20]
+
+    def run(fn):
+        torch.manual_seed(5)
+        loss = fn()
+        return [loss.detach()] + grads_of(loss, hidden, head)
+
+    want = run(lambda: gnb_sampled_loss(head(x) / 0.7))
+    for a, b in zip(run(lambda: gnb_rows_loss(x, head, temperature=0.7, chunk_rows=10_000)), want):
+        torch.testing.assert_close(a, b)
+    hot = run(lambda: gnb_rows_loss(x, head, chunk_rows=10_000))  # temperature 1: other logits, other loss
+    assert abs(hot[0].item() - want[0].item()) > 1e-3
+
+
 # --- token_logprobs: what RLHF scores responses with ---------------------------------------------
 
 

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast
-from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
+from llmlab.optim import refresh_hessian_if_due
 from llmlab.rlhf.losses import dpo_loss, dpo_metrics
 from llmlab.rlhf.rollout import Reference, UpdateCount, optimizer_update
-from llmlab.train.losses import shift_labels, token_logprobs
+from llmlab.train.losses import gnb_rows_loss, shift_labels, token_logprobs
 
 if TYPE_CHECKING:
     from llmlab.rlhf.run import Session
@@ -45,16 +45,22 @@ def _trim(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
     return out
 
 
+def scored_rows(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2B concatenated rows (chosen, then rejected) of a preference batch: input ids (2B, T), the
+    targets each position predicts (2B * T,) and the flat positions that predict a response token (M,)."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    targets = shift_labels(labels, IGNORE_INDEX).reshape(-1)  # position t predicts labels[:, t + 1]
+    return ids, targets, (targets != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def preference_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the chosen and rejected responses, (B,) each, in one forward pass over the
     2B concatenated rows (right-padded, so causal attention needs no mask). The LM head runs only on the
     positions that predict a response token (labels != -100), chunk by chunk
     (`llmlab.train.losses.token_logprobs`): prompts and padding cost no logits, and the (2B, T, V)
     logits never exist at once."""
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    targets = shift_labels(labels, IGNORE_INDEX).reshape(-1)  # position t predicts labels[:, t + 1]
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) flat positions that score a response token
+    ids, targets, rows = scored_rows(batch)
     with autocast(ids.device):
         hidden = model(ids, output_hidden=True)  # (2B, T, D)
         logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
@@ -66,25 +72,20 @@ def preference_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor
 
 def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_size: int):
     """Sophia's Gauss-Newton-Bartlett estimate for DPO: `(closure, tokens)`, the closure running forward
-    and backward of `gnb_sampled_loss` (labels sampled from the policy) over the response tokens of the
+    and backward of the GNB loss (labels sampled from the policy) over the response tokens of the
     batch's chosen and rejected sequences (labels != -100), a mean over all `tokens` of them, one
-    mini-batch at a time."""
+    mini-batch at a time, the head on those positions only, in chunks (`gnb_rows_loss`)."""
     n = batch["chosen_input_ids"].shape[0]
-    subs = [_trim(batch, slice(start, start + mini_batch_size)) for start in range(0, n, mini_batch_size)]
-
-    def counted(sub: dict[str, Tensor]) -> Tensor:
-        labels = torch.cat([sub["chosen_labels"], sub["rejected_labels"]])
-        return labels[:, 1:] != IGNORE_INDEX  # logits[:, t] predicts labels[:, t + 1]
-
-    tokens = sum(int(counted(sub).sum()) for sub in subs)
+    subs = [scored_rows(_trim(batch, slice(start, start + mini_batch_size))) for start in range(0, n, mini_batch_size)]
+    tokens = sum(int(rows.numel()) for _, _, rows in subs)
 
     def closure() -> None:
-        for sub in subs:
-            mask = counted(sub)
-            ids = torch.cat([sub["chosen_input_ids"], sub["rejected_input_ids"]])
+        for ids, _, rows in subs:
             with autocast(ids.device):
-                logits = policy(ids)  # (2b, T, V)
-            (gnb_sampled_loss(logits[:, :-1], mask) * mask.sum() / max(tokens, 1)).backward()
+                hidden = policy(ids, output_hidden=True)  # (2b, T, D)
+                loss = gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                                     base_transformer(policy).lm_head)
+            (loss * rows.numel() / max(tokens, 1)).backward()
 
     return closure, tokens
 

@@ -43,8 +43,8 @@ from llmlab.checkpoint import base_transformer, unwrap_model
 from llmlab.device import autocast, model_device
 from llmlab.errors import DataError
 from llmlab.generate import generate_tokens
-from llmlab.optim import gnb_sampled_loss, refresh_hessian_if_due
-from llmlab.train.losses import token_logprobs
+from llmlab.optim import refresh_hessian_if_due
+from llmlab.train.losses import gnb_rows_loss, token_logprobs
 
 # --------------------------------------------------------------------------------------------------
 # Log-probs (and values) of the response tokens in one forward pass
@@ -80,25 +80,6 @@ def response_hidden(
     hidden = model(sequences, attention_mask=attention_mask, output_hidden=True)  # (B, P + N, D)
     hidden = hidden[:, prompt_len - 1 : total - 1]  # (B, N, D): the states that predict each response token
     return hidden, (value_head(hidden) if value_head is not None else None)
-
-
-def response_logits(
-    model: nn.Module,
-    sequences: Tensor,
-    prompt_len: int,
-    attention_mask: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Logits (B, N, V) that predict the response tokens `sequences[:, prompt_len:]`, divided by
-    `temperature` (in fp32) when it is not 1: the LM head on the N positions of `response_hidden`. For
-    Sophia's Hessian estimate; scoring goes through `response_logprobs`, which never holds all of them."""
-    with autocast(sequences.device):
-        hidden, _ = response_hidden(model, sequences, prompt_len, attention_mask)
-        logits = base_transformer(model).lm_head(hidden)  # (B, N, V)
-    if temperature != 1.0 and temperature > 0:
-        logits = logits.float() / temperature  # scaled in fp32, as sampling did
-    return logits
 
 
 def response_logprobs(
@@ -378,18 +359,21 @@ class UpdateCount:
 
 def rollout_hessian(policy: nn.Module, rollout: Rollout, temperature: float = 1.0) -> HessianFn:
     """Sophia's Gauss-Newton-Bartlett estimate for PPO and GRPO: `fn(rows) -> (closure, tokens)`, the
-    closure running forward and backward of `gnb_sampled_loss` on the policy's response logits of those
-    rows (at `temperature`, the distribution the updates train), labels sampled from the policy itself,
-    averaged over the `tokens` response tokens (prompt and padding excluded). Only the LM logits enter,
+    closure running forward and backward of the GNB loss on the policy's response logits of those rows
+    (at `temperature`, the distribution the updates train; the head on the response tokens only, in
+    chunks: `gnb_rows_loss`), labels sampled from the policy itself, averaged over the `tokens` response
+    tokens (prompt and padding excluded). Only the LM logits enter,
     so a value head gets no curvature estimate (Sophia moves it by lr * clip(m / eps, 1) = sign steps)."""
 
     def fn(rows: Tensor) -> tuple[Callable[[], Tensor], int]:
         mb = rollout.select(rows.to(rollout.logprobs.device))
 
         def closure() -> Tensor:
-            logits = response_logits(policy, mb.sequences, mb.prompt_len, mb.attention_mask,
-                                     temperature=temperature)
-            loss = gnb_sampled_loss(logits, mb.response_mask.bool())
+            rows = mb.response_mask.reshape(-1).nonzero().squeeze(1)  # the scored response tokens
+            with autocast(mb.sequences.device):
+                hidden, _ = response_hidden(policy, mb.sequences, mb.prompt_len, mb.attention_mask)
+                loss = gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                                     base_transformer(policy).lm_head, temperature=temperature if temperature > 0 else 1.0)
             loss.backward()
             return loss
 

@@ -247,8 +247,24 @@ def chunked_lm_loss(head: nn.Module, hidden: Tensor, labels: Tensor, *, chunk_ro
     return loss_sum / n.clamp(min=1)
 
 
-def _gnb_chunk(head: nn.Module, h: Tensor, mask: Tensor) -> Tensor:
-    return gnb_sampled_loss(head(h), mask) * mask.sum()  # the chunk's sum over counted positions
+def _gnb_chunk(head: nn.Module, h: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    logits = head(h)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    return gnb_sampled_loss(logits, mask) * mask.sum()  # the chunk's sum over counted positions
+
+
+def _chunked_gnb(x: Tensor, head: nn.Module, mask: Tensor, temperature: float, chunk_rows: int | None) -> Tensor:
+    weight = getattr(head, "weight", None)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
+    total = x.new_zeros((), dtype=torch.float32)
+    for start in range(0, x.shape[0], rows):
+        h, m = x[start:start + rows], mask[start:start + rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_gnb_chunk, head, h, m, temperature, use_reentrant=False)
+        else:
+            total = total + _gnb_chunk(head, h, m, temperature)
+    return total / mask.sum().clamp(min=1)
 
 
 def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
@@ -256,14 +272,10 @@ def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_r
     """Sophia's Gauss-Newton-Bartlett loss (`gnb_sampled_loss`: cross entropy against labels sampled from
     the model's softmax), mean over the label positions, one checkpointed chunk of rows at a time."""
     mask = (shift_labels(labels, ignore_index) != ignore_index).reshape(-1)  # (B*T,)
-    x = hidden.reshape(-1, hidden.shape[-1])
-    weight = getattr(head, "weight", None)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
-    total = x.new_zeros((), dtype=torch.float32)
-    for start in range(0, x.shape[0], rows):
-        h, m = x[start:start + rows], mask[start:start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_gnb_chunk, head, h, m, use_reentrant=False)
-        else:
-            total = total + _gnb_chunk(head, h, m)
-    return total / mask.sum().clamp(min=1)
+    return _chunked_gnb(hidden.reshape(-1, hidden.shape[-1]), head, mask, 1.0, chunk_rows)
+
+
+def gnb_rows_loss(x: Tensor, head: nn.Module, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
+    """`chunked_gnb_loss` over rows that all count: x (N, D), the states of the scored positions (RLHF's
+    response tokens), logits divided by `temperature` -> the mean over the N rows."""
+    return _chunked_gnb(x, head, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), temperature, chunk_rows)
