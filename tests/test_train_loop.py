@@ -146,6 +146,26 @@ def test_the_head_skips_rows_without_labels_with_the_same_gradients(monkeypatch)
         torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_sophias_estimate_with_rows_samples_the_counted_positions_only():
+    """LMLoss(gnb=True, rows=...): the GNB loss over the counted positions' logits alone (the same samples
+    as gnb_sampled_loss on them), the head run on those rows only."""
+    from llmlab.optim import gnb_sampled_loss
+
+    batch = next(RuleBatches(4, mask=True, seed=5))
+    rows = label_rows(batch["labels"])
+    model = tiny_model()
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    torch.manual_seed(3)
+    got = LMLoss(model)(batch["input_ids"], batch["labels"], gnb=True, rows=rows)
+    assert seen == [rows.numel()]
+    with torch.no_grad():
+        hidden = model(batch["input_ids"], output_hidden=True).reshape(-1, model.lm_head.in_features)
+        torch.manual_seed(3)
+        want = gnb_sampled_loss(model.lm_head(hidden[rows]))
+    assert abs(got.item() - want.item()) < 1e-6
+
+
 def test_step_counts_updates_and_accumulation_reads_micro_batches(tmp_path):
     class Counting(RuleBatches):  # a data iterator that skips (and counts) bad records
         @property

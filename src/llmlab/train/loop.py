@@ -91,7 +91,7 @@ from llmlab.train.distributed import (
     optimizer_state,
     wrap_model,
 )
-from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss, label_rows
+from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss, gnb_rows_loss, label_rows
 from llmlab.train.metrics import MetricsLogger
 
 Batch = dict[str, Tensor]
@@ -164,6 +164,8 @@ class LMLoss(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor, gnb: bool = False, rows: Tensor | None = None) -> Tensor:
         hidden = self.model(input_ids, output_hidden=True)  # (B, T, D)
         head = lm_head_of(self.model)
+        if gnb and rows is not None:
+            return gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), head)
         if gnb:
             return chunked_gnb_loss(hidden, head, labels)
         loss_sum, _ = causal_lm_loss(hidden, head, labels, rows=rows)
@@ -738,7 +740,8 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             if not skipped:
                 refresh_hessian_if_due(optimizer, step,
-                                       lambda mb=micro[-1]: _hessian_estimate(wrapped, mb, device, info))
+                                       lambda mb=micro[-1]: _hessian_estimate(wrapped, mb, device, info,
+                                                                            not cfg.compile))
             scheduler.step()
             step += 1
             tokens_seen += step_tokens
@@ -814,16 +817,17 @@ def train_loop(
                        best_checkpoint=paths["best"], latest_checkpoint=paths["latest"])
 
 
-def _hessian_estimate(wrapped: nn.Module, mb: Batch, device: torch.device,
-                      info: DistInfo) -> tuple[Callable[[], Tensor], int]:
+def _hessian_estimate(wrapped: nn.Module, mb: Batch, device: torch.device, info: DistInfo,
+                      select_rows: bool = True) -> tuple[Callable[[], Tensor], int]:
     """Sophia: `(closure, batch_tokens)` for one Gauss-Newton-Bartlett estimate from a micro-batch
-    (labels sampled from the model), what `refresh_hessian_if_due` asks for."""
-    input_ids, labels = to_device(mb["input_ids"], device), to_device(mb["labels"], device)
+    (labels sampled from the model), what `refresh_hessian_if_due` asks for; the head on the counted
+    rows only when `select_rows` (as in `forward_backward`)."""
+    args, rows = loss_inputs(mb, device, select_rows)
     n_tokens = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) * info.world_size
 
     def closure() -> Tensor:
         with autocast(device):
-            loss = wrapped(input_ids, labels, gnb=True)
+            loss = wrapped(*args, gnb=True, **rows)
         loss.backward()
         return loss
 
