@@ -74,7 +74,8 @@ def grpo_split(policy, tok, examples, repeats: int, device: str = "cpu") -> dict
     """Median seconds of the three parts of one GRPO step as `GRPOStage.step` runs them."""
     try:
         from llmlab.rlhf.grpo import grpo_update
-        from llmlab.rlhf.rollout import build_reference, generate_rollout, score_rollout
+        from llmlab.rlhf.rollout import generate_rollout, score_rollout
+        from llmlab.rlhf.scoring import build_reference
     except ImportError as e:
         return {"skipped": f"llmlab.rlhf.grpo not available ({e})"}
     reference = build_reference(policy)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from llmlab.model import build_model  # noqa: E402
 from llmlab.rlhf.dpo import preference_logps  # noqa: E402
-from llmlab.rlhf.rollout import response_logprobs  # noqa: E402
+from llmlab.rlhf.scoring import response_logprobs  # noqa: E402
 
 
 def full_preference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,8 @@ import torch
 from llmlab.config import RLHFConfig
 from llmlab.errors import ConfigError
 from llmlab.rlhf.dpo import beta_of, dpo_step, preference_logps
-from llmlab.rlhf.rollout import build_reference
 from llmlab.rlhf.run import run_rlhf
+from llmlab.rlhf.scoring import build_reference
 from llmlab.train.metrics import read_metrics
 from test_rlhf_rollout import policy_dir_fixture  # noqa: F401 - provides `policy_dir`
 

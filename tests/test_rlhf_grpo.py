@@ -14,8 +14,9 @@ import torch
 from llmlab.config import RLHFConfig
 from llmlab.model import build_model
 from llmlab.rlhf.grpo import group_reward_stats, grpo_update
-from llmlab.rlhf.rollout import build_reference, generate_rollout, response_logprobs
+from llmlab.rlhf.rollout import generate_rollout
 from llmlab.rlhf.run import run_rlhf
+from llmlab.rlhf.scoring import build_reference, response_logprobs
 from llmlab.train.loop import last_run_status
 from llmlab.train.metrics import read_metrics
 from test_rlhf_rollout import (

@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 import llmlab.rlhf.rollout as rollout_mod
+import llmlab.rlhf.updates as updates_mod
 from llmlab.config import OptimizerName, RLHFConfig
 from llmlab.model import build_model
 from llmlab.optim import build_optimizer
 from llmlab.rlhf.dpo import dpo_step
 from llmlab.rlhf.ppo import ppo_advantages, ppo_update
-from llmlab.rlhf.rollout import UpdateCount, build_reference, generate_rollout
+from llmlab.rlhf.rollout import generate_rollout
 from llmlab.rlhf.run import disable_dropout, dropout_notice, needs_reference, run_rlhf
+from llmlab.rlhf.scoring import build_reference
+from llmlab.rlhf.updates import UpdateCount
 from llmlab.rlhf.value_head import value_head_for
 from llmlab.train.metrics import read_metrics
 from test_rlhf_dpo import pairs_fixture  # noqa: F401 - provides `pairs`
@@ -110,7 +113,7 @@ def test_sophia_in_ppo_update_refreshes_its_hessian_and_steps_below_sign_momentu
     assert moved.numel() > 0 and float(moved.mean()) < 0.5 * lr
 
     trainable.load_state_dict(start)
-    monkeypatch.setattr(rollout_mod, "refresh_hessian_if_due", lambda *a, **k: False)
+    monkeypatch.setattr(updates_mod, "refresh_hessian_if_due", lambda *a, **k: False)
     plain = build_optimizer(trainable, cfg)
     moved_plain = second_step(plain)
     assert all(float(h.abs().sum()) == 0 for h in _hessians(plain, model).values())
@@ -206,7 +209,7 @@ def test_sophia_refresh_schedule_continues_across_a_resume(algorithm, policy_dir
             refreshed.append(update)
         return did
 
-    monkeypatch.setattr(rollout_mod, "refresh_hessian_if_due", spy)
+    monkeypatch.setattr(updates_mod, "refresh_hessian_if_due", spy)
     monkeypatch.setattr(dpo_mod, "refresh_hessian_if_due", spy)
     common = dict(algorithm=algorithm, policy_checkpoint=str(policy_dir), reward_model_name=None,
                   batch_size=4, mini_batch_size=2, max_new_tokens=4, val_fraction=0.0, optimizer="sophia",

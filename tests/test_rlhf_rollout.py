@@ -14,14 +14,9 @@ import torch
 
 from conftest import tiny_config
 from llmlab.model import build_model
-from llmlab.rlhf.rollout import (
-    build_reference,
-    decode_responses,
-    generate_rollout,
-    group_minibatches,
-    response_logprobs,
-    reward_columns,
-)
+from llmlab.rlhf.rollout import decode_responses, generate_rollout, reward_columns
+from llmlab.rlhf.scoring import build_reference, response_logprobs
+from llmlab.rlhf.updates import group_minibatches
 from llmlab.rlhf.value_head import ValueHead, value_head_for
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3]]  # different lengths: left padding

@@ -26,7 +26,8 @@ from llmlab.checkpoint import base_transformer
 from llmlab.device import autocast
 from llmlab.optim import refresh_hessian_if_due
 from llmlab.rlhf.losses import dpo_loss, dpo_metrics
-from llmlab.rlhf.rollout import Reference, UpdateCount, optimizer_update
+from llmlab.rlhf.scoring import Reference
+from llmlab.rlhf.updates import UpdateCount, optimizer_update
 from llmlab.train.losses import gnb_rows_loss, shift_labels, token_logprobs
 
 if TYPE_CHECKING:

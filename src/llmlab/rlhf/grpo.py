@@ -23,17 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.rlhf.losses import group_advantages, grpo_loss
-from llmlab.rlhf.rollout import (
-    Rollout,
-    UpdateCount,
-    generate_rollout,
-    group_minibatches,
-    minibatch_updates,
-    response_logprobs,
-    rollout_hessian,
-    rollout_stats,
-    score_rollout,
-)
+from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout
+from llmlab.rlhf.scoring import response_logprobs
+from llmlab.rlhf.updates import UpdateCount, group_minibatches, minibatch_updates, rollout_hessian
 
 if TYPE_CHECKING:
     from llmlab.rlhf.run import Session

@@ -34,17 +34,9 @@ from llmlab.rlhf.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from llmlab.rlhf.rollout import (
-    Rollout,
-    UpdateCount,
-    generate_rollout,
-    minibatch_updates,
-    minibatches,
-    response_logprobs,
-    rollout_hessian,
-    rollout_stats,
-    score_rollout,
-)
+from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout
+from llmlab.rlhf.scoring import response_logprobs
+from llmlab.rlhf.updates import UpdateCount, minibatch_updates, minibatches, rollout_hessian
 from llmlab.rlhf.value_head import value_head_for
 
 if TYPE_CHECKING:

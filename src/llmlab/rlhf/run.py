@@ -45,7 +45,8 @@ from llmlab.config import RLHFConfig
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.generate import check_compiler
 from llmlab.optim import set_lr
-from llmlab.rlhf.rollout import Reference, build_reference, greedy_reward, prompt_budget
+from llmlab.rlhf.rollout import greedy_reward, prompt_budget
+from llmlab.rlhf.scoring import Reference, build_reference
 from llmlab.train.loop import (
     StopFlag,
     StopReason,
