@@ -142,3 +142,34 @@ def test_grpo_lora_rollouts_through_cuda_graphs(tmp_path, tok_dir):
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
     assert all(0 <= r["reward"] <= 1 for r in rows if "reward" in r)
     assert _recorded_graphs() > before and gen._graph_caches  # the rollouts' decode steps were graphed
+
+
+def test_loss_rows_and_chunked_log_probs_on_the_device():
+    """The head on the counted rows (positions found on the CPU, moved without a sync) gives the loss and
+    gradients of every row under bf16 autocast; RLHF's chunked log-probs equal the full logits'."""
+    from llmlab.train.loop import LMLoss, forward_backward
+    from llmlab.train.losses import token_logprobs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (4, 48), generator=g)
+    labels = ids.clone()
+    labels[:, :20] = -100  # prompts: the rows are selected
+
+    def run(select):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(init_std=0.2)).to(device)
+        loss, _ = forward_backward(LMLoss(model), [{"input_ids": ids, "labels": labels}], device, select_rows=select)
+        return loss, {n: p.grad.float() for n, p in model.named_parameters()}
+
+    (la, ga), (lb, gb) = run(True), run(False)
+    assert abs(la.item() - lb.item()) < 1e-2 * abs(lb.item())
+    for n in ga:
+        assert (ga[n] - gb[n]).norm() <= 0.05 * gb[n].norm() + 1e-6, n
+
+    head = torch.nn.Linear(32, 128, bias=False).to(device)
+    x = torch.randn(300, 32, device=device, requires_grad=True)
+    t = torch.randint(0, 128, (300,), device=device)
+    got = token_logprobs(x, head, t, chunk_rows=64)
+    want = torch.log_softmax(head(x).float(), -1).gather(-1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
