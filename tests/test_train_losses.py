@@ -227,6 +227,8 @@ def test_gnb_rows_loss_is_sophias_estimator_on_the_given_rows_at_temperature():
         torch.testing.assert_close(a, b)
     hot = run(lambda: gnb_rows_loss(x, head, chunk_rows=10_000))  # temperature 1: other logits, other loss
     assert abs(hot[0].item() - want[0].item()) > 1e-3
+    none = gnb_rows_loss(x[:0], head)  # a batch with nothing scored: zero, and backward still runs
+    assert none.item() == 0 and all(g.abs().sum() == 0 for g in grads_of(none, hidden, head))
 
 
 # --- token_logprobs: what RLHF scores responses with ---------------------------------------------

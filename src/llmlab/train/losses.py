@@ -277,5 +277,8 @@ def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_r
 
 def gnb_rows_loss(x: Tensor, head: nn.Module, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
     """`chunked_gnb_loss` over rows that all count: x (N, D), the states of the scored positions (RLHF's
-    response tokens), logits divided by `temperature` -> the mean over the N rows."""
+    response tokens), logits divided by `temperature` -> the mean over the N rows (0, still differentiable,
+    for N = 0)."""
+    if x.shape[0] == 0:
+        return head(x).float().sum()  # no rows: zero gradients rather than a loss outside the graph
     return _chunked_gnb(x, head, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), temperature, chunk_rows)
