@@ -173,3 +173,8 @@ def test_loss_rows_and_chunked_log_probs_on_the_device():
     got = token_logprobs(x, head, t, chunk_rows=64)
     want = torch.log_softmax(head(x).float(), -1).gather(-1, t[:, None]).squeeze(1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # as RLHF scores on the GPU
+        low = token_logprobs(x, head, t, chunk_rows=64)
+        low_want = torch.log_softmax(head(x).float(), -1).gather(-1, t[:, None]).squeeze(1)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, low_want, rtol=1e-3, atol=1e-3)

@@ -98,8 +98,8 @@ def test_label_rows_keeps_every_row_when_few_are_skipped_or_the_labels_are_on_a_
     assert label_rows(labels) is None
     labels[:, :8] = -100  # 7 + 1 of 64 positions skipped (position t predicts label t + 1): 12.5 %
     assert label_rows(labels).numel() == 4 * (64 - 8)
-    labels[:, :] = -100
-    assert label_rows(labels).numel() == 0
+    labels[:, :] = -100  # nothing counts: every row (the loss keeps its zero gradient)
+    assert label_rows(labels) is None
     assert label_rows(torch.full((2, 8), -100, device="meta")) is None  # would wait for the device
 
 
@@ -115,6 +115,20 @@ def test_ignored_positions_contribute_nothing():
     other = labels.clone()
     other[0, :5] = torch.arange(5)
     assert not torch.equal(causal_lm_loss(hidden, head, other)[0], loss)  # they would count if not ignored
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_no_rows_give_a_zero_loss_that_backward_still_runs_through(plain_head):
+    """rows= with nothing in it (a micro-batch whose labels are all -100): zero loss, zero gradients, no
+    error from backward (under DDP one rank failing would leave the others waiting)."""
+    hidden, head, labels = make(torch.float32)
+    if not plain_head:
+        wrapped = type("Wrapped", (nn.Linear,), {})(D, V, bias=False)
+        wrapped.load_state_dict(head.state_dict())
+        head = wrapped
+    loss, _ = causal_lm_loss(hidden, head, labels, rows=torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0
+    assert all(g.abs().sum() == 0 for g in grads_of(loss, hidden, head))
 
 
 def test_all_ignored_gives_zero_loss_and_zero_grad():

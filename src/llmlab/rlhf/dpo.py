@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.checkpoint import base_transformer
-from llmlab.device import autocast
+from llmlab.device import autocast, model_device
 from llmlab.optim import refresh_hessian_if_due
 from llmlab.rlhf.losses import dpo_loss, dpo_metrics
 from llmlab.rlhf.scoring import Reference
@@ -46,29 +46,43 @@ def _trim(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
     return out
 
 
-def scored_rows(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+Scored = tuple[Tensor, Tensor, Tensor]  # (ids (2B, T), targets (2B * T,), rows (M,)): `scored_rows`
+
+
+def scored_rows(batch: dict[str, Tensor], device: torch.device | None = None) -> Scored:
     """The 2B concatenated rows (chosen, then rejected) of a preference batch: input ids (2B, T), the
-    targets each position predicts (2B * T,) and the flat positions that predict a response token (M,)."""
+    targets each position predicts (2B * T,) and the flat positions that predict a response token (M,).
+    Found where the batch is (the CPU, as the data iterators yield it: no device sync), then moved to
+    `device`."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     targets = shift_labels(labels, IGNORE_INDEX).reshape(-1)  # position t predicts labels[:, t + 1]
-    return ids, targets, (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if device is not None:
+        ids, targets, rows = ids.to(device), targets.to(device), rows.to(device)
+    return ids, targets, rows
+
+
+def scored_logps(model: nn.Module, scored: Scored) -> tuple[Tensor, Tensor]:
+    """`preference_logps` of rows already found (`scored_rows`): the LM head on the M scored positions
+    only, chunk by chunk (`llmlab.train.losses.token_logprobs`)."""
+    ids, targets, rows = scored
+    with autocast(ids.device):
+        hidden = model(ids, output_hidden=True)  # (2B, T, D)
+        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                              base_transformer(model).lm_head, targets.index_select(0, rows))
+    # each position written once, then summed per sequence: deterministic on CUDA (index_add is not)
+    sums = logp.new_zeros(ids.numel()).index_copy(0, rows, logp).view(ids.shape).sum(-1)
+    n = ids.shape[0] // 2
+    return sums[:n], sums[n:]
 
 
 def preference_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the chosen and rejected responses, (B,) each, in one forward pass over the
     2B concatenated rows (right-padded, so causal attention needs no mask). The LM head runs only on the
-    positions that predict a response token (labels != -100), chunk by chunk
-    (`llmlab.train.losses.token_logprobs`): prompts and padding cost no logits, and the (2B, T, V)
-    logits never exist at once."""
-    ids, targets, rows = scored_rows(batch)
-    with autocast(ids.device):
-        hidden = model(ids, output_hidden=True)  # (2B, T, D)
-        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-                              base_transformer(model).lm_head, targets.index_select(0, rows))
-    sums = logp.new_zeros(ids.shape[0]).index_add(0, rows // ids.shape[1], logp)  # per sequence
-    n = batch["chosen_input_ids"].shape[0]
-    return sums[:n], sums[n:]
+    positions that predict a response token (labels != -100), chunk by chunk: prompts and padding cost
+    no logits, and the (2B, T, V) logits never exist at once."""
+    return scored_logps(model, scored_rows(batch, model_device(model)))
 
 
 def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_size: int):
@@ -76,8 +90,9 @@ def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_s
     and backward of the GNB loss (labels sampled from the policy) over the response tokens of the
     batch's chosen and rejected sequences (labels != -100), a mean over all `tokens` of them, one
     mini-batch at a time, the head on those positions only, in chunks (`gnb_rows_loss`)."""
-    n = batch["chosen_input_ids"].shape[0]
-    subs = [scored_rows(_trim(batch, slice(start, start + mini_batch_size))) for start in range(0, n, mini_batch_size)]
+    n, device = batch["chosen_input_ids"].shape[0], model_device(policy)
+    subs = [scored_rows(_trim(batch, slice(start, start + mini_batch_size)), device)
+            for start in range(0, n, mini_batch_size)]
     tokens = sum(int(rows.numel()) for _, _, rows in subs)
 
     def closure() -> None:
@@ -89,10 +104,6 @@ def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_s
             (loss * rows.numel() / max(tokens, 1)).backward()
 
     return closure, tokens
-
-
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def dpo_step(
@@ -114,9 +125,8 @@ def dpo_step(
 
     A non-finite loss leaves the weights untouched and is reported as loss = nan (the loop decides
     whether to stop or skip)."""
-    device = next(policy.parameters()).device
-    batch = _to(batch, device)
-    n = batch["chosen_input_ids"].shape[0]
+    device = model_device(policy)
+    n = batch["chosen_input_ids"].shape[0]  # the batch stays where it is (the CPU): rows are found there
     params = [p for p in (params if params is not None else policy.parameters()) if p.requires_grad]
     updates = updates if updates is not None else UpdateCount()
     index = updates.n
@@ -126,9 +136,10 @@ def dpo_step(
     tokens = 0
     for start in range(0, n, mini_batch_size):
         sub = _trim(batch, slice(start, start + mini_batch_size))
+        scored = scored_rows(sub, device)
         with torch.no_grad(), reference.active() as ref_model:
-            ref_c, ref_r = preference_logps(ref_model, sub)
-        pol_c, pol_r = preference_logps(policy, sub)
+            ref_c, ref_r = scored_logps(ref_model, scored)
+        pol_c, pol_r = scored_logps(policy, scored)
         loss, c_rew, r_rew = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
         rows = sub["chosen_input_ids"].shape[0]
         (loss * rows / n).backward()
@@ -151,18 +162,17 @@ def dpo_step(
 def dpo_evaluate(policy: nn.Module, reference: Reference, batches: Iterable[dict[str, Tensor]], *,
                  beta: float, mini_batch_size: int) -> dict[str, float]:
     """DPO loss, reward accuracy and margin over held-out pairs (every pair weighs the same)."""
-    device = next(policy.parameters()).device
+    device = model_device(policy)
     was_training = policy.training
     policy.eval()
     losses, chosen_r, rejected_r = [], [], []
     for batch in batches:
-        batch = _to(batch, device)
         n = batch["chosen_input_ids"].shape[0]
         for start in range(0, n, mini_batch_size):
-            sub = _trim(batch, slice(start, start + mini_batch_size))
+            scored = scored_rows(_trim(batch, slice(start, start + mini_batch_size)), device)
             with reference.active() as ref_model:
-                ref_c, ref_r = preference_logps(ref_model, sub)
-            pol_c, pol_r = preference_logps(policy, sub)
+                ref_c, ref_r = scored_logps(ref_model, scored)
+            pol_c, pol_r = scored_logps(policy, scored)
             loss, c_rew, r_rew = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
             losses.append(loss * c_rew.shape[0])
             chosen_r.append(c_rew)

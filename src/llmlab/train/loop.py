@@ -153,7 +153,8 @@ class LMLoss(nn.Module):
     """`model` plus its loss, in one forward, so DDP and FSDP see every parameter use inside forward.
 
     forward(input_ids, labels) -> sum of the token cross entropies (chunked, see `losses`);
-    forward(input_ids, labels, rows=label_rows(labels)) -> the same, the head run on the counted rows only;
+    forward(input_ids, labels, rows=rows) -> the same, the head run on the counted rows only (`rows`:
+        `losses.label_rows` of the CPU labels, moved to the model's device; see `loss_inputs`);
     forward(input_ids, labels, gnb=True) -> Sophia's Gauss-Newton-Bartlett sampled loss (a mean, chunked).
     """
 

@@ -24,9 +24,10 @@ Rows without a label cost nothing. SFT masks its prompt tokens and right padding
 of a batch or more); their logits would be computed and then ignored. `label_rows` finds the positions
 that carry a loss from the labels while they are still on the CPU (no wait for the device), and
 `causal_lm_loss(..., rows=...)` gathers those hidden states before the head, so the three products per
-chunk run on the counted rows only: with half the rows masked, a training step of the bench model
-(vocab 8,192) took ~16 % less time, ~32 % less at vocab 65,536 (bench/README.md). Same loss and
-gradients (the gather's backward scatters them back). Where fewer than 1/16 of the rows are skipped
+chunk run on the counted rows only: with half of every sequence a prompt, the bench model's training
+step (vocab 8,192) ran 1.11x as many tokens/s as on every row (bench/README.md, `sft_masked_prompts`);
+the larger the vocabulary, the larger the share. Same loss and gradients (the gather's backward scatters
+them back). Where fewer than 1/16 of the rows are skipped
 (pretraining: one position per sequence) the rows are all kept.
 
 A head that is not a plain `nn.Linear` (a PEFT LoRA-wrapped lm_head, say) goes through
@@ -74,14 +75,14 @@ def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
 
 def label_rows(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor | None:
     """Flat (B*T) indices of the positions that carry a loss (their next label counts), for `rows=` of
-    `causal_lm_loss`; None where finding them would wait for the device (labels not on the CPU) or where
+    `causal_lm_loss`; None where finding them would wait for the device (labels not on the CPU), where
     fewer than MIN_SKIPPED_FRACTION of the positions are skipped (computing those rows costs less than
-    gathering the others)."""
+    gathering the others) or where none counts (every row then gives the loss its zero gradient)."""
     if labels.device.type != "cpu":
         return None
     counted = (shift_labels(labels, ignore_index) != ignore_index).reshape(-1)
-    skipped = counted.numel() - int(counted.sum())
-    if skipped < MIN_SKIPPED_FRACTION * counted.numel():
+    kept = int(counted.sum())
+    if kept == 0 or counted.numel() - kept < MIN_SKIPPED_FRACTION * counted.numel():
         return None
     return counted.nonzero().squeeze(1)
 
@@ -178,6 +179,8 @@ def checkpointed_cross_entropy(x: Tensor, head: nn.Module, target: Tensor, *, ch
                                ignore_index: int = IGNORE_INDEX, vocab_size: int | None = None) -> Tensor:
     """Like `linear_cross_entropy` for any head module: chunks under activation checkpointing."""
     rows = chunk_rows or default_chunk_rows(vocab_size or 32768)
+    if x.shape[0] == 0:
+        return head(x).float().sum()  # no rows: zero, still in the graph (backward gives zero gradients)
     total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
     for start in range(0, x.shape[0], rows):
         h, t = x[start:start + rows], target[start:start + rows]
