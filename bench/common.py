@@ -94,6 +94,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired_speedup(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Speed ratio round by round (their time / ours, from `interleaved`'s adjacent calls): the median and
+    the quartiles. Drift of the machine between rounds cancels in each pair, which the ratio of the two
+    medians does not guarantee."""
+    ratios = sorted(t / o for o, t in zip(ours, theirs))
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {"median": round(q2, 3), "q1": round(q1, 3), "q3": round(q3, 3), "pairs": len(ratios)}
+
+
 def sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
