@@ -1,6 +1,7 @@
 """LLM-Lab: configure, pretrain, fine-tune (full or LoRA), align (PPO, DPO, GRPO) and chat with a transformer.
 
-    from llmlab import ModelConfig, build_model, load_model, generate
+    from llmlab import ModelConfig, build_model, load_model
+    from llmlab.generate import generate   # `llmlab.generate` is the module (KV-cache engine, samplers)
 """
 
 from llmlab.config import ModelConfig, RLHFConfig, SFTConfig, TrainConfig
@@ -9,7 +10,7 @@ from llmlab.errors import LLMLabError
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "TrainConfig", "SFTConfig", "RLHFConfig", "LLMLabError", "build_model", "load_model",
-           "generate", "__version__"]
+           "__version__"]
 
 
 def __getattr__(name: str):  # lazy: `import llmlab` stays light for the CLI's --help
@@ -21,8 +22,4 @@ def __getattr__(name: str):  # lazy: `import llmlab` stays light for the CLI's -
         from llmlab.checkpoint import load_model
 
         return load_model
-    if name == "generate":
-        from llmlab.generate import generate
-
-        return generate
     raise AttributeError(name)
