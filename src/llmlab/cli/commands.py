@@ -278,11 +278,14 @@ INTEROP = {
 
 
 def interop(name: str, source: str, out: str, *, force: bool = False, **options: Any) -> Path:
-    """Run one INTEROP function (`options`, e.g. export_gguf's dtype, passed through) and say where it wrote."""
+    """Run one INTEROP function (`options`, e.g. export_gguf's dtype, passed through), say where it wrote and,
+    after `checked:`, what its check of the output compared and found (the numbers it reports)."""
     module, what = INTEROP[name]
     fn = _stage_function(module, name, what)
-    result = fn(source, out, force=force, **options)
-    console().print(f"{what}: {source} -> {result}")
+    checks: list[str] = []
+    result = fn(source, out, force=force, report=checks.append, **options)
+    for line in [f"{what}: {source} -> {result}", *(f"checked: {c}" for c in checks)]:
+        console().print(line, markup=False, soft_wrap=True)  # one line each, however narrow the terminal
     return Path(result)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from llmlab.hf import (
 
 SOURCE_FILE = "imported_from.json"
 PARITY_ATOL = 1e-3  # fp32 vs fp32 with a different attention kernel: ~1e-5 in practice
+
+Report = Callable[[str], None]  # receives one line saying what a check compared and found (the CLI prints it)
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
@@ -139,6 +143,25 @@ def probe_length(ours: torch.nn.Module, hf_model: Any) -> int:
     return max(1, min(ours.config.max_seq_len, PROBE_MAX, max(PROBE_MIN, widest + PROBE_MIN)))
 
 
+@dataclass(frozen=True)
+class LogitCheck:
+    """What a logit comparison on the parity probe found, for the line the CLI prints."""
+
+    max_abs_diff: float  # max |ours - transformers| over the probe's logits
+    scale: float  # max |transformers logit|
+    tokens: int  # probe length
+    allowed: float  # the largest max_abs_diff the check accepts
+
+    def numbers(self) -> str:
+        return f"max abs diff {self.max_abs_diff:.1e} on {self.tokens} tokens, allowed {self.allowed:.1e}"
+
+
+def logit_check(ours: torch.nn.Module, hf_model: Any) -> tuple[float, float, int]:
+    """(max |ours - transformers| logit difference, max |transformers logit|, probe tokens) on the probe."""
+    ids = parity_ids(ours.config.vocab_size, probe_length(ours, hf_model))
+    return (*logit_diff_and_scale(ours, hf_model, ids), ids.shape[1])
+
+
 def logit_diff_and_scale(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> tuple[float, float]:
     """(max |ours - transformers| logit difference, max |transformers logit|) on the probe, both in fp32."""
     ids = parity_ids(ours.config.vocab_size, probe_length(ours, hf_model)) if ids is None else ids
@@ -152,10 +175,11 @@ def max_logit_diff(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | Non
     return logit_diff_and_scale(ours, hf_model, ids)[0]
 
 
-def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, check: bool = True) -> Path:
+def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, check: bool = True,
+              report: Report | None = None) -> Path:
     """Hub id, transformers folder or .gguf file -> an LLM-Lab checkpoint folder (kind "imported") with the
     tokenizer and its chat template in `tokenizer/`. `check` compares logits with transformers on a probe
-    sequence and refuses to write a checkpoint that disagrees."""
+    sequence and refuses to write a checkpoint that disagrees; `report` then gets one line with its numbers."""
     from llmlab.checkpoint import load_state_into
     from llmlab.model import build_model
 
@@ -166,11 +190,13 @@ def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, c
     model = build_model(cfg)
     load_state_into(model, hf_state_to_llmlab(hf_model.state_dict()), where=str(source))
     model.eval()
+    checked = None
     if check:
-        diff = max_logit_diff(model, hf_model)
+        diff, scale, tokens = logit_check(model, hf_model)
         if not diff < PARITY_ATOL:
             raise CheckpointError(f"{source}: imported logits differ from transformers by {diff:.2e} (> {PARITY_ATOL}); "
                                   f"the architecture has a feature LLM-Lab does not reproduce")
+        checked = LogitCheck(diff, scale, tokens, PARITY_ATOL)
     info = {"source": str(source), "model_type": hf_model.config.model_type,
             "architectures": getattr(hf_model.config, "architectures", None), "gguf": is_gguf(source)}
     gen = getattr(hf_model, "generation_config", None)
@@ -181,7 +207,10 @@ def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, c
             gen.save_pretrained(str(tmp))  # generation_config.json: the model's own stop tokens
 
     del hf_model
-    return save_checkpoint(out, model, kind="imported", tokenizer=tok, write_extra=extra)
+    path = save_checkpoint(out, model, kind="imported", tokenizer=tok, write_extra=extra)
+    if checked is not None and report is not None:
+        report(f"logits match transformers' load of {source} ({checked.numbers()})")
+    return path
 
 
 def checkpoint_tokenizer(ckpt: Any) -> Any:
@@ -209,9 +238,10 @@ def generation_config_for(tok: Any) -> Any:
 EXPORT_RTOL = 1e-4  # export check: max logit difference allowed, relative to the largest |logit| (>= 1)
 
 
-def check_hf_export(model: torch.nn.Module, folder: str | os.PathLike, where: str) -> None:
+def check_hf_export(model: torch.nn.Module, folder: str | os.PathLike, where: str) -> LogitCheck:
     """Load `folder` with transformers (local, safetensors only, fp32) and compare its logits with `model`'s on
-    the parity probe; a CheckpointError when it does not load or differs by more than EXPORT_RTOL of the scale."""
+    the parity probe; a CheckpointError when it does not load or differs by more than EXPORT_RTOL of the scale,
+    else what it found."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -220,19 +250,28 @@ def check_hf_export(model: torch.nn.Module, folder: str | os.PathLike, where: st
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{where}: the exported folder does not load in transformers ({_first_line(e)}); "
                               f"nothing was written") from None
-    diff, scale = logit_diff_and_scale(model.float().eval(), hf_model)
-    if not diff <= EXPORT_RTOL * max(scale, 1.0):
+    diff, scale, tokens = logit_check(model.float().eval(), hf_model)
+    allowed = EXPORT_RTOL * max(scale, 1.0)
+    if not diff <= allowed:
         raise CheckpointError(f"{where}: transformers' logits for the exported folder differ from LLM-Lab's by "
                               f"{diff:.2e} (logit scale {scale:.2e}, allowed {EXPORT_RTOL:g} of it); nothing was "
                               f"written (an export bug: please report it)")
+    return LogitCheck(diff, scale, tokens, allowed)
+
+
+def describe_hf_export_check(checked: LogitCheck) -> str:
+    """The line `llm-lab export-hf` prints after `checked:`."""
+    return (f"reloaded with transformers, logits match LLM-Lab's ({checked.numbers()} = {EXPORT_RTOL:g} x "
+            f"logit scale {max(checked.scale, 1.0):.3g})")
 
 
 def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
-              check: bool = True) -> Path:
+              check: bool = True, report: Report | None = None) -> Path:
     """An LLM-Lab checkpoint -> a folder `AutoModelForCausalLM.from_pretrained` loads (Llama, Mistral when
     windowed, Qwen2 when q/k/v have bias): model.safetensors, config.json, generation_config.json and the
     tokenizer with its chat template. A LoRA adapter is merged into the weights. `check` reloads the written
-    folder with transformers and compares logits before it appears under `out_dir` (`check_hf_export`)."""
+    folder with transformers and compares logits before it appears under `out_dir` (`check_hf_export`);
+    `report` then gets one line with the check's numbers."""
     from safetensors.torch import save_file
 
     from llmlab.data.tokenizer import chat_template_of
@@ -251,6 +290,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, forc
     hf_cfg = hf_config_from_llmlab(ckpt.model_config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
     state = llmlab_state_to_hf(model_state_for_saving(model))
+    checked = None
     with atomic_dir(out) as tmp:
         save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -258,5 +298,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, forc
         generation_config_for(tok).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         if check:  # before the folder appears under its name: a mismatch leaves nothing behind
-            check_hf_export(model, tmp, str(ckpt.path))
+            checked = check_hf_export(model, tmp, str(ckpt.path))
+    if checked is not None and report is not None:
+        report(describe_hf_export_check(checked))
     return out
