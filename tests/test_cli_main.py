@@ -192,6 +192,84 @@ def test_repl_commands_change_settings_and_reject_bad_values(checkpoints):
     assert session.history == [] and text.rstrip().endswith("bye")
 
 
+CAP = "notice: the reply is limited to"
+
+
+def test_capped_reply_is_said_once_a_session_then_only_when_the_cap_drops_a_lot(checkpoints):
+    """max_new_tokens at the model's context (the README's tiny model: 256 and 256) caps every reply by a
+    little: said the first time, not on every turn; again when /max_tokens changes or the cap falls to 3/4."""
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=128))
+    lines = iter(["hi", "hi", "hi", "/exit"])
+    out = io.StringIO()
+    session.repl(input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count(CAP) == 1 and text.count("model> ") == 3
+    assert "model> notice" not in text  # the notice on its own line, before the reply's "model> "
+    session.history = [{"role": "user", "content": "the king " * 3}, {"role": "assistant", "content": "ok"}]
+    first = int(text.split(CAP)[1].split()[0])
+    assert 128 - len(session.prompt_ids("hi")) <= 0.75 * first and len(session.history) == 2  # history kept
+    grown = io.StringIO()
+    session.reply("hi", stream=io.StringIO(), notices=grown)  # the history grew: a much smaller cap is news
+    assert grown.getvalue().count(CAP) == 1
+    session.reply("hi", stream=io.StringIO(), notices=(again := io.StringIO()))
+    assert again.getvalue() == ""
+    session.settings = chat.Settings(temperature=0, max_new_tokens=127)  # /max_tokens: a new length asked
+    session.reply("hi", stream=io.StringIO(), notices=(asked := io.StringIO()))
+    assert asked.getvalue().count(CAP) == 1
+
+
+def test_generate_still_says_the_capped_reply(checkpoints, capsys):
+    root, _, _ = checkpoints
+    code, _, err = run(["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be", "--temperature",
+                        "0", "--max-new-tokens", "128"], capsys)
+    assert code == 0 and err.count(CAP) == 1
+
+
+def test_help_in_the_repl_lists_every_command_as_chat_help_does(checkpoints, capsys):
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"))
+    lines = iter(["/help", "/bogus", "/exit"])
+    out = io.StringIO()
+    session.repl(input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert main.CHAT_COMMANDS_HELP in text  # the one list: what chat --help ends with
+    for name in ("/reset", "/temp", "/temperature", "/top_p", "/top_k", "/max_tokens", "/help", "/exit", "/quit"):
+        assert name in text.split(main.CHAT_COMMANDS_HELP.splitlines()[0])[1]
+    assert "error: unknown command /bogus; /help lists the commands" in text
+    assert main.main(["chat", "--help"]) == 0
+    assert main.CHAT_COMMANDS_HELP in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compile_on", [True, False])
+def test_compile_says_once_that_it_compiles_before_the_first_reply(compile_on, checkpoints, monkeypatch):
+    import llmlab.generate as gen
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the compiled path, run eagerly
+    monkeypatch.setattr(gen, "check_compiler", lambda device: None)
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=3,
+                                                                               compile=compile_on))
+    lines = iter(["hi", "hello", "/exit"])
+    out = io.StringIO()
+    session.repl(input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count(chat.COMPILE_NOTICE) == (1 if compile_on else 0)
+    if compile_on:
+        assert text.index(chat.COMPILE_NOTICE) < text.index("model> ")
+
+
+def test_generate_compile_says_it_compiles_on_stderr(checkpoints, capsys, monkeypatch):
+    import llmlab.generate as gen
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(gen, "check_compiler", lambda device: None)
+    root, _, _ = checkpoints
+    code, out, err = run(["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be", "--temperature",
+                          "0", "--max-new-tokens", "4", "--compile"], capsys)
+    assert code == 0 and err.count(chat.COMPILE_NOTICE) == 1 and chat.COMPILE_NOTICE not in out
+
+
 def test_ctrl_c_at_the_prompt_leaves(checkpoints):
     root, _, _ = checkpoints
     session = chat.ChatSession.open(str(root / "sft"))

@@ -7,8 +7,10 @@ Base (pretrain) checkpoints complete raw text; SFT, RLHF and merged checkpoints 
 (the oldest turns are dropped when it no longer fits in max_seq_len). Tokens are decoded incrementally
 and printed as they come; a byte sequence cut in the middle of a character waits for its next token.
 
-REPL commands: /reset, /temp X, /top_p X, /top_k N, /max_tokens N, /help, /exit. Ctrl-C during a reply
-stops the reply; Ctrl-C (or Ctrl-D) at the prompt leaves.
+REPL commands: /reset, /temp X, /top_p X, /top_k N, /max_tokens N, /help, /exit (`/help` and `chat --help`
+print the one list, `llmlab.cli.main.CHAT_COMMANDS_HELP`). Ctrl-C during a reply stops the reply; Ctrl-C
+(or Ctrl-D) at the prompt leaves. A reply capped to fit max_seq_len is said once per session (again only
+when the cap drops a lot), and `--compile` says once that it is compiling before the first reply.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from llmlab.errors import ConfigError
 
 CHAT_KINDS = ("sft", "rlhf", "merged")
 HELP = ("/reset clears the conversation; /temp X, /top_p X, /top_k N, /max_tokens N change sampling; "
-        "/exit or Ctrl-C leaves")
+        "/help lists the commands; /exit or Ctrl-C leaves")
+COMPILE_NOTICE = "compiling the decoder for this model (once, may take a while)..."
+
+
+def commands_help() -> str:
+    """Every REPL command with a line each: the list `llm-lab chat --help` ends with (one text, no drift)."""
+    from llmlab.cli.main import CHAT_COMMANDS_HELP  # here, not at the top: main imports this module lazily
+
+    return CHAT_COMMANDS_HELP
 
 
 @dataclass
@@ -111,6 +121,9 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     name: str = "model"
     _stops: list[int] | None = field(default=None, init=False, repr=False)  # stop_ids, found once
+    # (max_new_tokens, tokens allowed) when a capped reply was last said (context_notice); None: not yet
+    _cap_said: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _compile_said: bool = field(default=False, init=False, repr=False)  # the compile line, once a session
 
     @classmethod
     def open(cls, checkpoint: str, *, adapter: str | None = None, mode: str | None = None,
@@ -153,7 +166,11 @@ class ChatSession:
         return ids
 
     def context_notice(self, prompt_len: int) -> str | None:
-        """One line when the prompt is cut from the left or the reply capped to fit max_seq_len, else None."""
+        """One line when the prompt is cut from the left or the reply capped to fit max_seq_len, else None.
+        A cut prompt is said every time (it is this message's text). A capped reply is said the first time
+        in the session, then again only when it is news: max_new_tokens changed since (/max_tokens), or the
+        cap fell to 3/4 or less of the one last said (the history grew). A default max_new_tokens at or
+        above a small model's context caps every reply by a little; that line on every turn was noise."""
         from llmlab.generate import fit_to_context
 
         context, wanted = self.model.config.max_seq_len, self.settings.max_new_tokens
@@ -161,7 +178,9 @@ class ChatSession:
         parts = []
         if cut:
             parts.append(f"the prompt ({prompt_len} tokens) is cut to its last {prompt_len - cut} tokens")
-        if allowed < wanted:
+        said = self._cap_said
+        if allowed < wanted and (said is None or said[0] != wanted or 4 * allowed <= 3 * said[1]):
+            self._cap_said = (wanted, allowed)
             parts.append(f"the reply is limited to {allowed} tokens (max_new_tokens {wanted})")
         if not parts:
             return None
@@ -179,12 +198,14 @@ class ChatSession:
     # ---- generation ----------------------------------------------------------------------------
 
     def reply(self, user_text: str, stream: TextIO | None = None, notices: TextIO | None = None, *,
-              ids: list[int] | None = None) -> str:
+              ids: list[int] | None = None, prefix: str = "") -> str:
         """Generate the answer to `user_text`, writing it to `stream` piece by piece; returns the text.
-        `ids` are `prompt_ids(user_text)` when the caller has them already (the REPL's length check).
+        `ids` are `prompt_ids(user_text)` when the caller has them already (the REPL's length check);
+        `prefix` goes on `stream` after the notices, before the reply (the REPL's "model> ").
         Ctrl-C stops the reply early (what was generated is kept). A prompt cut or a reply capped to fit
-        max_seq_len is said in one line on `notices` (default stderr); an empty raw prompt, or a chat
-        message longer than the context, is a ConfigError."""
+        max_seq_len is said in one line on `notices` (default stderr; a capped reply as `context_notice`
+        rules), and so is compiling, before the session's first compiled reply; an empty raw prompt, or a
+        chat message longer than the context, is a ConfigError."""
         import torch
 
         from llmlab.device import model_device
@@ -211,11 +232,17 @@ class ChatSession:
         ids = self.prompt_ids(user_text) if ids is None else ids
         if not ids:
             raise ConfigError("prompt: empty; it tokenizes to no tokens, give some text")
+        out = notices if notices is not None else sys.stderr
         notice = self.context_notice(len(ids))
+        if s.compile and not self._compile_said:  # the first compiled reply waits 10-30 s: say why, once
+            self._compile_said = True
+            notice = f"{notice}\n{COMPILE_NOTICE}" if notice else COMPILE_NOTICE
         if notice:
-            out = notices if notices is not None else sys.stderr
             out.write(notice + "\n")
             out.flush()
+        if stream is not None and prefix:
+            stream.write(prefix)
+            stream.flush()
         try:
             generate_tokens(self.model, [ids], max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
@@ -245,12 +272,12 @@ class ChatSession:
             out.write("conversation cleared\n")
             return True
         if name == "/help":
-            out.write(HELP + "\n")
+            out.write(commands_help() + "\n")
             return True
         fields = {"/temp": ("temperature", float), "/temperature": ("temperature", float),
                   "/top_p": ("top_p", float), "/top_k": ("top_k", int), "/max_tokens": ("max_new_tokens", int)}
         if name not in fields:
-            out.write(f"error: unknown command {name}; {HELP}\n")
+            out.write(f"error: unknown command {name}; /help lists the commands\n")
             return True
         key, kind = fields[name]
         try:
@@ -287,6 +314,4 @@ class ChatSession:
             except ConfigError as e:
                 out.write(f"error: {e}\n")
                 continue
-            out.write("model> ")
-            out.flush()
-            self.reply(line, stream=out, notices=out, ids=ids)
+            self.reply(line, stream=out, notices=out, ids=ids, prefix="model> ")  # notices on their own lines
