@@ -200,6 +200,21 @@ def test_tokenizer_train_with_force_replaces_the_folder(tmp_path, capsys):
     assert code == 0 and (out / "tokenizer.json").is_file() and not (out / "old.txt").exists()
 
 
+def test_configure_refuses_an_existing_out_without_force_and_overwrites_with_it(tmp_path, capsys):
+    """Like tokenizer train, data prepare and the exports: an existing --out is one line naming --force and is
+    left as it was (checked before the tokenizer loads or anything prints); --force overwrites it."""
+    out = tmp_path / "model_config.json"
+    out.write_text("precious")
+    code, printed, err = run(["configure", "--vocab-from-tokenizer", "--out", str(out), "d_model=64", "n_heads=4",
+                              "n_kv_heads=2", "tokenizer_name=./no/such/tokenizer"], capsys)
+    assert code == 2 and printed == "" and out.read_text() == "precious"
+    assert one_line_error(err) == (f"error: --out: {out} already exists; pass --force (force=True) to overwrite it "
+                                   f"or choose another --out\n")
+    code, printed, _ = run(["configure", "--out", str(out), "d_model=64", "n_heads=4", "n_kv_heads=2", "--force"],
+                           capsys)
+    assert code == 0 and json.loads(out.read_text())["d_model"] == 64 and "saved model config to" in printed
+
+
 # ---- 7. a Hugging Face folder passed as a checkpoint -----------------------------------------------
 
 

@@ -127,8 +127,12 @@ def print_estimate(model_cfg: ModelConfig, stage: ConfigBase | None = None, **kw
 
 
 def configure(cfg: ModelConfig, out: str | os.PathLike = "model_config.json", *,
-              vocab_from_tokenizer: bool = False, vocab_multiple_of: int | None = None) -> Path:
-    """Save a model config (optionally sizing vocab_size from its tokenizer) and print its estimate."""
+              vocab_from_tokenizer: bool = False, vocab_multiple_of: int | None = None, force: bool = False) -> Path:
+    """Save a model config (optionally sizing vocab_size from its tokenizer) and print its estimate. An
+    existing `out` is refused unless `force` (--force), like the other commands that write an --out."""
+    if Path(out).exists() and not force:
+        raise ConfigError(f"--out: {out} already exists; pass --force (force=True) to overwrite it or choose "
+                          f"another --out")
     if vocab_from_tokenizer:
         from llmlab.data.tokenizer import load_tokenizer, model_vocab_size
 

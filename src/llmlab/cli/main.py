@@ -54,7 +54,7 @@ def _configure(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
     commands.configure(args.cfg, args.out, vocab_from_tokenizer=args.vocab_from_tokenizer,
-                       vocab_multiple_of=args.vocab_multiple_of)
+                       vocab_multiple_of=args.vocab_multiple_of, force=args.force)
     return 0
 
 
@@ -194,6 +194,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _args_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="model_config.json", help="where to save the model config (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--vocab-from-tokenizer", action="store_true",
                    help="set vocab_size to the size of tokenizer_name's vocabulary (loads the tokenizer)")
     p.add_argument("--vocab-multiple-of", type=int, default=None, metavar="N",
