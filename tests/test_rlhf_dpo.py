@@ -196,3 +196,32 @@ def test_beta_falls_back_to_clip_range_with_a_notice():
     assert "clip_range" in said[0]
     said.clear()
     assert beta_of(RLHFConfig(beta=0.1, reward_model_name=None), said.append) == 0.1 and not said
+
+
+def test_cli_rlhf_ends_with_a_done_line_like_pretrain_and_sft(policy_dir, pairs, tmp_path, capsys):
+    """`llm-lab rlhf` (every algorithm goes through run_rlhf) ends as pretrain and sft do: steps, the best
+    metric and what was saved where (best_lora_adapters/ beside best/ under LoRA)."""
+    from llmlab.cli.main import main
+
+    out = tmp_path / "run"
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in dict(
+        algorithm="dpo", policy_checkpoint=str(policy_dir), datasets=[pairs], output_dir=str(out), batch_size=8,
+        mini_batch_size=4, beta=0.5, learning_rate=1e-2, max_steps=2, log_every=1, eval_every=2, eval_steps=2,
+        val_fraction=0.1, save_best_only=False, use_lora=True).items()]
+    assert main(["rlhf", *overrides, "reward_model_name=null"]) == 0
+    best = json.loads((out / "best" / "trainer_state.json").read_text())["best_metric"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"done: dpo, 2 steps; best val reward accuracy {round(best, 4)}; saved best/, "
+                    f"best_lora_adapters/, latest/ in {out}")
+
+
+def test_done_message_names_a_training_metric_and_the_save_best_only_fallback():
+    from pathlib import Path
+
+    from llmlab.rlhf.run import done_message
+
+    assert done_message("grpo", 24, "reward", 0.123456, ["best", "latest"], Path("runs/g")) == (
+        "done: grpo, 24 steps; best reward 0.1235; saved best/, latest/ in runs/g")
+    assert done_message("ppo", 3, "val_reward", None, ["latest"], Path("o"), fallback=True) == (
+        "done: ppo, 3 steps; best val reward None; saved latest/ (no evaluation set a best, so no best/: the final "
+        "policy went to latest/ despite save_best_only) in o")

@@ -44,6 +44,7 @@ from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint
 from llmlab.config import RLHFConfig
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.generate import check_compiler
+from llmlab.lora import BEST_ADAPTERS
 from llmlab.optim import set_lr
 from llmlab.rlhf.rollout import greedy_reward, prompt_budget
 from llmlab.rlhf.scoring import Reference, build_reference
@@ -381,6 +382,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     session.on_tokens = abort_rollout
     paths: dict[str, Path | None] = {"best": None, "latest": None}
     last_metrics: dict[str, Any] = {}
+    best_key = stage.best_metric  # the metric `best` is of: the training one when nothing is held out
 
     def trainer_state(stage_state: dict[str, Any]) -> dict[str, Any]:
         return {"step": step, "algorithm": cfg.algorithm, "best_metric": best, "best_key": stage.best_metric,
@@ -392,10 +394,10 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                              metrics={"step": step, stage.best_metric: best, **last_metrics}, best=which == "best")
         paths[which] = path
 
-    def consider_best(value: float | None) -> None:
-        nonlocal best
+    def consider_best(value: float | None, key: str) -> None:
+        nonlocal best, best_key
         if value is not None and math.isfinite(value) and (best is None or value > best):
-            best = value
+            best, best_key = value, key
             save("best")
 
     config_path = output_dir / cfg.config_name
@@ -457,9 +459,10 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                 if evaluated:
                     record = {"step": step, **record, **evaluated}
                     last_metrics = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
-                    consider_best(evaluated.get(stage.best_metric))
+                    consider_best(evaluated.get(stage.best_metric), stage.best_metric)
                 elif record:  # no held-out data: best by the training metric
-                    consider_best(record.get(stage.best_metric.removeprefix("val_")))
+                    train_key = stage.best_metric.removeprefix("val_")
+                    consider_best(record.get(train_key), train_key)
             if record:
                 logger.log(record)
             if (not cfg.save_best_only and (step % cfg.save_every == 0 or final)) or stop.requested:
@@ -485,10 +488,27 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         print(f"interrupted at step {step}; saved {output_dir / 'latest'}. Resume with:\n"
               f"  {resume_command('rlhf', output_dir, config_path)}")
     result = paths["best"] or paths["latest"]
-    if result is None:  # save_best_only and nothing evaluated better: keep the final policy anyway
+    fallback = result is None
+    if fallback:  # save_best_only and nothing evaluated better: keep the final policy anyway
         save("latest")
         result = paths["latest"]
+    if stopped == "finished":
+        saved = [name for name, path in paths.items() if path is not None]
+        if paths["best"] is not None and (output_dir / BEST_ADAPTERS).is_dir():
+            saved.insert(1, BEST_ADAPTERS)
+        logger.message(done_message(cfg.algorithm, step, best_key, best, saved, output_dir, fallback=fallback))
     return result
+
+
+def done_message(algorithm: str, step: int, best_key: str, best: float | None, saved: list[str],
+                 output_dir: Path, *, fallback: bool = False) -> str:
+    """The last line of a finished run, as pretrain and sft end: steps, the best metric, what was saved where.
+    `fallback`: save_best_only found no best, so the final policy went to latest/."""
+    where = ", ".join(f"{name}/" for name in saved) or "no checkpoint"
+    if fallback:
+        where += " (no evaluation set a best, so no best/: the final policy went to latest/ despite save_best_only)"
+    value = best if best is None else round(best, 4)
+    return f"done: {algorithm}, {step} steps; best {best_key.replace('_', ' ')} {value}; saved {where} in {output_dir}"
 
 
 def _rewind(stage: Any, state: dict[str, Any] | None) -> None:
