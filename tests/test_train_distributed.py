@@ -161,3 +161,51 @@ def test_sigterm_exits_0_and_leaves_a_resumable_checkpoint(tmp_path, tokenizer_d
     resumed_cfg = train_config_from_checkpoint(out / "latest").with_overrides([f"max_steps={step + 2}"])
     run_pretrain(resumed_cfg, resume=str(out / "latest"), progress=False)
     assert [r["step"] for r in read_metrics(out)][-3:] == [step, step + 1, step + 2]
+
+
+@pytest.mark.parametrize("threads,local_ranks,cores,expected", [
+    (2, 2, 2, "OMP_NUM_THREADS=1 (or LLMLAB_THREADS=1"),  # the reported case: 2 ranks x 2 threads, 2 cores
+    (8, 4, 16, "OMP_NUM_THREADS=4 (or LLMLAB_THREADS=4"),
+    (1, 4, 2, "--nproc_per_node=2"),  # already one thread each: fewer ranks is the fix
+    (1, 2, 2, None),
+    (4, 2, 8, None),
+    (16, 1, 2, None),  # one rank: not a distributed oversubscription
+])
+def test_oversubscription_notice_decides_from_threads_ranks_and_cores(threads, local_ranks, cores, expected):
+    from llmlab.device import oversubscription_notice
+
+    notice = oversubscription_notice(threads, local_ranks, cores)
+    if expected is None:
+        assert notice is None
+    else:
+        assert expected in notice and "\n" not in notice
+        assert f"{local_ranks} ranks on this machine x {threads} threads each" in notice and f"{cores} cores" in notice
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_init_distributed_says_it_on_rank_0_only_and_keeps_the_thread_count(rank, monkeypatch, capsys):
+    """Joining the group (torchrun's environment, the collectives faked) prints the notice once on rank 0
+    and never changes torch's thread count; an idempotent second call prints nothing."""
+    import torch.distributed as dist
+
+    import llmlab.train.distributed as d
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: joined.append(a))
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(d, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("the thread count was changed"))
+    info = d.init_distributed()
+    assert info.world_size == 2 and info.rank == rank and joined
+    d.init_distributed()
+    out = capsys.readouterr().out
+    assert out.count("OMP_NUM_THREADS=1") == (1 if rank == 0 else 0)
+    assert out.count("\n") == (1 if rank == 0 else 0)

@@ -3,6 +3,8 @@
 This CPU has no fast bf16, so CPU runs stay fp32. The default torch thread count follows the cores this
 process may use (`os.sched_getaffinity`), overridable with `LLMLAB_THREADS` or `set_threads(n)`; the
 `llm-lab` command calls `set_threads()` once at start-up, so every stage follows `LLMLAB_THREADS`.
+Under torchrun, rank 0 says (once, `oversubscription_notice`) when threads x local ranks exceed the cores;
+the count asked for is kept.
 """
 
 from __future__ import annotations
@@ -79,6 +81,22 @@ def set_threads(n: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def oversubscription_notice(threads: int, local_ranks: int, cores: int) -> str | None:
+    """The one line for rank 0 when the ranks on this machine ask for more threads (`threads` each, times
+    `local_ranks`) than the `cores` this process may use, else None. It only advises: the thread count the
+    user asked for is kept."""
+    if local_ranks <= 1 or threads * local_ranks <= cores:
+        return None
+    fit = max(1, cores // local_ranks)
+    head = (f"notice: {local_ranks} ranks on this machine x {threads} threads each = {threads * local_ranks} "
+            f"threads on {cores} cores; oversubscribed ranks slow each other down (DDP can run slower than one "
+            f"process)")
+    if threads > fit:
+        return (f"{head}. Start torchrun with OMP_NUM_THREADS={fit} (or LLMLAB_THREADS={fit}, which wins over it); "
+                f"the {threads} threads asked for are kept")
+    return f"{head}. Start at most {cores} ranks per machine (--nproc_per_node={cores})"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

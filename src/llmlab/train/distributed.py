@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmlab.device import pick_device
+from llmlab.device import available_cores, oversubscription_notice, pick_device
 
 
 @dataclass
@@ -73,8 +73,20 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     group_cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    if owns and rank == 0:  # once per run, when the group is created
+        notice = thread_notice()
+        if notice:
+            print(notice, flush=True)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns,
                     group_cpu=group_cpu)
+
+
+def thread_notice() -> str | None:
+    """`oversubscription_notice` for this process: torch's thread count (what set_threads chose from
+    LLMLAB_THREADS / OMP_NUM_THREADS), torchrun's LOCAL_WORLD_SIZE and the cores this process may use."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    local_ranks = int(local) if local.isdigit() else 1
+    return oversubscription_notice(torch.get_num_threads(), local_ranks, available_cores())
 
 
 def shutdown(info: DistInfo) -> None:
