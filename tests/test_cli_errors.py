@@ -315,3 +315,20 @@ def test_export_gguf_goes_through_commands_interop_with_its_dtype_and_device_hel
     assert code == 0 and seen == [(("export_gguf", "ck", "m.gguf"), {"force": False, "dtype": "f32"})]
     code, out, _ = run(["generate", "--help"], capsys)
     assert code == 0 and "cuda:N" in out and "mps" in out
+
+
+def test_configure_says_when_d_ff_was_left_far_from_d_model(tmp_path, capsys):
+    """`configure d_model=256` keeps the spec's d_ff=4864 (19x): the estimate says so and names the usual
+    value; a usual shape gets no notice. The config is saved as asked either way."""
+    from llmlab.config import ModelConfig
+    from llmlab.model.estimate import shape_notice
+
+    code, printed, _ = run(["configure", "--out", str(tmp_path / "a.json"), "d_model=256", "n_heads=8",
+                            "n_kv_heads=2"], capsys)
+    assert code == 0 and json.loads((tmp_path / "a.json").read_text())["d_ff"] == 4864
+    assert "notice: d_ff 4864 is 19.0x d_model 256" in " ".join(printed.split()) and "d_ff=704" in printed
+    code, printed, _ = run(["configure", "--out", str(tmp_path / "b.json"), "d_model=256", "n_heads=8",
+                            "n_kv_heads=2", "d_ff=704"], capsys)
+    assert code == 0 and "notice: d_ff" not in printed
+    plain = ModelConfig(d_model=256, n_heads=8, n_kv_heads=2, d_ff=64, activation="gelu")
+    assert shape_notice(plain).endswith("d_ff=1024 (set it with d_ff=...)")

@@ -123,7 +123,12 @@ def _human(n: float) -> str:
 
 
 def print_estimate(model_cfg: ModelConfig, stage: ConfigBase | None = None, **kw: Any) -> None:
+    from llmlab.model.estimate import shape_notice
+
     console().print(estimate_table(model_cfg, stage, **kw))
+    notice = shape_notice(model_cfg)
+    if notice:
+        console().print(notice)
 
 
 def configure(cfg: ModelConfig, out: str | os.PathLike = "model_config.json", *,

@@ -97,3 +97,19 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int = 1, seq_len: int | Non
     logits = tokens * cfg.vocab_size * 4 * 2
     acts = cfg.n_layers * per_layer + logits
     return MemoryEstimate(n, trainable, weights / gb, grads / gb, states / gb, acts / gb)
+
+
+FF_RATIO_RANGE = (1.0, 8.0)  # d_ff / d_model outside this is almost always a d_model changed without d_ff
+
+
+def shape_notice(cfg: ModelConfig) -> str | None:
+    """One line when d_ff is far from d_model's usual multiple (e.g. `configure d_model=256` keeps the
+    default d_ff=4864, 19x), naming the usual value; None otherwise. Only advice: the config is kept."""
+    ratio = cfg.d_ff / cfg.d_model
+    if FF_RATIO_RANGE[0] <= ratio <= FF_RATIO_RANGE[1]:
+        return None
+    gated = cfg.activation == "swiglu"
+    usual = -(-8 * cfg.d_model // 3 // 64) * 64 if gated else 4 * cfg.d_model  # SwiGLU: 8/3 x, to a multiple of 64
+    return (f"notice: d_ff {cfg.d_ff} is {ratio:.1f}x d_model {cfg.d_model}; "
+            f"{'SwiGLU (Llama-style) models use about 8/3x' if gated else 'plain MLPs use 4x'}: "
+            f"d_ff={usual} (set it with d_ff=...)")
