@@ -93,11 +93,14 @@ def load_tokenizer(name_or_path: str):
     if path.startswith((".", "/", "~")) or path.endswith(".json"):
         raise DataError(f"tokenizer_name: {name_or_path!r} does not exist; give a hub id, a folder or a "
                         f"tokenizer.json, or train one with `llm-lab tokenizer train`")
+    from llmlab.hub import hub_kwargs, offline_note
+
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs(name_or_path))
     except Exception as e:  # OSError when offline or unknown, ValueError for odd repos
         raise DataError(
-            f"tokenizer_name: cannot load {name_or_path!r} from the Hugging Face Hub ({_first_line(e)}); "
+            f"tokenizer_name: cannot load {name_or_path!r} from the Hugging Face Hub "
+            f"({offline_note(name_or_path) or _first_line(e)}); "
             f"check the name and network, or use a local folder / tokenizer.json, or train one with "
             f"`llm-lab tokenizer train --datasets bundled:shakespeare --vocab-size 4096 --out DIR`"
         ) from None

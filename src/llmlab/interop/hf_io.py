@@ -99,22 +99,27 @@ def load_hf(source: str, *, with_tokenizer: bool = True) -> tuple[Any, Any]:
     before any weights are downloaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from llmlab.hub import hub_kwargs, offline_note
+
     where, extra = _from_pretrained_args(source)
     if not extra:  # a GGUF's config costs a full metadata read, so it is checked after loading instead
+        extra = hub_kwargs(where)  # offline: the local cache only, at once
         try:
-            hf_cfg = AutoConfig.from_pretrained(where)
+            hf_cfg = AutoConfig.from_pretrained(where, **extra)
         except Exception as e:  # noqa: BLE001 - offline, unknown id, unreadable file
-            raise CheckpointError(f"cannot read a transformers config from {source!r} ({_first_line(e)}); check "
-                                  f"the hub id / path and the network") from None
+            raise CheckpointError(f"cannot read a transformers config from {source!r} "
+                                  f"({offline_note(where) or _first_line(e)}); check the hub id / path and the "
+                                  f"network") from None
         model_config_from_hf(hf_cfg)  # raises ConfigError naming what has no LLM-Lab equivalent
-    if not extra and pickle_only_folder(where):
+    gguf = "gguf_file" in extra
+    if not gguf and pickle_only_folder(where):
         raise CheckpointError(pickle_refused(source))
     try:
         # safetensors only: never unpickle a pytorch_model.bin (a GGUF is read by transformers' own parser)
-        safe = {} if extra else {"use_safetensors": True}
+        safe = {} if gguf else {"use_safetensors": True}
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra, **safe)
     except Exception as e:  # noqa: BLE001
-        if not extra and "use_safetensors" in str(e):  # a hub model that publishes no safetensors
+        if not gguf and "use_safetensors" in str(e):  # a hub model that publishes no safetensors
             raise CheckpointError(pickle_refused(source)) from None
         raise CheckpointError(f"cannot load the weights of {source!r} with transformers ({_first_line(e)})") from None
     tok = None

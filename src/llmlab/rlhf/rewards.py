@@ -274,8 +274,11 @@ class RewardModel:
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
         if pickle_only_folder(name_or_path):
             raise ConfigError(f"reward_model_name: {pickle_refused(name_or_path)}")
+        from llmlab.hub import hub_kwargs
+
+        kwargs.update(hub_kwargs(name_or_path))  # offline: the local cache only, at once
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs(name_or_path))
             # safetensors only: a pytorch_model.bin is never unpickled
             self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, use_safetensors=True,
                                                                             **kwargs)
