@@ -352,3 +352,20 @@ def test_system_message_with_raw_mode_is_refused_before_loading(command, monkeyp
     assert main(command + ["--checkpoint", "ck", "--raw", "--system", "be brief"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --system") and err.count("\n") == 1 and "--chat" in err
+
+
+def test_end_of_input_cancels_an_action_and_leaves_the_main_menu_cleanly():
+    """Ctrl-D (or piped input running out) inside an action cancels it like Ctrl-C; at the main menu it
+    exits with 0 and "bye", as choosing 0 does (it was "interrupted", exit 130)."""
+    answers = iter(["1"])
+
+    def read(prompt):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    assert menu.run_menu(menu.PlainPrompter(read=read, out=out)) == 0
+    text = out.getvalue()
+    assert "cancelled" in text and text.rstrip().endswith("bye")

@@ -77,6 +77,11 @@ class Prompter:
         return questionary.confirm(message, default=default).unsafe_ask()
 
 
+class EndOfInput(KeyboardInterrupt):
+    """The input ended (Ctrl-D, or a pipe ran out): inside an action it cancels like Ctrl-C; at the main
+    menu it exits cleanly, as a shell does."""
+
+
 class PlainPrompter(Prompter):
     """Line-based prompts for pipes and dumb terminals: numbered choices, `error: <reason>` then again."""
 
@@ -90,7 +95,7 @@ class PlainPrompter(Prompter):
         try:
             return self.read(prompt)
         except EOFError:
-            raise KeyboardInterrupt from None
+            raise EndOfInput from None
 
     def text(self, message: str, default: str = "", validate: Validator | None = None) -> str:
         while True:
@@ -473,7 +478,11 @@ def run_menu(prompter: Prompter | None = None) -> int:
     while True:
         if isinstance(p, PlainPrompter):
             p.out.write("Main menu\n" + "".join(f"  {key}. {label}\n" for key, label, _ in MENU))
-            choice = p.text("choice", "", _menu_key).strip()
+            try:
+                choice = p.text("choice", "", _menu_key).strip()
+            except EndOfInput:  # Ctrl-D or the end of piped input at the main menu: leave as 0 does
+                p.out.write("\n")
+                choice = "0"
         else:
             items = [questionary.Choice(label, value=key, shortcut_key=key) for key, label, _ in MENU]
             choice = questionary.select("Main menu", choices=items, use_shortcuts=True).unsafe_ask()
