@@ -8,7 +8,7 @@ Base (pretrain) checkpoints complete raw text; SFT, RLHF and merged checkpoints 
 and printed as they come; a byte sequence cut in the middle of a character waits for its next token.
 
 REPL commands: /reset, /temp X, /top_p X, /top_k N, /max_tokens N, /help, /exit (`/help` and `chat --help`
-print the one list, `llmlab.cli.main.CHAT_COMMANDS_HELP`). Ctrl-C during a reply stops the reply; Ctrl-C
+print the one list, `COMMANDS_HELP`). Ctrl-C during a reply stops the reply; Ctrl-C
 (or Ctrl-D) at the prompt leaves. A reply capped to fit max_seq_len is said once per session (again only
 when the cap drops a lot), and `--compile` says once that it is compiling before the first reply.
 """
@@ -29,11 +29,15 @@ HELP = ("/reset clears the conversation; /temp X, /top_p X, /top_k N, /max_token
 COMPILE_NOTICE = "compiling the decoder for this model (once, may take a while)..."
 
 
-def commands_help() -> str:
-    """Every REPL command with a line each: the list `llm-lab chat --help` ends with (one text, no drift)."""
-    from llmlab.cli.main import CHAT_COMMANDS_HELP  # here, not at the top: main imports this module lazily
-
-    return CHAT_COMMANDS_HELP
+# Every REPL command with a line each: what /help prints and `llm-lab chat --help` ends with (one text)
+COMMANDS_HELP = """commands typed at the you> prompt (llmlab.cli.chat):
+  /reset              clear the conversation
+  /temp X             sampling temperature (also /temperature X; 0 = greedy)
+  /top_p X            nucleus sampling
+  /top_k N            top-k sampling (0 = off)
+  /max_tokens N       longest reply
+  /help               list these commands
+  /exit, /quit        leave (so does Ctrl-C or Ctrl-D)"""
 
 
 @dataclass
@@ -272,7 +276,7 @@ class ChatSession:
             out.write("conversation cleared\n")
             return True
         if name == "/help":
-            out.write(commands_help() + "\n")
+            out.write(COMMANDS_HELP + "\n")
             return True
         fields = {"/temp": ("temperature", float), "/temperature": ("temperature", float),
                   "/top_p": ("top_p", float), "/top_k": ("top_k", int), "/max_tokens": ("max_new_tokens", int)}

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmlab.cli.chat import COMMANDS_HELP
 from llmlab.config import ConfigBase, ModelConfig, RLHFConfig, SFTConfig, TrainConfig
 from llmlab.errors import ConfigError, LLMLabError
 
@@ -230,14 +231,7 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
     _args_resume(p)
 
 
-CHAT_COMMANDS_HELP = """commands typed at the you> prompt (llmlab.cli.chat):
-  /reset              clear the conversation
-  /temp X             sampling temperature (also /temperature X; 0 = greedy)
-  /top_p X            nucleus sampling
-  /top_k N            top-k sampling (0 = off)
-  /max_tokens N       longest reply
-  /help               list these commands
-  /exit, /quit        leave (so does Ctrl-C or Ctrl-D)"""
+CHAT_COMMANDS_HELP = COMMANDS_HELP  # `chat --help` ends with the REPL's own list (llmlab.cli.chat)
 
 
 def _args_inference(p: argparse.ArgumentParser, *, one_shot: bool) -> None:

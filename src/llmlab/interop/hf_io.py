@@ -176,10 +176,6 @@ def logit_diff_and_scale(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor
     return float((ref - got).abs().max()), float(ref.abs().max())
 
 
-def max_logit_diff(ours: torch.nn.Module, hf_model: Any, ids: torch.Tensor | None = None) -> float:
-    return logit_diff_and_scale(ours, hf_model, ids)[0]
-
-
 def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, check: bool = True,
               report: Report | None = None) -> Path:
     """Hub id, transformers folder or .gguf file -> an LLM-Lab checkpoint folder (kind "imported") with the

@@ -28,7 +28,7 @@ from llmlab.optim import refresh_hessian_if_due
 from llmlab.rlhf.losses import dpo_loss, dpo_metrics
 from llmlab.rlhf.scoring import Reference
 from llmlab.rlhf.updates import UpdateCount, optimizer_update
-from llmlab.train.losses import gnb_rows_loss, shift_labels, token_logprobs
+from llmlab.train.losses import gather_rows, gnb_rows_loss, shift_labels, token_logprobs
 
 if TYPE_CHECKING:
     from llmlab.rlhf.run import Session
@@ -69,8 +69,7 @@ def scored_logps(model: nn.Module, scored: Scored) -> tuple[Tensor, Tensor]:
     ids, targets, rows = scored
     with autocast(ids.device):
         hidden = model(ids, output_hidden=True)  # (2B, T, D)
-        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-                              base_transformer(model).lm_head, targets.index_select(0, rows))
+        logp = token_logprobs(gather_rows(hidden, rows), base_transformer(model).lm_head, targets.index_select(0, rows))
     # each position written once, then summed per sequence: deterministic on CUDA (index_add is not)
     sums = logp.new_zeros(ids.numel()).index_copy(0, rows, logp).view(ids.shape).sum(-1)
     n = ids.shape[0] // 2
@@ -99,8 +98,7 @@ def preference_hessian(policy: nn.Module, batch: dict[str, Tensor], mini_batch_s
         for ids, _, rows in subs:
             with autocast(ids.device):
                 hidden = policy(ids, output_hidden=True)  # (2b, T, D)
-                loss = gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-                                     base_transformer(policy).lm_head)
+                loss = gnb_rows_loss(gather_rows(hidden, rows), base_transformer(policy).lm_head)
             (loss * rows.numel() / max(tokens, 1)).backward()
 
     return closure, tokens

@@ -21,7 +21,7 @@ from llmlab.device import autocast
 from llmlab.optim import refresh_hessian_if_due
 from llmlab.rlhf.rollout import Rollout
 from llmlab.rlhf.scoring import response_hidden
-from llmlab.train.losses import gnb_rows_loss
+from llmlab.train.losses import gather_rows, gnb_rows_loss
 
 # --------------------------------------------------------------------------------------------------
 # Mini-batch updates shared by PPO and GRPO (and DPO's optimizer step)
@@ -80,11 +80,11 @@ def rollout_hessian(policy: nn.Module, rollout: Rollout, temperature: float = 1.
         mb = rollout.select(rows.to(rollout.logprobs.device))
 
         def closure() -> Tensor:
-            rows = mb.response_mask.reshape(-1).nonzero().squeeze(1)  # the scored response tokens
+            scored = mb.response_mask.reshape(-1).nonzero().squeeze(1)  # the response tokens
             with autocast(mb.sequences.device):
                 hidden, _ = response_hidden(policy, mb.sequences, mb.prompt_len, mb.attention_mask)
-                loss = gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-                                     base_transformer(policy).lm_head, temperature=temperature if temperature > 0 else 1.0)
+                loss = gnb_rows_loss(gather_rows(hidden, scored), base_transformer(policy).lm_head,
+                                     temperature=temperature if temperature > 0 else 1.0)
             loss.backward()
             return loss
 

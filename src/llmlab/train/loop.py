@@ -91,7 +91,14 @@ from llmlab.train.distributed import (
     optimizer_state,
     wrap_model,
 )
-from llmlab.train.losses import IGNORE_INDEX, causal_lm_loss, chunked_gnb_loss, gnb_rows_loss, label_rows
+from llmlab.train.losses import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    chunked_gnb_loss,
+    gather_rows,
+    gnb_rows_loss,
+    label_rows,
+)
 from llmlab.train.metrics import MetricsLogger
 
 Batch = dict[str, Tensor]
@@ -166,7 +173,7 @@ class LMLoss(nn.Module):
         hidden = self.model(input_ids, output_hidden=True)  # (B, T, D)
         head = lm_head_of(self.model)
         if gnb and rows is not None:
-            return gnb_rows_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), head)
+            return gnb_rows_loss(gather_rows(hidden, rows), head)
         if gnb:
             return chunked_gnb_loss(hidden, head, labels)
         loss_sum, _ = causal_lm_loss(hidden, head, labels, rows=rows)

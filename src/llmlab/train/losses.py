@@ -169,33 +169,57 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target:
     return _LinearCrossEntropy.apply(x, weight, bias, target, rows, ignore_index, _compute_dtype(x, weight))
 
 
-def _chunk_ce(head: nn.Module, h: Tensor, t: Tensor, ignore_index: int) -> Tensor:
+def _chunk_logits(head: nn.Module, h: Tensor, temperature: float = 1.0) -> Tensor:
     logits = head(h)  # (n, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _head_chunk_rows(head: nn.Module, chunk_rows: int | None) -> int:
+    """`chunk_rows`, else rows for about CHUNK_BYTES of fp32 logits of `head` (its weight's rows; 32,768
+    when it has none)."""
+    if chunk_rows:
+        return chunk_rows
+    weight = getattr(head, "weight", None)
+    return default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
+
+
+def _chunks(fn, head: nn.Module, rows: int, x: Tensor, per_row: tuple[Tensor, ...], *extra) -> list[Tensor]:
+    """fn(head, x_chunk, *per_row_chunks, *extra) for each chunk of `rows` rows of x, each checkpointed
+    while gradients are on (backward recomputes its logits, replaying the RNG): one chunk's logits exist
+    at a time."""
+    out = []
+    for start in range(0, x.shape[0], rows):
+        args = (head, x[start:start + rows], *(t[start:start + rows] for t in per_row), *extra)
+        out.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    return out
+
+
+def _chunk_sum(fn, head: nn.Module, rows: int, x: Tensor, per_row: tuple[Tensor, ...], *extra) -> Tensor:
+    """The sum of `_chunks`' scalars; no rows give head(x)'s empty sum, a zero still in the graph (backward
+    runs and gives zero gradients)."""
+    if x.shape[0] == 0:
+        return head(x).float().sum()
+    parts = _chunks(fn, head, rows, x, per_row, *extra)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _chunk_ce(head: nn.Module, h: Tensor, t: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(_chunk_logits(head, h), t, ignore_index=ignore_index, reduction="sum")
 
 
 def checkpointed_cross_entropy(x: Tensor, head: nn.Module, target: Tensor, *, chunk_rows: int | None = None,
                                ignore_index: int = IGNORE_INDEX, vocab_size: int | None = None) -> Tensor:
     """Like `linear_cross_entropy` for any head module: chunks under activation checkpointing."""
     rows = chunk_rows or default_chunk_rows(vocab_size or 32768)
-    if x.shape[0] == 0:
-        return head(x).float().sum()  # no rows: zero, still in the graph (backward gives zero gradients)
-    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-    for start in range(0, x.shape[0], rows):
-        h, t = x[start:start + rows], target[start:start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, head, h, t, ignore_index, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(head, h, t, ignore_index)
-    return total
+    return _chunk_sum(_chunk_ce, head, rows, x, (target,), ignore_index)
 
 
 def _chunk_logprobs(head: nn.Module, h: Tensor, t: Tensor, temperature: float) -> Tensor:
-    logits = head(h)  # (n, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _chunk_logits(head, h, temperature)
     return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -209,18 +233,15 @@ def token_logprobs(x: Tensor, head: nn.Module, targets: Tensor, *, temperature: 
     exist at a time: at Qwen's 151,936-token vocabulary a 4,096-token batch would otherwise hold ~2.5 GB
     of logits, plus as much again for their gradient. A batch that fits in one chunk runs unchunked (no
     recomputation)."""
-    weight = getattr(head, "weight", None)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
+    rows = _head_chunk_rows(head, chunk_rows)
     if x.shape[0] <= rows:
         return _chunk_logprobs(head, x, targets, temperature)
-    parts = []
-    for start in range(0, x.shape[0], rows):
-        h, t = x[start:start + rows], targets[start:start + rows]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(head, h, t, temperature))
-    return torch.cat(parts)
+    return torch.cat(_chunks(_chunk_logprobs, head, rows, x, (targets,), temperature))
+
+
+def gather_rows(hidden: Tensor, rows: Tensor) -> Tensor:
+    """hidden (..., D) flattened to (N, D), then the `rows` (M,) of it: the states of the scored positions."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
 
 def causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
@@ -231,15 +252,13 @@ def causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_row
     targets = shift_labels(labels, ignore_index).reshape(-1)
     x = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D), a view
     if rows is not None:  # the positions that carry a loss: the others' logits would be thrown away
-        x, targets = x.index_select(0, rows), targets.index_select(0, rows)
+        x, targets = gather_rows(x, rows), targets.index_select(0, rows)
     if type(head) is nn.Linear:  # a plain projection (not a LoRA or other wrapper): the fused path
         loss_sum = linear_cross_entropy(x, head.weight, head.bias, targets, chunk_rows=chunk_rows,
                                         ignore_index=ignore_index)
     else:
-        weight = getattr(head, "weight", None)
-        vocab = weight.shape[0] if isinstance(weight, Tensor) else None
-        loss_sum = checkpointed_cross_entropy(x, head, targets, chunk_rows=chunk_rows, ignore_index=ignore_index,
-                                              vocab_size=vocab)
+        loss_sum = checkpointed_cross_entropy(x, head, targets, chunk_rows=_head_chunk_rows(head, chunk_rows),
+                                              ignore_index=ignore_index)
     return loss_sum, count_label_tokens(labels, ignore_index)
 
 
@@ -251,23 +270,7 @@ def chunked_lm_loss(head: nn.Module, hidden: Tensor, labels: Tensor, *, chunk_ro
 
 
 def _gnb_chunk(head: nn.Module, h: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    logits = head(h)
-    if temperature != 1.0:
-        logits = logits.float() / temperature
-    return gnb_sampled_loss(logits, mask) * mask.sum()  # the chunk's sum over counted positions
-
-
-def _chunked_gnb(x: Tensor, head: nn.Module, mask: Tensor, temperature: float, chunk_rows: int | None) -> Tensor:
-    weight = getattr(head, "weight", None)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0] if isinstance(weight, Tensor) else 32768)
-    total = x.new_zeros((), dtype=torch.float32)
-    for start in range(0, x.shape[0], rows):
-        h, m = x[start:start + rows], mask[start:start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_gnb_chunk, head, h, m, temperature, use_reentrant=False)
-        else:
-            total = total + _gnb_chunk(head, h, m, temperature)
-    return total / mask.sum().clamp(min=1)
+    return gnb_sampled_loss(_chunk_logits(head, h, temperature), mask) * mask.sum()  # the chunk's sum
 
 
 def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_rows: int | None = None,
@@ -275,13 +278,14 @@ def chunked_gnb_loss(hidden: Tensor, head: nn.Module, labels: Tensor, *, chunk_r
     """Sophia's Gauss-Newton-Bartlett loss (`gnb_sampled_loss`: cross entropy against labels sampled from
     the model's softmax), mean over the label positions, one checkpointed chunk of rows at a time."""
     mask = (shift_labels(labels, ignore_index) != ignore_index).reshape(-1)  # (B*T,)
-    return _chunked_gnb(hidden.reshape(-1, hidden.shape[-1]), head, mask, 1.0, chunk_rows)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    return _chunk_sum(_gnb_chunk, head, _head_chunk_rows(head, chunk_rows), x, (mask,)) / mask.sum().clamp(min=1)
 
 
 def gnb_rows_loss(x: Tensor, head: nn.Module, *, temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
     """`chunked_gnb_loss` over rows that all count: x (N, D), the states of the scored positions (RLHF's
     response tokens), logits divided by `temperature` -> the mean over the N rows (0, still differentiable,
     for N = 0)."""
-    if x.shape[0] == 0:
-        return head(x).float().sum()  # no rows: zero gradients rather than a loss outside the graph
-    return _chunked_gnb(x, head, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), temperature, chunk_rows)
+    mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    total = _chunk_sum(_gnb_chunk, head, _head_chunk_rows(head, chunk_rows), x, (mask,), temperature)
+    return total / max(x.shape[0], 1)
