@@ -211,6 +211,38 @@ def test_norm_eps_reaches_every_norm_and_changes_the_output(norm):
         torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("needs", ["both", "x", "weight"])
+def test_rmsnorm_hand_backward_equals_f_rms_norm_in_values_and_gradients(needs):
+    """Differentiated on CPU, RMSNorm runs `_RMSNormFunction` (its own backward); it must give
+    `F.rms_norm`'s output and gradients, for the input, the weight, or both."""
+    from llmlab.model.norms import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(2, 5, 48, generator=g) * 3, torch.rand(48, generator=g) + 0.5
+    upstream = torch.randn(2, 5, 48, generator=g)
+
+    def run(ours: bool):
+        x = x0.clone().requires_grad_(needs != "weight")
+        norm = RMSNorm(48, eps=0.1)
+        norm.weight = torch.nn.Parameter(w0.clone(), requires_grad=needs != "x")
+        y = norm(x) if ours else F.rms_norm(x, (48,), norm.weight, 0.1)
+        y.backward(upstream)
+        return y, x.grad, norm.weight.grad, type(y.grad_fn).__name__
+
+    y, gx, gw, fn = run(ours=True)
+    y_ref, gx_ref, gw_ref, _ = run(ours=False)
+    assert fn == "_RMSNormFunctionBackward"  # the hand-written backward ran
+    torch.testing.assert_close(y, y_ref)
+    for mine, ref in ((gx, gx_ref), (gw, gw_ref)):
+        assert (mine is None) == (ref is None)
+        if ref is not None:
+            assert ref.abs().max() > 1e-2
+            torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
+    norm = RMSNorm(48, eps=0.1)
+    with torch.no_grad():  # not differentiated: F.rms_norm itself
+        assert norm(x0).grad_fn is None
+        torch.testing.assert_close(norm(x0), F.rms_norm(x0, (48,), norm.weight, 0.1))
+
+
 def test_alibi_slopes_match_the_paper():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2 ** -(i + 1) for i in range(8)]))
     s = alibi_slopes(6)  # not a power of two: 4 from the 4-head set + 2 interleaved from the 8-head set
