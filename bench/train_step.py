@@ -114,6 +114,59 @@ def build(kind: str, vocab: int, checkpointing: bool = False):
     return model, adamw(model)
 
 
+def steps_child(args: list[str]) -> None:
+    """Fresh-process step times: kind n. Applies LLM-Lab's CPU allocator setting first when
+    LLMLAB_CPU_MALLOC says so (as CPU training does), then times n steps after two warm-up steps; prints
+    the median step seconds and the minor page faults a step."""
+    import resource
+    import time
+
+    from llmlab.device import tune_cpu_allocator
+
+    kind, n = args[0], int(args[1])
+    applied = tune_cpu_allocator()
+    vocab = common.bench_config().vocab_size
+    model, opt = build(kind, vocab)
+    step = step_fn(kind, model, opt, make_batch(vocab, BATCH, SEQ))
+    for _ in range(2):
+        step()
+    faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+    print(json.dumps({"step_s": common.median(times), "faults_per_step": round(faults), "tuned": applied}))
+
+
+def allocator(rounds: int) -> dict[str, Any]:
+    """The CPU allocator setting CPU training applies (`llmlab.device.tune_cpu_allocator`), on and off,
+    for our step and HF's: fresh processes alternating (the setting is per process), `rounds` each,
+    medians of their median step times. It applies to any PyTorch code in the process, HF's included; the
+    in-process comparisons above run with glibc's default on both sides."""
+    import os
+
+    runs: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for kind in ("ours_chunked", "hf"):
+            for setting in ("default", "tuned"):
+                os.environ["LLMLAB_CPU_MALLOC"] = setting
+                try:
+                    runs.setdefault(f"{kind}_{setting}", []).append(common.peak_rss_of("train_step.py", ["steps", kind, "5"]))
+                finally:
+                    os.environ.pop("LLMLAB_CPU_MALLOC", None)
+    if any("error" in r for rs in runs.values() for r in rs):
+        return {"error": next(r["error"] for rs in runs.values() for r in rs if "error" in r)}
+    step = {k: common.median([r["step_s"] for r in rs]) for k, rs in runs.items()}
+    out: dict[str, Any] = {"rounds": rounds, "tokens_per_s": {k: round(BATCH * SEQ / v) for k, v in step.items()},
+                           "faults_per_step": {k: round(common.median([r["faults_per_step"] for r in rs]))
+                                               for k, rs in runs.items()}}
+    out["tuned_vs_default_ours"] = round(step["ours_chunked_default"] / step["ours_chunked_tuned"], 3)
+    out["tuned_vs_default_hf"] = round(step["hf_default"] / step["hf_tuned"], 3)
+    out["ours_tuned_vs_hf_default"] = round(step["hf_default"] / step["ours_chunked_tuned"], 3)
+    return out
+
+
 def child(args: list[str]) -> None:
     """Fresh-process peak memory: kind vocab batch checkpointing [fb]. Two optimizer steps (the second
     with the AdamW moments allocated); with `fb`, one forward+backward without an optimizer, so the
@@ -195,6 +248,7 @@ def run(quick: bool = False, compile_: bool = False) -> dict[str, Any]:
         result["qwen_vocab_batch4_fwd_bwd_peak_mib"] = {k: v.get("peak_mib", v.get("error")) for k, v in big.items()}
         result["chunked_memory_ratio"] = _ratio(big["ours_chunked"], big["ours"])
     result["gradient_checkpointing"] = checkpointing(cfg, repeats, ids)
+    result["cpu_allocator"] = allocator(2 if quick else 3)
     result["sft_masked_prompts"] = sft_masked(cfg, repeats, ids)
     if compile_:
         result["compiled"] = compiled(cfg, 2 * repeats, ids)
@@ -304,6 +358,8 @@ def checkpointing(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1:3] == ["--child", "steps"]:
+        return steps_child(sys.argv[3:])
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
     common.script_main(__doc__, run, {"compile": "also time the trainer's compile: true and HF compiled"})

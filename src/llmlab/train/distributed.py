@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmlab.device import available_cores, oversubscription_notice, pick_device
+from llmlab.device import available_cores, oversubscription_notice, pick_device, tune_cpu_allocator
 
 
 @dataclass
@@ -52,7 +52,15 @@ class DistInfo:
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Join the torchrun process group if there is one (idempotent); else a single-process DistInfo."""
+    """Join the torchrun process group if there is one (idempotent); else a single-process DistInfo.
+    Training on the CPU keeps freed memory in the process (`llmlab.device.tune_cpu_allocator`)."""
+    info = _init_distributed(device)
+    if info.device.type == "cpu":
+        tune_cpu_allocator()
+    return info
+
+
+def _init_distributed(device: str | torch.device | None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistInfo(device=torch.device(device) if device is not None else pick_device())
