@@ -181,6 +181,25 @@ def test_prepared_shards_hold_the_stream_and_resume(tok, docs_file, tmp_path):
     assert same_batches(take(resumed, 16), full[9:])
 
 
+def test_shards_from_another_tokenizer_are_refused(tok, docs_file, tmp_path):
+    """Shards hold ids: read with another vocabulary they are other text. A tokenizer of the same size
+    trained on other text is caught by the vocabulary fingerprint, and shards without one (older
+    index.json) by the size."""
+    folder = prepare_shards([docs_file], tok, tmp_path / "shards", val_fraction=0.1)
+    index = json.loads((folder / "index.json").read_text())
+    assert len(index["tokenizer_fingerprint"]) == 16
+    PretrainBatches([str(folder)], tok, 16, 2)  # its own tokenizer reads them
+    other = train_tokenizer(["bundled:shakespeare"], 400, tmp_path / "other", max_docs=150)
+    assert len(other) == len(tok) and other.eos_token_id == tok.eos_token_id
+    with pytest.raises(DataError, match=r"tokenized with another tokenizer .* set tokenizer_name"):
+        next(iter(PretrainBatches([str(folder)], other, 16, 2)))
+    smaller = train_tokenizer(["bundled:shakespeare"], 300, tmp_path / "small", max_docs=150)
+    del index["tokenizer_fingerprint"]
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"400 tokens\) than this run's \(300 tokens\)"):
+        next(iter(PretrainBatches([str(folder)], smaller, 16, 2)))
+
+
 def _n_val(path):
     from llmlab.data.sources import in_split
 

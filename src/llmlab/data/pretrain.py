@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from llmlab.data.sources import RecordStream, Split, check_split_args, load_sources, parse_dataset_specs
+from llmlab.data.tokenizer import vocabulary_fingerprint
 from llmlab.errors import DataError
 
 SHARD_INDEX = "index.json"
@@ -198,6 +199,7 @@ def prepare_shards(datasets: Any, tokenizer: Any, out_dir: str | os.PathLike, *,
         index = {
             "format": SHARD_FORMAT, "version": SHARD_VERSION, "dtype": np.dtype(dtype).name, "eos_id": eos,
             "vocab_size": len(tokenizer), "tokenizer": tokenizer_name or getattr(tokenizer, "name_or_path", ""),
+            "tokenizer_fingerprint": vocabulary_fingerprint(tokenizer),
             "val_fraction": val_fraction, "seed": seed,
             "splits": {s: [{"file": f"{s}-{i:05d}.bin", "tokens": n} for i, n in enumerate(c)]
                        for s, c in counts.items()},
@@ -218,9 +220,13 @@ class ShardBlocks:
                             f"again") from None
         if index.get("format") != SHARD_FORMAT:
             raise DataError(f"datasets: {folder} is not an `llm-lab data prepare` folder")
-        if index["eos_id"] != tokenizer.eos_token_id or index["vocab_size"] > len(tokenizer):
-            raise DataError(f"datasets: {folder} was tokenized with another tokenizer ({index['tokenizer']!r}); "
-                            f"use that tokenizer or prepare the shards again")
+        stored_print = index.get("tokenizer_fingerprint")  # (shards from before it was recorded: the sizes)
+        if index["eos_id"] != tokenizer.eos_token_id or index["vocab_size"] != len(tokenizer) or (
+                stored_print is not None and stored_print != vocabulary_fingerprint(tokenizer)):
+            raise DataError(f"datasets: {folder} was tokenized with another tokenizer ({index['tokenizer']!r}, "
+                            f"{index['vocab_size']} tokens) than this run's ({len(tokenizer)} tokens); set "
+                            f"tokenizer_name to that one, or prepare the shards again with this one (`llm-lab "
+                            f"data prepare --tokenizer ...`)")
         stored = index.get("val_fraction")
         if val_fraction is not None and stored is not None and not math.isclose(stored, val_fraction) \
                 and rank == 0 and (str(folder), val_fraction) not in _NOTICED:

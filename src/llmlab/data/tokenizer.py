@@ -14,6 +14,7 @@ optionally rounded up to a multiple (64 is friendly to matrix kernels).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ def in_vocabulary(tokenizer: Any, token: str) -> bool:
     vocabulary: `get_vocab()` copies it (~0.1 s for 150k tokens), too slow for anything per record."""
     tid = tokenizer.convert_tokens_to_ids(token)
     return isinstance(tid, int) and (tid != tokenizer.unk_token_id or token == tokenizer.unk_token)
+
+
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the whole vocabulary (every token and its id, added tokens included): equal for
+    tokenizers that map text to the same ids, different as soon as one token or id differs. Builds the
+    vocabulary once (~0.1 s for 150k tokens): for set-up checks, not per record."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.blake2b(json.dumps(items, ensure_ascii=False).encode("utf-8"), digest_size=8).hexdigest()
 
 
 def _ensure_pad(tok: Any, source: str) -> Any:
