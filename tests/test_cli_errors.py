@@ -332,3 +332,13 @@ def test_configure_says_when_d_ff_was_left_far_from_d_model(tmp_path, capsys):
     assert code == 0 and "notice: d_ff" not in printed
     plain = ModelConfig(d_model=256, n_heads=8, n_kv_heads=2, d_ff=64, activation="gelu")
     assert shape_notice(plain).endswith("d_ff=1024 (set it with d_ff=...)")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [("--batch-size", "-5", "-5 is not a positive integer"),
+                                                 ("--batch-size", "0", "0 is not a positive integer"),
+                                                 ("--seq-len", "x", "'x' is not an integer")])
+def test_estimate_refuses_sizes_below_one(tmp_path, capsys, flag, value, fragment):
+    """`estimate --batch-size -5` printed negative gigabytes; sizes below 1 are refused in one line."""
+    tiny_config().save(tmp_path / "model.json")
+    code, _, err = run(["estimate", "--model-config", str(tmp_path / "model.json"), flag, value], capsys)
+    assert code == 2 and f"argument {flag}: {fragment}" in err and "Traceback" not in err

@@ -203,6 +203,17 @@ def _args_configure(p: argparse.ArgumentParser) -> None:
                         "faster matmuls; the extra rows are never produced by the tokenizer)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse prints its name and the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def _args_estimate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", default="model_config.json", metavar="FILE",
                    help="model config JSON (default: %(default)s)")
@@ -210,8 +221,9 @@ def _args_estimate(p: argparse.ArgumentParser) -> None:
                    help="a pretrain/sft/rlhf config: batch size, sequence length, optimizer and LoRA come from it")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override model or training fields (e.g. n_layers=4 batch_size=8)")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the config's, else 1)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default: the config's, else max_seq_len)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="sequences per micro-batch (default: the config's, else 1)")
+    p.add_argument("--seq-len", type=_positive_int, help="sequence length (default: the config's, else max_seq_len)")
     p.add_argument("--optimizer", choices=["adamw", "adafactor", "lion", "sophia", "muon"],
                    help="optimizer (default: the config's, else adamw)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
