@@ -44,6 +44,32 @@ def test_only_the_chosen_optimizer_and_schedule_parameters_are_asked():
     assert "seed" not in asked  # advanced section declined
 
 
+class ByName(Scripted):
+    """Answers by the question's field name (Enter for the rest)."""
+
+    def __init__(self, by_name):
+        super().__init__([])
+        self.by_name = by_name
+
+    def _read(self, prompt):
+        self.asked.append(prompt)
+        return self.by_name.get(prompt.split(" ", 1)[0], "")
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, SFTConfig])  # (RLHF has no warmup by default)
+def test_a_short_run_gets_a_warmup_default_that_fits_it(cls):
+    """max_steps=40 with the default warmup (longer than that) used to refuse Enter at warmup_steps
+    forever; the default now follows max_steps, and what the user types for warmup_steps is kept."""
+    assert cls().warmup_steps > 40
+    p = ByName({"max_steps": "40", "Edit": "y"})
+    cfg = menu.ask_config(p, cls)
+    assert "warmup_steps" in p.names()
+    assert cfg.max_steps == 40 and cfg.warmup_steps == 4
+    assert not [line for line in p.lines if "error" in line]
+    typed = menu.ask_config(ByName({"max_steps": "40", "warmup_steps": "7", "Edit": "y"}), cls)
+    assert typed.warmup_steps == 7
+
+
 def test_lora_fields_only_with_lora_and_algorithm_fields_only_for_their_algorithm():
     sft = Scripted([""] * 60)
     menu.ask_config(sft, SFTConfig)
@@ -221,11 +247,12 @@ def test_menu_end_to_end_configure_train_and_chat(tok_dir, tmp_path):
     t.answer("Resume from a checkpoint", key="n")
     t.answer("Training config:")  # configure new
     t.answer(r"max_steps \(", "3")
+    t.child.expect("warmup_steps default lowered to 0")  # the default 1000 would be refused
     t.answer(r"optimizer \(")
     for q in ("adamw_beta1", "adamw_beta2", "adamw_eps", r"lr \(", "weight_decay", r"scheduler \(", "min_lr_ratio"):
         t.answer(q)
-    t.answer(r"warmup_steps \(")  # default 1000 > max_steps 3: refused with the reason
-    t.child.expect("warmup_steps: 1000 is more than max_steps=3")
+    t.answer(r"warmup_steps \(", "4")  # more than max_steps: refused with the reason
+    t.child.expect("warmup_steps: 4 is more than max_steps=3")
     t.child.send("\x151\r")
     t.answer(r"batch_size \(", "2")
     t.answer("gradient_accumulation_steps", "1")

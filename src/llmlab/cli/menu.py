@@ -262,6 +262,19 @@ class ConfigAsker:
         self.help = cls.field_help()
         self.pending: set[str] = set(self.values)  # not asked yet: errors naming them wait
         self.defaults_hook: dict[str, Callable[[Values], None]] = {}
+        if "warmup_steps" in self.values:
+            self.defaults_hook["max_steps"] = self._fit_warmup
+
+    def _fit_warmup(self, values: Values) -> None:
+        """After max_steps: a warmup default longer than the run would be refused at every Enter; offer a
+        tenth of the run instead (what the user typed for warmup_steps is never changed: it comes later)."""
+        try:
+            steps, warmup = int(values["max_steps"]), int(values["warmup_steps"])
+        except (TypeError, ValueError):
+            return
+        if "warmup_steps" in self.pending and steps > 0 and warmup > steps:
+            values["warmup_steps"] = steps // 10
+            self.p.say(f"note: warmup_steps default lowered to {steps // 10} (a tenth of max_steps={steps})")
 
     def build(self, values: Values | None = None) -> ConfigBase:
         return self.cls.from_dict(dict(values or self.values), source=self.cls.config_name)
