@@ -319,6 +319,36 @@ def test_preference_batches_mask_prompt_and_padding(tok):
         encode_preference_example({"text": "x"}, tok)
 
 
+def test_cut_pairs_and_prompts_are_said_once_and_counted(tok, tmp_path, capsys, monkeypatch):
+    """DPO pairs and RL prompts longer than their budget are cut (prompt from the left): the first cut is
+    said in one notice with the lengths, every cut is counted; ones that fit are neither."""
+    from llmlab.data import preference
+
+    monkeypatch.setattr(preference, "_NOTICED", set())
+    question = "Tell me about the weather in the hills today, " * 3
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": question + str(i), "chosen": "Sunny and warm all day.",
+                                                 "rejected": "No."} for i in range(8)])
+    whole = encode_preference_example({"prompt": question, "chosen": "Sunny and warm all day.", "rejected": "No."},
+                                      tok)
+    need = len(whole["prompt_ids"]) + len(whole["chosen_ids"])
+    fits = PreferenceBatches([pairs], tok, need + 8, 4, val_fraction=0.0)
+    next(fits)
+    assert fits.truncated == 0 and "notice" not in capsys.readouterr().err
+    cut = PreferenceBatches([pairs], tok, need - 10, 4, val_fraction=0.0)
+    batch = next(cut)
+    next(cut)
+    assert cut.truncated == 8 and batch["chosen_input_ids"].shape[1] <= need - 10
+    err = capsys.readouterr().err
+    assert err.count("notice: data: a preference pair") == 1 and f"longer than max_seq_len={need - 10}" in err
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": question + str(i)} for i in range(4)])
+    it = PromptBatches([prompts], tok, 4, max_prompt_len=12, val_fraction=0.0)
+    examples = next(it)
+    assert it.truncated == 4 and all(len(ex["prompt_ids"]) == 12 for ex in examples)
+    assert examples[0]["prompt"] == tok.decode(examples[0]["prompt_ids"])
+    err = capsys.readouterr().err
+    assert err.count("notice: data: a prompt") == 1 and "it keeps its last 12" in err
+
+
 def test_prompts_reduce_formats_and_pass_extra_columns(tok):
     gen = "<|im_start|>assistant\n"
     from_messages = encode_prompt({"messages": CHAT, "answer": "cat cat"}, tok)

@@ -18,6 +18,7 @@ Labels are -100 on the prompt and on padding. Too long examples lose prompt toke
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -127,11 +128,29 @@ def encode_preference_example(record: dict[str, Any], tokenizer: Any, max_len: i
     p, c = encode_pair_side(tokenizer, messages, chosen)
     r = encode_pair_side(tokenizer, messages, rejected)[1]
     c, r = (c if chosen.strip() else []), (r if rejected.strip() else [])
-    if max_len is not None and len(p) + max(len(c), len(r)) > max_len:
-        keep = max(max_len - max(len(c), len(r)), max_len // 2)
-        p = p[-keep:] if keep > 0 else []
-        c, r = c[:max_len - len(p)], r[:max_len - len(p)]
-    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+    return fit_pair({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, max_len)
+
+
+def fit_pair(example: dict[str, list[int]], max_len: int | None) -> dict[str, list[int]]:
+    """Cut a pair to `max_len` tokens of prompt + the longer answer: the prompt loses its start (keeping at
+    least half of max_len when the answers are long), then the answers lose their ends."""
+    p, c, r = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    if max_len is None or len(p) + max(len(c), len(r)) <= max_len:
+        return example
+    keep = max(max_len - max(len(c), len(r)), max_len // 2)
+    p = p[-keep:] if keep > 0 else []
+    return {"prompt_ids": p, "chosen_ids": c[:max_len - len(p)], "rejected_ids": r[:max_len - len(p)]}
+
+
+_NOTICED: set[str] = set()
+
+
+def cut_notice(kind: str, rank: int, text: str) -> None:
+    """Say `text` on stderr once per process for this kind of cut (rank 0 only); later cuts are only
+    counted by their iterator."""
+    if rank == 0 and kind not in _NOTICED:
+        _NOTICED.add(kind)
+        print(f"notice: data: {text}", file=sys.stderr, flush=True)
 
 
 class PreferenceBatches(RecordBatches):
@@ -143,8 +162,20 @@ class PreferenceBatches(RecordBatches):
     skipped and counted in `skipped_empty`.
     """
 
+    truncated = 0  # pairs cut to seq_len in this process (said once, then counted)
+
     def encode(self, record: dict[str, Any], where: str) -> dict[str, list[int]] | None:
-        ex = encode_preference_example(record, self.tokenizer, self.seq_len, where=where)
+        whole = encode_preference_example(record, self.tokenizer, None, where=where)
+        ex = fit_pair(whole, self.seq_len)
+        if ex is not whole:
+            self.truncated += 1
+            answer = max(len(whole["chosen_ids"]), len(whole["rejected_ids"]))
+            cut_notice("preference", self.records.stream.rank,
+                       f"a preference pair ({where}: prompt {len(whole['prompt_ids'])} + answer {answer} tokens) "
+                       f"is longer than max_seq_len={self.seq_len}; its prompt keeps its last "
+                       f"{len(ex['prompt_ids'])} tokens and the answers their first "
+                       f"{max(len(ex['chosen_ids']), len(ex['rejected_ids']))}. Further cuts are counted; raise the "
+                       f"policy's max_seq_len or shorten the data")
         return ex if ex["chosen_ids"] and ex["rejected_ids"] else None
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

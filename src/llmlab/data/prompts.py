@@ -24,6 +24,7 @@ from llmlab.data.chat import (
     render,
     split_hh,
 )
+from llmlab.data.preference import cut_notice
 from llmlab.data.sources import RecordBatches, Split
 from llmlab.errors import DataError
 
@@ -78,8 +79,20 @@ class PromptBatches(RecordBatches):
                          rank=rank, world_size=world_size, skip_invalid=skip_invalid, streaming=streaming)
         self.max_prompt_len = max_prompt_len
 
+    truncated = 0  # prompts cut to max_prompt_len in this process (said once, then counted)
+
     def encode(self, record: dict[str, Any], where: str) -> dict[str, Any]:
-        return encode_prompt(record, self.tokenizer, self.max_prompt_len, where=where)
+        ex = encode_prompt(record, self.tokenizer, None, where=where)
+        if self.max_prompt_len is not None and len(ex["prompt_ids"]) > self.max_prompt_len:
+            self.truncated += 1
+            cut_notice("prompt", self.records.stream.rank,
+                       f"a prompt ({where}: {len(ex['prompt_ids'])} tokens) is longer than the "
+                       f"{self.max_prompt_len} tokens it may have (min(max_prompt_len, max_seq_len - "
+                       f"max_new_tokens)); it keeps its last {self.max_prompt_len}. Further cuts are counted; raise "
+                       f"those limits or shorten the prompts")
+            ex["prompt_ids"] = ex["prompt_ids"][-self.max_prompt_len:]
+            ex["prompt"] = self.tokenizer.decode(ex["prompt_ids"])
+        return ex
 
     def collate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return examples

@@ -497,6 +497,10 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         if paths["best"] is not None and (output_dir / BEST_ADAPTERS).is_dir():
             saved.insert(1, BEST_ADAPTERS)
         logger.message(done_message(cfg.algorithm, step, best_key, best, saved, output_dir, fallback=fallback))
+        data = getattr(stage, "pairs", None) or getattr(stage, "prompts", None)
+        if getattr(data, "truncated", 0):
+            what = "preference pair(s) cut to max_seq_len" if cfg.algorithm == "dpo" else "prompt(s) cut from the left"
+            logger.message(f"data: {data.truncated} {what} in this run (rank 0's count)")
     return result
 
 
