@@ -116,6 +116,63 @@ def test_missing_local_file_and_unknown_text_column(tmp_path):
     assert [r["text"] for r in load_sources([f"{f} | | 1 | column=summary"])] == ["s"]
 
 
+
+def load_error(spec) -> str:
+    with pytest.raises(DataError) as e:
+        list(load_sources([spec]))
+    msg = str(e.value)
+    assert "\n" not in msg and "An error occurred while generating" not in msg, msg
+    return msg
+
+
+def test_malformed_json_line_names_the_file_line_and_cause(tmp_path):
+    path = tmp_path / "malformed.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c" "d"}\n{"text": "e"}\n')
+    msg = load_error(str(path))
+    assert msg.startswith(f"datasets[0]: '{path}' line 4 is not valid JSON (Expecting ',' delimiter at column 14)")
+    # in a folder: the file inside it is named
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": "ok"}])
+    (folder / "b.jsonl").write_text('{"text": "ok"}\n{"text": "x"} trailing\n')
+    assert f"'{folder / 'b.jsonl'}' line 2 is not valid JSON (Extra data at column 15)" in load_error(str(folder))
+    # a whole-document .json file: the line of the document where it breaks
+    doc = tmp_path / "doc.json"
+    doc.write_text('[\n  {"text": "a"},\n  {"text": }\n]\n')
+    assert f"'{doc}' line 3 is not valid JSON (Expecting value at column 12)" in load_error(str(doc))
+
+
+def test_json_lines_that_are_not_objects_or_not_utf8_are_named(tmp_path):
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text('{"text": "a"}\n[1, 2]\n')
+    assert f"'{arr}' line 2 is a JSON array, not an object" in load_error(str(arr))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b'{"text": "a"}\n\xff{"text": "b"}\n')
+    assert f"'{raw}' line 2 is not UTF-8 text" in load_error(str(raw))
+    txt = tmp_path / "raw.txt"
+    txt.write_bytes(b"fine\n\nstill fine\n\xff bad\n")
+    assert f"'{txt}' line 4 is not UTF-8 text" in load_error(str(txt))
+
+
+def test_empty_files_and_folders_say_empty(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert load_error(str(empty)).startswith(f"datasets[0]: '{empty}' is empty (no records)")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    assert load_error(str(blank)).startswith(f"datasets[0]: '{blank}' is empty (no records)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("")
+    assert load_error(str(folder)).startswith(f"datasets[0]: '{folder}' is empty (no records)")
+
+
+def test_other_local_failures_keep_the_underlying_cause(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    msg = load_error(str(bad))
+    assert f"'{bad}'" in msg and "ArrowInvalid: Parquet magic bytes not found" in msg
+
 def test_mixed_schemas_and_text_files(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"content": "x" * 3, "score": 1.5}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "yy", "score": "high"}])

@@ -261,9 +261,92 @@ def _load_local(builder: str, files: tuple[str, ...], stamps: tuple[float, ...],
     return datasets.load_dataset(builder, data_files=list(files), split="train", **dict(options))
 
 
-def _first_line(e: BaseException) -> str:
+# Exceptions that only wrap the real one (`datasets` raises them around a builder's error).
+_WRAPPERS = ("DatasetGenerationError",)
+
+
+def _reason(e: BaseException) -> str:
+    """`Type: first line` of the real error behind `e`: wrappers such as `DatasetGenerationError` ("An
+    error occurred while generating the dataset") are followed to their `__cause__`/`__context__`."""
+    seen: set[int] = set()
+    while type(e).__name__ in _WRAPPERS and id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    return f"{error.msg} at column {error.colno}"
+
+
+def _bad_line(path: str, builder: str) -> str | None:
+    """What is wrong with one local file, found by reading it: `line N is not valid JSON (...)`, `line N is
+    not UTF-8 text (...)`, `line N is a JSON array, not an object`; None when nothing is found. Only run
+    after a load failed, so a good file costs nothing."""
+    first = None  # (line number, error) of the first bad line
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                        f"save the file as UTF-8")
+            if builder != "json" or not line.strip():
+                continue
+            if first is None:
+                first = n
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == first:  # maybe a whole JSON document (a .json array or a pretty-printed object)
+                    return _bad_document(path)
+                return f"line {n} is not valid JSON ({_json_error(e)}); fix or remove that line"
+            if not isinstance(value, dict):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+                return f"line {n} is a JSON {kind}, not an object {{...}}; write one object per line"
+    return None
+
+
+def _bad_document(path: str) -> str | None:
+    """The error of a file read as one JSON document, or None when it is one (something else is wrong)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            json.load(fh)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({_json_error(e)}); fix that line"
+    return None
+
+
+def _has_content(path: str) -> bool:
+    """True when the file holds anything but whitespace (read in blocks, stops at the first)."""
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 16):
+            if block.strip(b" \t\r\n\x0b\x0c\xef\xbb\xbf"):
+                return True
+    return False
+
+
+def _local_failure(spec: DatasetSpec, builder: str, files: list[str], error: BaseException, where: str) -> DataError:
+    """A one-line DataError for a local source that `datasets` could not load: an empty source, the first
+    bad line of a file (JSON, UTF-8), else the underlying error."""
+    try:
+        if not any(_has_content(f) if builder != "parquet" else os.path.getsize(f) > 0 for f in files):
+            return DataError(f"{where}: {spec.name!r} is empty (no records); add records to it or remove it "
+                             f"from {where.split('[')[0]}")
+        if builder in ("json", "text"):
+            for f in files:
+                found = _bad_line(f, builder)
+                if found:
+                    return DataError(f"{where}: {f!r} {found}")
+    except OSError as e:  # unreadable (permissions, a file removed meanwhile): say so
+        return DataError(f"{where}: cannot read {spec.name!r} ({_reason(e)})")
+    return DataError(f"{where}: cannot read {spec.name!r} ({_reason(error)}); check the file format")
 
 
 def load_one(spec: DatasetSpec, *, streaming: bool | None = None, where: str = "datasets"):
@@ -283,8 +366,8 @@ def load_one(spec: DatasetSpec, *, streaming: bool | None = None, where: str = "
         raise
     except Exception as e:  # hub unreachable, unknown name, bad subset, unreadable file
         if is_local:
-            raise DataError(f"{where}: cannot read {spec.name!r} ({_first_line(e)}); check the file format") from None
-        raise DataError(f"{where}: cannot load {spec.name!r} from the Hugging Face Hub ({_first_line(e)}); "
+            raise _local_failure(spec, path, list(kwargs["data_files"]), e, where) from e
+        raise DataError(f"{where}: cannot load {spec.name!r} from the Hugging Face Hub ({_reason(e)}); "
                         f"check the name, subset and network, or use a local file or a bundled:<name> dataset"
                         ) from None
 
@@ -404,7 +487,8 @@ def load_sources(
             raise DataError(f"{where}: {spec.name!r} has several splits; name one with split=...")
         if isinstance(ds, datasets.Dataset):
             if len(ds) == 0:
-                raise DataError(f"{where}: {spec.name!r} is empty")
+                raise DataError(f"{where}: {spec.name!r} is empty (no records); add records to it or remove it "
+                                f"from datasets")
             ds = ds.shuffle(seed=seed + 1000 * epoch + i).to_iterable_dataset()
         if as_text:
             column = text_column_of(ds, spec, spec.column or text_column, where)
