@@ -337,6 +337,27 @@ def test_save_best_only_without_validation_still_saves_the_final_state(tmp_path,
     assert "no validation loss, so no best/" in capsys.readouterr().out
 
 
+def test_a_resumed_run_that_never_beats_its_best_still_saves_its_final_state(tmp_path, capsys):
+    """save_best_only, resumed from best/ whose recorded val loss no evaluation can beat (set to 0): the
+    run's extra steps went nowhere ("saved no checkpoint"); now they go to latest/."""
+    cfg = make_cfg(tmp_path, max_steps=3, eval_every=1)
+    first = train_loop(tiny_model(), cfg, RuleBatches(4), RuleBatches(4, seed=9), output_dir=cfg.output_dir)
+    assert first.best_checkpoint is not None and first.latest_checkpoint is None
+    state_file = first.best_checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_val_loss"] = 0.0
+    state_file.write_text(json.dumps(state))
+    start = resume_state(first.best_checkpoint)
+    model = load_model(first.best_checkpoint)
+    longer = make_cfg(tmp_path, max_steps=start.step + 2, eval_every=1)
+    capsys.readouterr()
+    result = train_loop(model, longer, RuleBatches(4), RuleBatches(4, seed=9), output_dir=longer.output_dir,
+                        start_state=start, progress=True)
+    assert result.best_checkpoint is None and result.latest_checkpoint == tmp_path / "run" / "latest"
+    assert read_checkpoint(result.latest_checkpoint).trainer_state()["step"] == start.step + 2
+    assert "no evaluation of this run beat the best val loss it started from, 0.0" in capsys.readouterr().out
+
+
 def test_eval_steps_sets_how_many_validation_batches_are_read(tmp_path):
     tokens = []
     for steps in (1, 3):

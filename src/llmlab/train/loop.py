@@ -24,8 +24,8 @@ step), then evaluation and saving. max_steps, warmup, eval_every, save_every and
 Checkpoints (`save_checkpoint` folders, see `llmlab.checkpoint`):
 - `best/` after an evaluation that improves the validation loss;
 - `latest/` every `save_every` steps and at the end of training, unless `save_best_only`; with
-  `save_best_only` but no validation loss (val_fraction=0, an empty validation set) at the end anyway,
-  since no best/ was written;
+  `save_best_only` at the end anyway when the run wrote no best/ (no validation loss: val_fraction=0 or
+  an empty validation set; or a resumed run that never beat the best it started from);
 - `latest/` also when the run is interrupted (Ctrl-C or SIGTERM: the current step finishes first), even
   with `save_best_only`, so the run can always be resumed. There is no separate `final/`: at the end the
   model is evaluated once more (best/ may be updated) and, unless save_best_only, `latest/` is the final state.
@@ -789,10 +789,11 @@ def train_loop(
             if record:
                 logger.log(record)
             interrupted = any_rank(stop.requested, info)
-            # save_best_only with no validation loss (val_fraction=0, an empty validation set) never writes
-            # best/, so the final state goes to latest/ rather than the run ending with no checkpoint
-            unvalidated = final and cfg.save_best_only and best_val is None
-            if not cfg.save_best_only and (step % cfg.save_every == 0 or final) or interrupted or unvalidated:
+            # save_best_only where this run wrote no best/ (no validation loss: val_fraction=0 or an empty
+            # validation set; or a resumed run that never beat the best it started from): the final state
+            # goes to latest/ rather than the run's steps being lost
+            unsaved = final and cfg.save_best_only and paths["best"] is None
+            if not cfg.save_best_only and (step % cfg.save_every == 0 or final) or interrupted or unsaved:
                 save("latest")
             interval_time += time.perf_counter() - paused
             if interrupted and not final:
@@ -818,6 +819,9 @@ def train_loop(
         where = ", ".join(f"{k}/" for k, v in paths.items() if v is not None) or "no checkpoint"
         if cfg.save_best_only and best_val is None:
             where += " (no validation loss, so no best/: the final state went to latest/ despite save_best_only)"
+        elif cfg.save_best_only and paths["best"] is None:
+            where += (f" (no evaluation of this run beat the best val loss it started from, {round(best_val, 4)}, "
+                      f"so no new best/: the final state went to latest/ despite save_best_only)")
         logger.message(f"done: {step} steps, {tokens_seen:,} tokens; best val loss "
                        f"{best_val if best_val is None else round(best_val, 4)}; saved {where} in {output_dir}")
     return TrainResult(output_dir=output_dir, step=step, tokens_seen=tokens_seen, stopped=stopped,
