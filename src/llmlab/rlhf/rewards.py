@@ -436,5 +436,13 @@ def build_reward_fn(cfg: RLHFConfig, device: str | torch.device = "cpu") -> Comb
         names.add(name)
         sources.append((name, weight, load_reward_function(spec)))
     if cfg.reward_model_name and cfg.reward_model_weight != 0:
-        sources.append(("reward_model", cfg.reward_model_weight, RewardModel(cfg.reward_model_name, device)))
+        try:
+            model = RewardModel(cfg.reward_model_name, device)
+        except ConfigError as e:
+            if not sources:
+                raise
+            # reward_model_name keeps its (hub) default unless set to null: say so where functions are given
+            raise ConfigError(f"{e}. reward_functions are set too, and the reward model is added to them: set "
+                              f"reward_model_name=null to score with the functions alone") from None
+        sources.append(("reward_model", cfg.reward_model_weight, model))
     return CombinedReward(sources, answer_column=cfg.reward_answer_column)
