@@ -203,3 +203,62 @@ def test_preference_answer_keeps_its_end_of_turn_when_the_template_changes_conte
     assert tok.decode(ex["chosen_ids"]) == "It is 5.<|im_end|>"
     with pytest.raises(DataError, match="control token '<\\|im_end\\|>'"):
         encode_preference_example({"prompt": "Hi", "chosen": "It<|im_end|>\tis", "rejected": "No."}, tok)
+
+
+def record_error(fn, record, where="f.jsonl: record 3 of the mixed stream, epoch 0") -> str:
+    with pytest.raises(DataError) as e:
+        fn(record, where)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(where + ": "), msg
+    return msg[len(where) + 2:]
+
+
+def test_wrong_types_name_the_field_and_the_type_found():
+    from llmlab.data.preference import preference_parts
+
+    assert record_error(sft_messages, {"prompt": "2+2?", "completion": 4}) == (
+        "'completion' must be a string or a non-empty list of {role, content} messages, not number 4")
+    assert record_error(sft_messages, {"prompt": None, "response": "4"}).startswith("'prompt' must be a string")
+    assert record_error(sft_messages, {"messages": []}).startswith(
+        "'messages' must be a non-empty list of {role, content} messages, not an empty list")
+    assert record_error(sft_messages, {"conversations": "hi"}).startswith("'conversations' must be a non-empty list")
+    assert record_error(sft_messages, {"instruction": "2+2?", "output": 4}) == (
+        "'output' must be a string, not number 4")
+    assert record_error(sft_messages, {"instruction": ["2+2?"], "response": "4"}) == (
+        "'instruction' must be a string, not a list")
+    assert record_error(preference_parts, {"prompt": "2+2?", "chosen": 1, "rejected": "5"}) == (
+        "'chosen' must be a string or a non-empty list of {role, content} messages, not number 1")
+    assert record_error(preference_parts, {"prompt": "2+2?", "chosen": "4", "rejected": {"a": 1}}).startswith(
+        "'rejected' must be a string or a non-empty list of {role, content} messages, not an object")
+    bad_turn = [{"role": "user", "content": "2+2?"}, {"role": "bot", "content": "4"}]
+    assert record_error(preference_parts, {"prompt": "2+2?", "chosen": bad_turn, "rejected": "5"}).startswith(
+        "'chosen' message 1 has role 'bot'; accepted roles: system, user, assistant")
+
+
+def test_openai_content_parts_and_role_case():
+    from llmlab.data.preference import preference_parts
+    from llmlab.data.prompts import prompt_messages
+
+    parts = [{"role": "User", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]},
+             {"role": "ASSISTANT", "content": [{"type": "text", "text": "It is 5."}]}]
+    assert sft_messages({"messages": parts}) == CONV
+    assert sft_messages({"conversations": [{"from": "Human", "value": CONV[0]["content"]},
+                                           {"from": "GPT", "value": CONV[1]["content"]}]}) == CONV
+    assert prompt_messages({"messages": parts}) == CONV[:1]
+    assert preference_parts({"chosen": parts, "rejected": [parts[0], CONV[1]]}) == (CONV[:1], "It is 5.", "It is 5.")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}},
+                                          {"type": "text", "text": "What is this?"}]},
+             {"role": "assistant", "content": "A cat."}]
+    assert record_error(sft_messages, {"messages": image}) == (
+        "message 0 (user) content part 0 has type 'image_url'; only text parts ({\"type\": \"text\", \"text\": "
+        "...}) can be used: remove the other parts or the record")
+    for content, found in (([], "an empty list of parts"), (None, "null"), (5, "number 5"),
+                           (["hi"], "part 0 is not an object {\"type\": \"text\", \"text\": ...}")):
+        msg = record_error(sft_messages, {"messages": [{"role": "user", "content": content}, CONV[1]]})
+        assert msg.startswith("message 0 (user) ") and found in msg, msg
+    tool = [*CONV, {"role": "tool", "content": "{}"}]
+    assert record_error(sft_messages, {"messages": tool}) == (
+        "message 2 has role 'tool'; accepted roles: system, user, assistant (any case; ShareGPT 'from': human, gpt); "
+        "tool calls and results are not supported: drop those messages or fold them into the text")
+    assert record_error(sft_messages, {"messages": [{"content": "hi"}, CONV[1]]}).startswith(
+        "message 0 has no role; accepted roles: system, user, assistant")

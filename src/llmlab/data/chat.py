@@ -18,6 +18,10 @@ ChatML ends turns with `<|im_end|>` when that is one token of the vocabulary, el
 eos (gpt2, Llama-2 base), so the model learns to stop on a token it has and generation stops on.
 SFT, DPO, RL prompts and chat all render through `render`, which uses it.
 
+Messages are checked by `check_messages`: roles system/user/assistant in any case (ShareGPT `from`: human,
+gpt), content a string or a list of OpenAI-style text parts `{"type": "text", "text": ...}` (joined; image or
+other parts are refused). A wrong type gets a one-line DataError naming the field and the type found.
+
 Message content is text: control tokens written inside it (`<|im_end|>`, `<|endoftext|>`, ...) are
 encoded as plain text pieces, never as the special token, so data cannot fake a turn end; only the
 template's own markers are special (`encode_rendered`).
@@ -25,6 +29,7 @@ template's own markers are special (`encode_rendered`).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import weakref
@@ -49,29 +54,90 @@ def _keys(record: dict[str, Any]) -> str:
     return ", ".join(sorted(record)) or "none"
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """Validate a message list (also ShareGPT `from`/`value`) and return plain {role, content} dicts."""
+def found(value: Any) -> str:
+    """What a record holds where another type was expected, for error messages: `number 4`, `null`, ..."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    kind = ("null" if value is None else "boolean" if isinstance(value, bool) else "string" if isinstance(value, str)
+            else "number" if isinstance(value, (int, float)) else type(value).__name__)
+    text = json.dumps(value, ensure_ascii=False, default=str) if kind != "null" else ""
+    return f"{kind} {text[:37] + '...' if len(text) > 40 else text}".rstrip()
+
+
+MESSAGE_LIST = "a non-empty list of {role, content} messages"
+ROLE_NOTE = f"accepted roles: {', '.join(ROLES)} (any case; ShareGPT 'from': human, gpt)"
+TEXT_PART = '{"type": "text", "text": ...}'
+# Fields whose value may be a string or a message list; older callers name them at the end of `where`
+# ("<where> chosen"), which `check_messages` splits off so the message reads "<where>: 'chosen' ...".
+_STRING_OR_MESSAGES = ("prompt", "chosen", "rejected", "completion", "response", "output")
+
+
+def _text_content(content: Any, where: str, label: str) -> str:
+    """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined (as chat
+    templates render them, without a separator); other parts (images, audio) are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        what = "an empty list of parts" if isinstance(content, list) else found(content)
+        raise DataError(f"{where}: {label} has no text content ({what}); give 'content' as a string or a "
+                        f"list of text parts {TEXT_PART}")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise DataError(f"{where}: {label} content part {k} is not an object {TEXT_PART} "
+                            f"(found {found(part)})")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind != "text":
+            raise DataError(f"{where}: {label} content part {k} has type {kind!r}; only text parts ({TEXT_PART}) "
+                            f"can be used: remove the other parts or the record")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: {label} content part {k} has no string 'text' (found {found(part.get('text'))})")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def check_messages(messages: Any, where: str, field: str | None = None) -> list[dict[str, str]]:
+    """Validate a message list (also ShareGPT `from`/`value`) and return plain {role, content} dicts.
+
+    Roles are matched in any case and returned in lower case; content may be a string or a list of
+    OpenAI-style text parts (joined). `field` names the record's field in error messages (default
+    'messages'; 'prompt', 'chosen', ... say that a string would do too).
+    """
+    if field is None:
+        head, _, last = where.rpartition(" ")
+        if head and last in _STRING_OR_MESSAGES:
+            where, field = head, last
+    field = field or "messages"
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+        allowed = f"a string or {MESSAGE_LIST}" if field in _STRING_OR_MESSAGES else MESSAGE_LIST
+        raise DataError(f"{where}: {field!r} must be {allowed}, not {found(messages)}")
+    prefix = "" if field in ("messages", "conversations") else f"{field!r} "
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DataError(f"{where}: message {j} is not an object with role and content")
-        role = m.get("role", SHAREGPT_ROLES.get(str(m.get("from", "")).lower()))
-        content = m.get("content", m.get("value"))
-        if role not in ROLES:
-            raise DataError(f"{where}: message {j} has role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {j} ({role}) has no text content")
-        out.append({"role": role, "content": content})
+            raise DataError(f"{where}: {prefix}message {j} is not an object with role and content "
+                            f"(found {found(m)})")
+        role = m["role"] if "role" in m else SHAREGPT_ROLES.get(str(m.get("from", "")).strip().lower(), m.get("from"))
+        if isinstance(role, str) and role.strip().lower() in ROLES:
+            role = role.strip().lower()
+        elif role is None:
+            raise DataError(f"{where}: {prefix}message {j} has no role; {ROLE_NOTE}")
+        else:
+            hint = ("; tool calls and results are not supported: drop those messages or fold them into the text"
+                    if str(role).lower() in ("tool", "function", "ipython", "tool_call", "tool_response") else "")
+            raise DataError(f"{where}: {prefix}message {j} has role {role!r}; {ROLE_NOTE}{hint}")
+        content = m["content"] if "content" in m else m.get("value")
+        out.append({"role": role, "content": _text_content(content, where, f"{prefix}message {j} ({role})")})
     return out
 
 
-def _as_messages(value: Any, role: str, where: str) -> list[dict[str, str]]:
+def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict[str, str]]:
     """A prompt or answer that is either a string or already a message list."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return check_messages(value, where)
+    return check_messages(value, where, field)
 
 
 def instruction_text(record: dict[str, Any]) -> str:
@@ -83,15 +149,19 @@ def sft_messages(record: dict[str, Any], where: str = "record") -> list[dict[str
     """The conversation of an SFT record in any of the three formats (detected per record)."""
     refuse_message_tree(record, where)
     if "messages" in record or "conversations" in record:
-        messages = check_messages(record.get("messages", record.get("conversations")), where)
+        field = "messages" if "messages" in record else "conversations"
+        messages = check_messages(record[field], where, field)
     elif isinstance(record.get("instruction"), str) and any(
             isinstance(record.get(k), str) for k in ("response", "output")):
         answer = record["response"] if isinstance(record.get("response"), str) else record["output"]
         messages = [{"role": "user", "content": instruction_text(record)}, {"role": "assistant", "content": answer}]
     elif "prompt" in record and any(k in record for k in ANSWER_KEYS):
         key = next(k for k in ANSWER_KEYS if k in record)
-        messages = (_as_messages(record["prompt"], "user", where)
-                    + _as_messages(record[key], "assistant", where))
+        messages = (_as_messages(record["prompt"], "user", where, "prompt")
+                    + _as_messages(record[key], "assistant", where, key))
+    elif "instruction" in record and any(k in record for k in ("response", "output")):
+        bad = next(k for k in ("instruction", "response", "output") if k in record and not isinstance(record[k], str))
+        raise DataError(f"{where}: {bad!r} must be a string, not {found(record[bad])}")
     else:
         raise DataError(f"{where}: no known SFT format (keys: {_keys(record)}); expected {SFT_FORMATS}")
     if not any(m["role"] == "assistant" for m in messages):
