@@ -56,3 +56,41 @@ def test_run_pretrain_prints_the_vocab_notice_and_trains_at_the_resolved_length(
     assert seen["train"].seq_len == (train_len or 48)
     with pytest.raises(ConfigError, match=r"^vocab_size: 299 is smaller"):
         pretrain.run_pretrain(cfg, model_cfg.with_overrides({"vocab_size": 299}), progress=False)
+
+
+def test_init_checkpoint_continues_pretraining_from_a_models_weights(macbeth_tok_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    """init_checkpoint: a new run (step 0) from the weights, model config and tokenizer of a checkpoint
+    without trainer state (what merge-lora and import-hf write), which --resume refuses."""
+    import torch
+
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.errors import CheckpointError
+    from llmlab.model import build_model
+
+    tok = load_tokenizer(str(macbeth_tok_dir))
+    model_cfg = tiny_config(vocab_size=320, tokenizer_name=str(macbeth_tok_dir), max_seq_len=48)
+    torch.manual_seed(5)
+    source = build_model(model_cfg)
+    save_checkpoint(tmp_path / "merged", source, kind="pretrain", tokenizer=tok)
+    cfg = TrainConfig(max_steps=1, warmup_steps=0, datasets=["bundled:shakespeare"], output_dir=str(tmp_path / "o"),
+                      init_checkpoint=str(tmp_path / "merged"), batch_size=2, gradient_accumulation_steps=1,
+                      scheduler="none")
+    with pytest.raises(CheckpointError, match="no trainer_state.json.*init_checkpoint for pretrain"):
+        pretrain.run_pretrain(cfg, resume=str(tmp_path / "merged"), progress=False)
+    seen = {}
+    monkeypatch.setattr(pretrain, "train_loop",
+                        lambda model, cfg, train, val, **kw: seen.update(model=model, start=kw["start_state"]))
+    pretrain.run_pretrain(cfg, None, progress=False, show_config=False)  # the model config comes with it
+    assert "starting from the weights of" in capsys.readouterr().out and seen["start"] is None
+    assert all(torch.equal(a, b) for a, b in zip(seen["model"].state_dict().values(), source.state_dict().values()))
+    with pytest.raises(ConfigError, match="n_layers: .* leave out --model-config when starting from init_checkpoint"):
+        pretrain.run_pretrain(cfg, model_cfg.with_overrides({"n_layers": 3}), progress=False)
+    monkeypatch.undo()
+    pretrain.run_pretrain(cfg, None, progress=False, show_config=False)  # and it trains, from step 0
+    from llmlab.checkpoint import load_model, read_checkpoint
+
+    saved = tmp_path / "o" / "best"
+    assert read_checkpoint(saved).trainer_state()["step"] == 1
+    moved = load_model(saved).state_dict()["lm_head.weight"] - source.state_dict()["lm_head.weight"]
+    assert 0 < moved.abs().max() < 0.1  # one small step away from the starting weights

@@ -481,6 +481,9 @@ class TrainConfig(OptimizerFields, ScheduleFields, RunFields, ConfigBase):
     save_best_only: bool = _help("Only save best/ when validation loss improves", default=True)
     datasets: list[Any] = _help('Dataset lines "name | subset | weight" or {name, subset, weight} objects',
                                 default_factory=lambda: ["HuggingFaceFW/fineweb-edu"])
+    init_checkpoint: str | None = _help("Continue pretraining from this checkpoint's weights (a training "
+                                        "checkpoint, a merged or imported model; its model config and "
+                                        "tokenizer come with it); None = from scratch", default=None)
 
     @property
     def peak_lr(self) -> float:

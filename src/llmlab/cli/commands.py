@@ -173,15 +173,16 @@ def _stage_function(module: str, name: str, what: str):
     return fn
 
 
-def default_model_config(resume: str | None) -> ModelConfig | None:
-    """`./model_config.json` when it exists; None when resuming (the checkpoint's config is used)."""
-    if resume:
+def default_model_config(resume: str | None, init_checkpoint: str | None = None) -> ModelConfig | None:
+    """`./model_config.json` when it exists; None when resuming or starting from init_checkpoint (the
+    checkpoint's config is used)."""
+    if resume or init_checkpoint:
         return None
     p = Path("model_config.json")
     if p.is_file():
         return ModelConfig.load(p)
-    raise ConfigError("pretrain: no model config; pass --model-config FILE (create one with `llm-lab configure`) "
-                      "or --resume CHECKPOINT")
+    raise ConfigError("pretrain: no model config; pass --model-config FILE (create one with `llm-lab configure`), "
+                      "init_checkpoint=CHECKPOINT or --resume CHECKPOINT")
 
 
 def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: str | None = None,
@@ -191,7 +192,7 @@ def pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: 
     resolved config instead of printing it (the pipeline)."""
     run = _stage_function("llmlab.train.pretrain", "run_pretrain", "base training")
     if model_cfg is None:
-        model_cfg = default_model_config(resume)
+        model_cfg = default_model_config(resume, cfg.init_checkpoint)
     if estimate:
         show_stage_estimate(cfg, model_cfg, resume)
     return run(cfg, model_cfg, resume=resume, load_optimizer_state=load_optimizer_state, progress=progress,
@@ -222,7 +223,7 @@ def show_stage_estimate(cfg: ConfigBase, model_cfg: ModelConfig | None, resume: 
     """The estimate for a stage: its model is `model_cfg`, else the resumed or policy checkpoint's."""
     from llmlab.checkpoint import read_checkpoint
 
-    source = resume or getattr(cfg, "policy_checkpoint", None)
+    source = resume or getattr(cfg, "policy_checkpoint", None) or getattr(cfg, "init_checkpoint", None)
     if model_cfg is None and source:
         try:
             model_cfg = read_checkpoint(source).model_config

@@ -199,7 +199,7 @@ QUESTIONS: dict[type[ConfigBase], tuple[Section, ...]] = {
         Section(_qs("max_steps") + _optimizer_questions() + _qs("lr", "weight_decay") + _schedule_questions()
                 + _qs("batch_size", "gradient_accumulation_steps", "grad_clip", "eval_every", "eval_steps",
                       "save_best_only", "datasets", "output_dir")),
-        Section(_RUN_ADVANCED, "advanced parameters"),
+        Section(_RUN_ADVANCED + _qs("init_checkpoint"), "advanced parameters"),
     ),
     SFTConfig: (
         Section(_qs("policy_checkpoint", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate",

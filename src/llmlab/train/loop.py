@@ -313,8 +313,8 @@ def resume_state(checkpoint_dir: str | Path) -> StartState:
     meta = ckpt.trainer_state()
     if meta is None:
         raise CheckpointError(f"{ckpt.path}: no trainer_state.json, so training cannot resume from it; use it "
-                              f"as a starting model instead (e.g. policy_checkpoint), or pick a latest/ or best/ "
-                              f"folder written by training")
+                              f"as a starting model instead (init_checkpoint for pretrain, policy_checkpoint for "
+                              f"sft and rlhf), or pick a latest/ or best/ folder written by training")
     step = saved_step(ckpt.path, meta)
     tensors = ckpt.trainer_tensors() or {}
     data = meta.get("data")

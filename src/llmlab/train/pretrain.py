@@ -11,6 +11,10 @@ prints the resolved config, and hands over to the shared loop (`llmlab.train.loo
 checkpoints, resume, NaN handling, Ctrl-C/SIGTERM). Under torchrun the same function trains data-parallel
 (DDP, or FSDP2 with `distributed=fsdp`); rank 0 logs and saves.
 
+Continued pretraining: `init_checkpoint` starts a new run (step 0, a fresh optimizer and schedule) from
+a checkpoint's weights, model config and tokenizer: a pretrain/SFT/RLHF checkpoint, a merged LoRA model
+or an `llm-lab import-hf` folder.
+
 Resuming: `run_pretrain(cfg, resume="checkpoints/latest")` takes the model config and tokenizer from the
 checkpoint and restores the weights, optimizer (unless `load_optimizer_state=False`, needed to switch
 optimizer), schedule position, RNG states and data position; `cfg` may raise `max_steps`. The training
@@ -47,13 +51,13 @@ def train_config_from_checkpoint(path: str | Path) -> TrainConfig:
     return stage_config_from_checkpoint(path, TrainConfig)
 
 
-def _check_same_model(given: ModelConfig, saved: ModelConfig, where: Path) -> None:
+def _check_same_model(given: ModelConfig, saved: ModelConfig, where: Path, when: str = "resuming") -> None:
     a, b = given.to_dict(), saved.to_dict()
     diff = [k for k in a if a[k] != b.get(k)]
     if diff:
         k = diff[0]
         raise ConfigError(f"{k}: the model config says {a[k]!r} but the checkpoint {where} has {b[k]!r}; "
-                          f"leave out --model-config when resuming (it is read from the checkpoint)")
+                          f"leave out --model-config when {when} (it is read from the checkpoint)")
 
 
 def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resume: str | None = None,
@@ -64,13 +68,18 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
     info = init_distributed()
     try:
         ckpt = read_checkpoint(resume) if resume is not None else None
+        # init_checkpoint: a new run from a checkpoint's weights (resuming continues the run instead)
+        init = read_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and ckpt is None else None
+        source = ckpt or init
         if model_cfg is None:
-            if ckpt is None:
-                raise ConfigError("model config: pass one (--model-config) unless resuming from a checkpoint")
-            model_cfg = ckpt.model_config
-        elif ckpt is not None:
-            _check_same_model(model_cfg, ckpt.model_config, ckpt.path)
-        tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, ckpt)
+            if source is None:
+                raise ConfigError("model config: pass one (--model-config) unless resuming from a checkpoint or "
+                                  "starting from one (init_checkpoint)")
+            model_cfg = source.model_config
+        elif source is not None:
+            _check_same_model(model_cfg, source.model_config, source.path,
+                              "resuming" if ckpt is not None else "starting from init_checkpoint")
+        tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, source)
         notice = check_vocab_size(model_cfg, len(tok))  # raises when smaller than the tokenizer
         if notice:
             rank0_print(info, notice)
@@ -87,8 +96,10 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
 
         seed_everything(cfg.seed)  # same initial weights on every rank
         model = build_model(model_cfg)
-        if ckpt is not None:
-            load_state_into(model, ckpt.state_dict(), where=str(ckpt.path))
+        if source is not None:
+            load_state_into(model, source.state_dict(), where=str(source.path))
+        if init is not None:
+            rank0_print(info, f"starting from the weights of {init.path} (init_checkpoint): step 0, a new optimizer")
         seed_everything(cfg.seed + info.rank)  # per-rank dropout and sampling
 
         def batches(split: str) -> PretrainBatches:
