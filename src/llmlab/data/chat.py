@@ -105,10 +105,6 @@ def check_messages(messages: Any, where: str, field: str | None = None) -> list[
     OpenAI-style text parts (joined). `field` names the record's field in error messages (default
     'messages'; 'prompt', 'chosen', ... say that a string would do too).
     """
-    if field is None:
-        head, _, last = where.rpartition(" ")
-        if head and last in _STRING_OR_MESSAGES:
-            where, field = head, last
     field = field or "messages"
     if not isinstance(messages, list) or not messages:
         allowed = f"a string or {MESSAGE_LIST}" if field in _STRING_OR_MESSAGES else MESSAGE_LIST

@@ -50,7 +50,7 @@ def _answer(value: Any, where: str, name: str) -> tuple[list[dict[str, str]] | N
     """(conversation before the answer or None, answer text) of a chosen/rejected value."""
     if isinstance(value, str):
         return None, value
-    messages = check_messages(value, f"{where} {name}")
+    messages = check_messages(value, where, name)
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: {name} must end with an assistant message")
     return messages[:-1] or None, messages[-1]["content"]
@@ -77,7 +77,7 @@ def preference_parts(record: dict[str, Any], where: str = "record") -> tuple[lis
     if isinstance(prompt, str) and prompt:
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and prompt:
-        messages = check_messages(prompt, f"{where} prompt")
+        messages = check_messages(prompt, where, "prompt")
     elif before:
         messages = before
     else:
