@@ -250,8 +250,10 @@ def test_bad_record_error_and_skip_invalid_count(tok, tmp_path):
     msg = str(e.value)
     assert "keys: answer, question" in msg and "'messages'" in msg and "'prompt' + 'completion'" in msg
     assert "\n" not in msg
-    with pytest.raises(DataError, match="keys: answer, question"):
+    with pytest.raises(DataError, match="keys: answer, question") as bad:
         take(SFTBatches([f], tok, 64, 11, val_fraction=0.0), 1)
+    # located by its place in the mixed stream and, since that is not the file's order, by its content
+    assert 'of the mixed stream, epoch 0 ({"answer": "a", "question": "q"})' in str(bad.value)
     batches = SFTBatches([f], tok, 64, 8, val_fraction=0.0, skip_invalid=True)
     take(batches, 10)  # exactly 10 epochs of the 8 good records; the 3 bad ones of the last may follow
     assert 27 <= batches.skipped_invalid <= 30

@@ -652,7 +652,10 @@ class RecordIterator:
             self._rows = iter(self.stream)
         key, row = next(self._rows)
         spec = self.stream.specs[row["source"]]
-        self.where = f"{spec.name}: record {self.stream.rows_read - 1} of the mixed stream, epoch {self.stream.epoch}"
+        # the position is in the shuffled, mixed stream, not the file: a preview makes the record findable
+        preview = key if len(key) <= 72 else key[:69] + "..."
+        self.where = (f"{spec.name}: record {self.stream.rows_read - 1} of the mixed stream, epoch "
+                      f"{self.stream.epoch} ({preview})")
         return json.loads(key)
 
     def state_dict(self) -> dict[str, Any]:
