@@ -509,9 +509,12 @@ def done_message(algorithm: str, step: int, best_key: str, best: float | None, s
     """The last line of a finished run, as pretrain and sft end: steps, the best metric, what was saved where.
     `fallback`: save_best_only found no best, so the final policy went to latest/."""
     where = ", ".join(f"{name}/" for name in saved) or "no checkpoint"
-    if fallback:
-        where += " (no evaluation set a best, so no best/: the final policy went to latest/ despite save_best_only)"
     value = best if best is None else round(best, 4)
+    if fallback and best is not None:  # resumed: the best it started from stood
+        where += (f" (no evaluation of this run beat the best {best_key.replace('_', ' ')} it started from, {value}, "
+                  f"so no new best/: the final policy went to latest/ despite save_best_only)")
+    elif fallback:
+        where += " (no evaluation set a best, so no best/: the final policy went to latest/ despite save_best_only)"
     return f"done: {algorithm}, {step} steps; best {best_key.replace('_', ' ')} {value}; saved {where} in {output_dir}"
 
 
