@@ -77,6 +77,14 @@ def test_spec_best_model_pt_maps_to_best_folder_and_pickles_are_refused(tmp_path
     assert not marker.exists()
 
 
+def test_a_gguf_file_as_a_checkpoint_is_told_to_import_it_first(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(CheckpointError, match=r"a GGUF file, not a checkpoint folder; convert it with `llm-lab "
+                                              r"import-hf .*model.gguf --out DIR`"):
+        resolve_checkpoint(gguf)
+
+
 def test_only_the_specs_file_names_map_to_folders_and_others_list_what_exists(tmp_path):
     ck = tmp_path / "sft_checkpoints"
     for name in ("best", "latest"):

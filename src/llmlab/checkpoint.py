@@ -147,6 +147,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return moved
         raise CheckpointError(f"{p}: not a checkpoint folder (no config.json); pass a folder such as "
                               f"checkpoints/best")
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{p}: a GGUF file, not a checkpoint folder; convert it with `llm-lab import-hf {p} "
+                              f"--out DIR` and pass DIR")
     if p.is_file():
         raise CheckpointError(f"{p}: a file, not a checkpoint folder (model.safetensors + config.json); pass a "
                               f"checkpoint folder such as checkpoints/best")
