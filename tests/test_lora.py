@@ -13,7 +13,7 @@ import llmlab
 from conftest import tiny_config
 from llmlab.checkpoint import load_state_into, read_checkpoint, save_checkpoint
 from llmlab.config import SFTConfig
-from llmlab.errors import LLMLabError
+from llmlab.errors import CheckpointError, LLMLabError
 from llmlab.lora import (
     LORA_PRESETS,
     apply_lora,
@@ -190,6 +190,21 @@ def test_merge_errors(tmp_path):
     assert "\n" not in str(e.value)
     for f in ("m1", "m2", "m4", "m5"):
         assert not (tmp_path / f).exists()
+
+
+def test_an_adapter_onto_a_base_trained_further_since_is_refused(tmp_path):
+    """The base folder was trained further after the adapter was made: merging onto it would give a model
+    nobody trained (it printed "merged"). The adapter's run saved the weights it was trained on."""
+    cfg, base, _ = _trained_lora(tmp_path)
+    merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "base", tmp_path / "ok")
+    with torch.no_grad():
+        base.lm_head.weight.add_(1e-3)  # "continued pretraining" into the same folder
+    save_checkpoint(tmp_path / "base", base, kind="pretrain", tokenizer=FakeTokenizer())
+    with pytest.raises(CheckpointError, match=r"trained on other weights than .*base holds.*merge-lora "
+                                              r"--checkpoint .*sft.best --out DIR") as e:
+        merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "base", tmp_path / "m")
+    assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
+    merge_full_checkpoint(tmp_path / "sft" / "best", tmp_path / "m")  # what the message offers works
 
 
 def test_adapter_config_fallback_and_save_adapter_needs_lora(tmp_path):

@@ -396,8 +396,17 @@ def base_model_for_adapter(adapter_dir: str | os.PathLike, base: Any) -> nn.Modu
     """The model an adapter folder goes onto (plain Transformer, eval mode): the base checkpoint with its
     own adapter merged, as a run that started from it trained on, unless the adapter was trained on the same
     base weights as that own adapter (`adapter_trained_on_plain_base`): then the base weights alone. Used by
-    `merge_adapter_folder` and `chat --adapter`."""
+    `merge_adapter_folder` and `chat --adapter`. A plain base whose weights are not the ones the adapter
+    was trained on (those its run saved beside it: the base trained further since, or another model of
+    the same shape) is refused: the result would not be the model that was trained."""
     if not base.has_adapter:
+        trained_with = _adapter_training_checkpoints(Path(adapter_dir))
+        if trained_with and not _same_tensors(trained_with[0] / MODEL_FILE, base.path / MODEL_FILE):
+            raise CheckpointError(
+                f"{adapter_dir} was trained on other weights than {base.path} holds (its run saved them in "
+                f"{trained_with[0]}; was {base.path} trained further since?); merge that full checkpoint "
+                f"instead (`llm-lab merge-lora --checkpoint {trained_with[0]} --out DIR`) or pass the base it "
+                f"was trained on")
         return load_model(base.path)
     if adapter_trained_on_plain_base(adapter_dir, base):
         print(f"{adapter_dir} was trained on the same base weights as the adapter {base.path} holds; using "
