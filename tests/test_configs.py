@@ -8,6 +8,7 @@ import pytest
 from llmlab.cli import main
 from llmlab.cli.commands import load_stage_config
 from llmlab.config import ModelConfig, RLHFConfig, SFTConfig, TrainConfig
+from llmlab.errors import ConfigError
 from llmlab.pipeline import PRESETS, stage_configs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -125,3 +126,18 @@ def test_rlhf_help_says_what_dropout_and_save_every_really_do():
     assert "does nothing while save_best_only is true" in help_["save_every"]
     assert "GRPO" in help_["top_k"] and "GRPO" in help_["top_p"]
     assert SFTConfig.field_help()["lora_dropout"] == "Dropout on the LoRA path"  # other stages keep theirs
+
+
+@pytest.mark.parametrize("cls,key,hint", [(TrainConfig, "learning_rate", "lr"), (SFTConfig, "lr", "learning_rate"),
+                                          (SFTConfig, "grad_clip", "max_grad_norm"),
+                                          (TrainConfig, "max_step", "max_steps")])
+def test_an_unknown_key_suggests_the_stages_own_name(cls, key, hint):
+    """pretrain says lr and grad_clip where sft and rlhf say learning_rate and max_grad_norm (the spec's
+    names): the error names the one this stage uses, and a near miss its closest key."""
+    with pytest.raises(ConfigError, match=rf"override '{key}': unknown key for {cls.__name__} \(did you mean {hint}\?\)"):
+        cls().with_overrides([f"{key}=1"])
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) {key} for {cls.__name__} \(did you mean {hint}\?\)"):
+        cls.from_dict({key: 1})
+    with pytest.raises(ConfigError) as plain:
+        cls().with_overrides(["zzz=1"])
+    assert "did you mean" not in str(plain.value)

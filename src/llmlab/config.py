@@ -193,10 +193,29 @@ class ConfigBase:
         if unknown:
             raise ConfigError(
                 f"{source}: unknown key(s) {', '.join(k if k.isidentifier() else repr(k) for k in unknown)} "
-                f"for {cls.__name__}; "
+                f"for {cls.__name__}{cls._did_you_mean(unknown)}; "
                 f"allowed: {', '.join(cls.field_names())}"
             )
         return cls(**data)
+
+    # the same setting under another stage's name (the spec's names differ between stages)
+    _SIBLING_NAMES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "lr": ("learning_rate",), "learning_rate": ("lr",),
+        "grad_clip": ("max_grad_norm",), "max_grad_norm": ("grad_clip",),
+    }
+
+    @classmethod
+    def _did_you_mean(cls, unknown: list[str]) -> str:
+        """' (did you mean lr?)' for keys that are another stage's name or a near miss, else ''."""
+        import difflib
+
+        names, hints = cls.field_names(), []
+        for key in unknown:
+            same = [n for n, others in cls._SIBLING_NAMES.items() if key in others and n in names]
+            close = same or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{close[0]} for {key}" if len(unknown) > 1 else close[0])
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,7 +245,7 @@ class ConfigBase:
                 key, value = key.strip(), _parse_override_value(raw.strip())
             if key not in self.field_names():
                 raise ConfigError(
-                    f"override {key!r}: unknown key for {type(self).__name__}; "
+                    f"override {key!r}: unknown key for {type(self).__name__}{self._did_you_mean([key])}; "
                     f"allowed: {', '.join(self.field_names())}"
                 )
             updates[key] = value
