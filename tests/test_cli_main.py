@@ -219,6 +219,22 @@ def test_capped_reply_is_said_once_a_session_then_only_when_the_cap_drops_a_lot(
     assert asked.getvalue().count(CAP) == 1
 
 
+def test_dropping_the_oldest_exchanges_is_said_once_a_session(checkpoints):
+    """A conversation that outgrows the context loses its oldest exchanges on every later turn: said the
+    first time (it was silent), not on every turn."""
+    root, _, _ = checkpoints
+    session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(temperature=0, max_new_tokens=8))
+    long = [{"role": "user", "content": "the king " * 6}, {"role": "assistant", "content": "ok ok"}]
+    session.history = long * 8  # more than the 64-token context holds
+    session.reply("hi", stream=io.StringIO(), notices=(first := io.StringIO()))
+    assert "notice: the oldest " in first.getvalue() and "exchange(s) of the conversation are left out" in \
+        first.getvalue()
+    assert 0 < len(session.history) < 2 * 8 + 2
+    session.history += long * 8
+    session.reply("hi", stream=io.StringIO(), notices=(second := io.StringIO()))
+    assert "the oldest" not in second.getvalue()
+
+
 def test_generate_still_says_the_capped_reply(checkpoints, capsys):
     root, _, _ = checkpoints
     code, _, err = run(["generate", "--checkpoint", str(root / "pretrain"), "--prompt", "To be", "--temperature",

@@ -4,8 +4,9 @@
 
 Base (pretrain) checkpoints complete raw text; SFT, RLHF and merged checkpoints (and any checkpoint with
 `--adapter`) talk through the tokenizer's chat template with the whole conversation as context
-(the oldest turns are dropped when it no longer fits in max_seq_len). Tokens are decoded incrementally
-and printed as they come; a byte sequence cut in the middle of a character waits for its next token.
+(the oldest turns are dropped when it no longer fits in max_seq_len; said the first time). Tokens are
+decoded incrementally and printed as they come; a byte sequence cut in the middle of a character waits
+for its next token.
 
 REPL commands: /reset, /temp X, /top_p X, /top_k N, /max_tokens N, /help, /exit (`/help` and `chat --help`
 print the one list, `COMMANDS_HELP`). Ctrl-C during a reply stops the reply; Ctrl-C
@@ -128,6 +129,8 @@ class ChatSession:
     # (max_new_tokens, tokens allowed) when a capped reply was last said (context_notice); None: not yet
     _cap_said: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _compile_said: bool = field(default=False, init=False, repr=False)  # the compile line, once a session
+    _dropped: int = field(default=0, init=False, repr=False)  # exchanges the last prompt left out
+    _dropped_said: bool = field(default=False, init=False, repr=False)  # that line, once a session
 
     @classmethod
     def open(cls, checkpoint: str, *, adapter: str | None = None, mode: str | None = None,
@@ -166,6 +169,7 @@ class ChatSession:
             raise ConfigError(f"message: {len(ids)} tokens with the chat template, but the model's context "
                               f"(max_seq_len) is {context}; shorten the message"
                               f"{' or the --system message' if self.system else ''}, or use --raw")
+        self._dropped = (len(self.history) - len(history)) // 2
         self.history = history
         return ids
 
@@ -180,6 +184,10 @@ class ChatSession:
         context, wanted = self.model.config.max_seq_len, self.settings.max_new_tokens
         cut, allowed = fit_to_context(prompt_len, wanted, context)
         parts = []
+        if self._dropped and not self._dropped_said:  # from here on every turn drops some: said once
+            self._dropped_said = True
+            parts.append(f"the oldest {self._dropped} exchange(s) of the conversation are left out (older ones "
+                         f"will be as it grows; /reset starts afresh, a lower /max_tokens leaves more room)")
         if cut:
             parts.append(f"the prompt ({prompt_len} tokens) is cut to its last {prompt_len - cut} tokens")
         said = self._cap_said
