@@ -321,6 +321,20 @@ def test_preference_batches_mask_prompt_and_padding(tok):
         encode_preference_example({"text": "x"}, tok)
 
 
+def test_pairs_with_the_same_answer_twice_or_a_blank_one_are_skipped_and_counted(tok, tmp_path):
+    """Such a pair has no preference to learn (DPO's gradient is zero for it): skipped, counted."""
+    good = {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "No."}
+    records = [good] * 4 + [{"prompt": "Say yes.", "chosen": "Yes.", "rejected": "Yes."},
+                            {"prompt": "Say yes.", "chosen": "   ", "rejected": "No."}]
+    it = PreferenceBatches([write_jsonl(tmp_path / "p.jsonl", records)], tok, 64, 4, val_fraction=0.0, seed=0)
+    batch = next(it)
+    assert it.skipped_empty in (0, 1, 2) and batch["chosen_input_ids"].shape[0] == 4
+    take(it, 5)  # six epochs of six records: the two unusable ones every epoch
+    assert 10 <= it.skipped_empty <= 12
+    b = next(it)
+    assert all(not torch.equal(b["chosen_input_ids"][i], b["rejected_input_ids"][i]) for i in range(4))
+
+
 def test_cut_pairs_and_prompts_are_said_once_and_counted(tok, tmp_path, capsys, monkeypatch):
     """DPO pairs and RL prompts longer than their budget are cut (prompt from the left): the first cut is
     said in one notice with the lengths, every cut is counted; ones that fit are neither."""

@@ -158,8 +158,8 @@ class PreferenceBatches(RecordBatches):
 
     Yields `chosen_input_ids`, `chosen_labels`, `chosen_attention_mask` and the same for `rejected`, all
     padded to one length T, plus `prompt_lengths` (B,). Invalid records raise, or with
-    `skip_invalid=True` are skipped and counted in `skipped_invalid`; pairs with an empty answer are
-    skipped and counted in `skipped_empty`.
+    `skip_invalid=True` are skipped and counted in `skipped_invalid`; pairs with an empty answer, or
+    the same answer twice, are skipped and counted in `skipped_empty`.
     """
 
     truncated = 0  # pairs cut to seq_len in this process (said once, then counted)
@@ -176,7 +176,10 @@ class PreferenceBatches(RecordBatches):
                        f"{len(ex['prompt_ids'])} tokens and the answers their first "
                        f"{max(len(ex['chosen_ids']), len(ex['rejected_ids']))}. Further cuts are counted; raise the "
                        f"policy's max_seq_len or shorten the data")
-        return ex if ex["chosen_ids"] and ex["rejected_ids"] else None
+        # a blank answer, or the same answer on both sides (no preference to learn: its DPO gradient is
+        # zero), is skipped and counted in skipped_empty
+        usable = ex["chosen_ids"] and ex["rejected_ids"] and ex["chosen_ids"] != ex["rejected_ids"]
+        return ex if usable else None
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         length = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)

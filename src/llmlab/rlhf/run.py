@@ -498,9 +498,14 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
             saved.insert(1, BEST_ADAPTERS)
         logger.message(done_message(cfg.algorithm, step, best_key, best, saved, output_dir, fallback=fallback))
         data = getattr(stage, "pairs", None) or getattr(stage, "prompts", None)
+        counts = []
         if getattr(data, "truncated", 0):
             what = "preference pair(s) cut to max_seq_len" if cfg.algorithm == "dpo" else "prompt(s) cut from the left"
-            logger.message(f"data: {data.truncated} {what} in this run (rank 0's count)")
+            counts.append(f"{data.truncated} {what} in this run")
+        if getattr(data, "skipped_empty", 0) and cfg.algorithm == "dpo":
+            counts.append(f"{data.skipped_empty} pair(s) skipped: a blank answer, or the same answer twice")
+        if counts:
+            logger.message(f"data: {'; '.join(counts)} (rank 0's counts)")
     return result
 
 
