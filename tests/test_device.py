@@ -11,7 +11,7 @@ from llmlab.device import tune_cpu_allocator
 from llmlab.errors import ConfigError
 
 # a 64 MiB buffer (above glibc's largest dynamic mmap threshold, 32 MiB, so glibc maps and unmaps it every
-# time), written and freed ten times after three warm-ups; prints the minor page faults that took
+# time), written and freed 20 times after three warm-ups; prints the minor page faults of each
 _FAULTS = """
 import resource, sys, torch
 from llmlab.device import tune_cpu_allocator
@@ -20,10 +20,12 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):  # (tuned, the heap settles in two)
     torch.empty(16 * 2**20).fill_(1.0)
-before = faults()
-for _ in range(10):
+counts = []
+for _ in range(20):
+    before = faults()
     torch.empty(16 * 2**20).fill_(1.0)
-print(faults() - before)
+    counts.append(faults() - before)
+print(sorted(counts)[10])
 """
 
 
@@ -38,9 +40,10 @@ def test_tuned_allocator_reuses_freed_memory_where_the_default_faults_it_in_agai
     tuned, applied = _faults("tuned")
     default, not_applied = _faults("default")
     assert (applied, not_applied) == ("True", "False")
-    pages = 10 * 64 * 2**20 // 4096  # every page of the ten buffers
+    pages = 64 * 2**20 // 4096  # every page of one buffer; the median buffer's faults:
     assert default > pages // 2, default  # glibc's default: fresh pages every time
-    assert tuned < pages // 50, tuned  # tuned: the first buffer's pages, reused
+    assert tuned < pages // 50, tuned  # tuned: the pages of an earlier buffer, reused (now and then a small
+    # allocation splits the freed block and the next buffer grows the heap: hence the median)
 
 
 def test_a_bad_allocator_setting_is_a_one_line_error(monkeypatch):
