@@ -141,3 +141,26 @@ def test_an_unknown_key_suggests_the_stages_own_name(cls, key, hint):
     with pytest.raises(ConfigError) as plain:
         cls().with_overrides(["zzz=1"])
     assert "did you mean" not in str(plain.value)
+
+
+def test_an_override_can_fix_what_the_file_alone_gets_wrong(tmp_path, monkeypatch):
+    """default, then the file, then the overrides, validated once: a file with max_steps 6 and the default
+    warmup (100) is invalid alone, and warmup_steps=1 on the command line must fix it (it was refused
+    before the override applied), for `llm-lab` and for `python -m llmlab.train.<stage>` alike."""
+    from llmlab.cli.main import build_config
+    from llmlab.train import sft
+    from llmlab.train.stage import stage_main
+
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps({"max_steps": 6, "datasets": ["bundled:sft"]}))
+    with pytest.raises(ConfigError, match="warmup_steps: 100 is more than max_steps=6"):
+        SFTConfig.load(path)
+    cfg = build_config(SFTConfig, str(path), ["warmup_steps=1"])
+    assert (cfg.max_steps, cfg.warmup_steps) == (6, 1)
+    with pytest.raises(ConfigError, match="override 'lr': unknown key for SFTConfig"):
+        build_config(SFTConfig, str(path), ["lr=1"])
+    seen = []
+    monkeypatch.setattr(sft, "run_sft", lambda cfg, **kw: seen.append(cfg))
+    assert stage_main(["--config", str(path), "warmup_steps=2"], SFTConfig, sft.run_sft, prog="x",
+                      description="x") == 0
+    assert seen and seen[0].warmup_steps == 2

@@ -4,7 +4,7 @@ One rule for where a setting comes from: dataclass default, then the JSON file, 
 Unknown keys are an error. Every field name is the spec's parameter name. Options are `Literal`
 strings, validated once in `__post_init__`; modules are chosen from them at build time.
 
-    cfg = ModelConfig.load("model_config.json").with_overrides(["n_layers=4"])
+    cfg = ModelConfig.load("model_config.json", ["n_layers=4"])   # file, then overrides, validated once
     cfg.save("model_config.json")
 """
 
@@ -221,8 +221,13 @@ class ConfigBase:
         return dataclasses.asdict(self)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> typing.Self:
-        return cls.from_dict(read_config_json(path), source=str(path))
+    def load(cls, path: str | os.PathLike, overrides: typing.Iterable[str] | dict[str, Any] = ()) -> typing.Self:
+        """The JSON file, then `overrides` (`with_overrides`' key=value strings), validated once as a whole:
+        an override can fix what the file alone gets wrong (warmup_steps above the file's max_steps)."""
+        data = read_config_json(path)
+        if overrides and isinstance(data, dict):
+            data = {**data, **cls._override_updates(overrides)}
+        return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
         from llmlab.atomic import atomic_write_text
@@ -233,6 +238,11 @@ class ConfigBase:
 
     def with_overrides(self, overrides: typing.Iterable[str] | dict[str, Any]) -> typing.Self:
         """Apply `key=value` strings (or a dict); values are parsed as JSON when they parse."""
+        return dataclasses.replace(self, **self._override_updates(overrides))
+
+    @classmethod
+    def _override_updates(cls, overrides: typing.Iterable[str] | dict[str, Any]) -> dict[str, Any]:
+        """`key=value` strings (or a dict) -> {field: value}, keys checked, values parsed as JSON when they parse."""
         updates: dict[str, Any] = {}
         items = overrides.items() if isinstance(overrides, dict) else overrides
         for item in items:
@@ -243,13 +253,13 @@ class ConfigBase:
                     raise ConfigError(f"override {item!r}: expected key=value, e.g. max_steps=100")
                 key, raw = item.split("=", 1)
                 key, value = key.strip(), _parse_override_value(raw.strip())
-            if key not in self.field_names():
+            if key not in cls.field_names():
                 raise ConfigError(
-                    f"override {key!r}: unknown key for {type(self).__name__}{self._did_you_mean([key])}; "
-                    f"allowed: {', '.join(self.field_names())}"
+                    f"override {key!r}: unknown key for {cls.__name__}{cls._did_you_mean([key])}; "
+                    f"allowed: {', '.join(cls.field_names())}"
                 )
             updates[key] = value
-        return dataclasses.replace(self, **updates)
+        return updates
 
 
 def _help(text: str, **kw: Any) -> Any:

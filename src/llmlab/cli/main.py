@@ -67,7 +67,7 @@ def _estimate(args: argparse.Namespace) -> int:
     model_keys = set(ModelConfig.field_names())
     model_over = [o for o in args.overrides if o.split("=", 1)[0].strip() in model_keys]
     stage_over = [o for o in args.overrides if o not in model_over]
-    model_cfg = ModelConfig.load(args.model_config).with_overrides(model_over)
+    model_cfg = ModelConfig.load(args.model_config, model_over)
     stage = stage.with_overrides(stage_over)
     commands.print_estimate(model_cfg, stage, batch_size=args.batch_size, seq_len=args.seq_len,
                             optimizer=args.optimizer, dtype=args.dtype)
@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_config(cls: type[ConfigBase], path: str | None, overrides: list[str]) -> ConfigBase:
     """Dataclass defaults, then the JSON file, then `key=value` overrides."""
-    cfg = cls.load(path) if path else cls()
-    return cfg.with_overrides(overrides) if overrides else cfg
+    if path:  # validated once, after the overrides (they may fix what the file alone gets wrong)
+        return cls.load(path, overrides)
+    return cls().with_overrides(overrides) if overrides else cls()
 
 
 def _run(argv: list[str]) -> int:

@@ -159,12 +159,11 @@ def stage_main(argv: list[str] | None, cls: type[C], run: Callable[..., Any], *,
 
         set_threads()  # as the llm-lab CLI does: LLMLAB_THREADS, else OMP_NUM_THREADS, else usable cores
         if args.config:
-            cfg = cls.load(args.config)
+            cfg = cls.load(args.config, args.overrides)  # validated after the overrides
         elif args.resume:
-            cfg = stage_config_from_checkpoint(args.resume, cls)
+            cfg = stage_config_from_checkpoint(args.resume, cls).with_overrides(args.overrides)
         else:
             raise ConfigError("--config: give a config file (or --resume CHECKPOINT)")
-        cfg = cfg.with_overrides(args.overrides)
         extra = [ModelConfig.load(args.model_config) if args.model_config else None] if model_config else []
         run(cfg, *extra, resume=args.resume, load_optimizer_state=not args.no_optimizer_state,
             progress=not args.no_progress)
