@@ -339,6 +339,26 @@ def test_merge_option1_stacks_a_later_runs_best_adapters_on_a_lora_checkpoint(tm
         assert (start(x) - want).abs().max() > 1e-2
 
 
+def test_a_stacked_adapter_onto_a_lora_checkpoint_trained_again_since_is_refused(tmp_path):
+    """RLHF's adapter was trained on SFT's best/ with its adapter merged; SFT ran again into the same folder
+    (another adapter there now): stacking onto it would give a model nobody trained (it printed 'merged')."""
+    cfg, base, _ = _trained_lora(tmp_path)
+    start = llmlab.load_model(tmp_path / "sft" / "best")
+    rl = apply_lora(copy.deepcopy(start), sft_cfg(lora_preset="minimal", lora_r=2), verbose=False)
+    randomize_lora(rl, seed=5)
+    save_lora_checkpoint(tmp_path / "rlhf" / "best", rl, kind="rlhf", train_config=sft_cfg(lora_preset="minimal"),
+                         trainer_state={"step": 3}, tokenizer=FakeTokenizer(),
+                         best_adapter_dir=tmp_path / "rlhf" / "best_lora_adapters")
+    again = apply_lora(copy.deepcopy(base), sft_cfg(lora_preset="all"), verbose=False)
+    randomize_lora(again, seed=9)  # the SFT run again, into the same folder
+    save_lora_checkpoint(tmp_path / "sft" / "best", again, kind="sft", train_config=sft_cfg(lora_preset="all"),
+                         trainer_state={"step": 2}, tokenizer=FakeTokenizer())
+    with pytest.raises(CheckpointError, match=r"trained on other weights than .*best gives with its own adapter "
+                                              r"merged.*merge-lora --checkpoint .*rlhf.best --out DIR"):
+        merge_adapter_folder(tmp_path / "rlhf" / "best_lora_adapters", tmp_path / "sft" / "best", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("evidence", ["weights", "training_config"])
 def test_merge_option1_with_a_later_checkpoint_of_the_same_run_is_not_stacked(tmp_path, evidence, monkeypatch):
     """best_lora_adapters/ with latest/ of the same run (a later step, another adapter on the same frozen

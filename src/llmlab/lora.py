@@ -414,7 +414,31 @@ def base_model_for_adapter(adapter_dir: str | os.PathLike, base: Any) -> nn.Modu
         return load_model(base.path, with_adapter=False)
     # e.g. an RLHF adapter trained on an SFT-LoRA checkpoint: RLHF started from both merged
     print(f"{base.path} holds its own LoRA adapter; merging it first, then {adapter_dir} on top", file=sys.stderr)
-    return load_model(base.path)
+    model = load_model(base.path)
+    trained_with = _adapter_training_checkpoints(Path(adapter_dir))
+    if trained_with and not _weights_match(model, trained_with[0] / MODEL_FILE):
+        raise CheckpointError(
+            f"{adapter_dir} was trained on other weights than {base.path} gives with its own adapter merged (its "
+            f"run saved them in {trained_with[0]}; was {base.path} trained again since?); merge that full "
+            f"checkpoint instead (`llm-lab merge-lora --checkpoint {trained_with[0]} --out DIR`) or pass the base "
+            f"it was trained on")
+    return model
+
+
+def _weights_match(model: nn.Module, weights_file: Path) -> bool:
+    """Whether the model's weights are the file's (every tensor the file holds), up to the rounding of a
+    merge done on another device (rtol 1e-5); an unreadable file is a one-line CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    state = model.state_dict()
+    try:
+        with safe_open(str(weights_file), "pt") as f:
+            return all(k in state and list(state[k].shape) == list(f.get_slice(k).get_shape()) and
+                       torch.allclose(state[k].float(), f.get_tensor(k).float(), rtol=1e-5, atol=1e-7)
+                       for k in f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights_file}: unreadable safetensors ({str(e).splitlines()[0][:120]}); re-save "
+                              f"that checkpoint") from None
 
 
 def merge_adapter_folder(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
