@@ -424,6 +424,7 @@ def test_lora_dropout_is_switched_off_with_a_notice(tiny_cfg, policy_dir, pairs,
     assert "lora_dropout=0.3" in dropout_notice(cfg)
     assert dropout_notice(_cfg(use_lora=True, lora_dropout=0.0)) is None
     assert dropout_notice(_cfg(use_lora=False, lora_dropout=0.3)) is None
+    assert dropout_notice(_cfg(use_lora=True)) is None  # the default's value: switched off without a line
     policy = apply_lora(build_model(tiny_cfg), cfg, verbose=False)
     drops = [m for n, m in policy.named_modules() if isinstance(m, nn.Dropout) and "lora_dropout" in n]
     assert drops and all(m.p == 0.3 for m in drops)

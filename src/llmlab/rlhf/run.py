@@ -155,8 +155,9 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def dropout_notice(cfg: RLHFConfig) -> str | None:
-    """The line saying that RLHF switches LoRA's dropout off too, when the config asks for some."""
-    if cfg.use_lora and cfg.lora_dropout > 0:
+    """The line saying that RLHF switches LoRA's dropout off too, when the config asks for some other than
+    the default (said on every LoRA run, the default's line was noise)."""
+    if cfg.use_lora and cfg.lora_dropout > 0 and cfg.lora_dropout != RLHFConfig().lora_dropout:
         return (f"rlhf: lora_dropout={cfg.lora_dropout} is not applied: RLHF switches every dropout off (as TRL "
                 f"does) so that sampling-time and update-time log-probs agree; set lora_dropout=0 to silence this")
     return None
