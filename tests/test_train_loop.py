@@ -517,3 +517,20 @@ def test_run_pretrain_checks_vocab_size_and_saves_the_resolved_configs(tmp_path,
     assert saved == cfg.to_dict()
     assert json.loads((tmp_path / "out" / "model_config.json").read_text())["vocab_size"] == 320
     assert (tmp_path / "out" / "best" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_new_run_into_a_finished_runs_folder_says_it_replaces_it(tmp_path, tokenizer_dir, capsys):
+    """Re-running a stage into the same output_dir silently replaced best/ and metrics.jsonl: a new run
+    now says so (and how to keep or continue the old one); resuming it does not."""
+    from llmlab.train.pretrain import run_pretrain
+
+    cfg, model_cfg = pretrain_configs(tmp_path / "out", tokenizer_dir, max_steps=1, warmup_steps=0, eval_every=1,
+                                      optimizer="adamw")
+    run_pretrain(cfg, model_cfg, progress=False)
+    assert "holds a finished" not in capsys.readouterr().out
+    run_pretrain(cfg, model_cfg, progress=False)
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'out'} holds a finished pretrain run (1 steps); this new run replaces" in out
+    assert f"--resume {tmp_path / 'out' / 'latest'} max_steps=N" in out
+    run_pretrain(cfg.with_overrides(["max_steps=2"]), None, resume=str(tmp_path / "out" / "latest"), progress=False)
+    assert "holds a finished" not in capsys.readouterr().out

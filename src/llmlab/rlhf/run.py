@@ -58,6 +58,7 @@ from llmlab.train.loop import (
     lr_clip_fields,
     nan_hint,
     oom_text,
+    replaced_run_notice,
     restore_rng,
     resume_command,
     setup_oom_message,
@@ -303,6 +304,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     device = info.device
     output_dir = Path(cfg.output_dir)
     resume_dir = _resume_dir(resume, output_dir)
+    if resume_dir is None and (notice := replaced_run_notice(output_dir)):
+        print(notice)
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_policy_tokenizer(cfg.policy_checkpoint)

@@ -408,6 +408,17 @@ def write_run_status(output_dir: str | Path, stopped: StopReason, *, step: int, 
     atomic_write_text(Path(output_dir) / RUN_STATE_FILE, json.dumps(dataclasses.asdict(status), indent=2) + "\n")
 
 
+def replaced_run_notice(output_dir: str | Path) -> str | None:
+    """For a new (not resumed) run: the line saying that `output_dir` holds a finished run whose
+    checkpoints this one will replace as it saves, else None."""
+    status = last_run_status(output_dir)
+    if status is None or status.stopped != "finished":
+        return None
+    return (f"note: {output_dir} holds a finished {status.kind} run ({status.step} steps); this new run replaces its "
+            f"checkpoints and metrics there as it saves (set output_dir elsewhere to keep them, or resume it "
+            f"with --resume {Path(output_dir) / 'latest'} max_steps=N to continue it)")
+
+
 def last_run_status(output_dir: str | Path) -> RunStatus | None:
     """How the last run in `output_dir` ended (see RunStatus); None when no run wrote run_state.json there."""
     path = Path(output_dir) / RUN_STATE_FILE

@@ -24,7 +24,7 @@ import torch
 from llmlab.config import ConfigBase, ModelConfig, vocab_slack
 from llmlab.errors import ConfigError, LLMLabError
 from llmlab.train.distributed import DistInfo, rank0_print
-from llmlab.train.loop import StartState
+from llmlab.train.loop import StartState, replaced_run_notice
 
 C = TypeVar("C", bound=ConfigBase)
 
@@ -136,6 +136,8 @@ def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *
     ]
     if resumed_from is not None:
         lines.append(f"resuming from {resumed_from.path}")
+    elif notice := replaced_run_notice(out):
+        lines.append(notice)
     rank0_print(info, "\n".join(lines))
 
 
