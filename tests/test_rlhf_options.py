@@ -435,3 +435,16 @@ def test_lora_dropout_is_switched_off_with_a_notice(tiny_cfg, policy_dir, pairs,
                         use_lora=True, lora_dropout=0.3), progress=False)
     out = capsys.readouterr().out
     assert out.count("lora_dropout=0.3 is not applied") == 1
+
+
+def test_a_reward_function_that_raises_leaves_the_run_recorded_as_an_error(policy_dir, tmp_path):
+    """The exception is the user's own (its traceback stays), but run_state.json said "running" forever."""
+    from llmlab.train.loop import last_run_status
+
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("def broken(prompts, completions, **columns):\n    return [1 / 0 for _ in completions]\n")
+    cfg = _rl_cfg(policy_dir, f"{bad}:broken", tmp_path / "out", algorithm="grpo", group_size=2, ppo_epochs=1)
+    with pytest.raises(ZeroDivisionError):
+        run_rlhf(cfg, progress=False)
+    status = last_run_status(tmp_path / "out")
+    assert status is not None and status.stopped == "error" and status.step == 0

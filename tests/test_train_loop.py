@@ -534,3 +534,21 @@ def test_a_new_run_into_a_finished_runs_folder_says_it_replaces_it(tmp_path, tok
     assert f"--resume {tmp_path / 'out' / 'latest'} max_steps=N" in out
     run_pretrain(cfg.with_overrides(["max_steps=2"]), None, resume=str(tmp_path / "out" / "latest"), progress=False)
     assert "holds a finished" not in capsys.readouterr().out
+
+
+def test_an_exception_in_a_step_records_the_run_as_an_error(tmp_path):
+    """A bad batch (any exception but out-of-memory and NaN, which have their own states) leaves
+    run_state.json at "error", not "running"."""
+    from llmlab.train.loop import last_run_status
+
+    class Broken(RuleBatches):
+        def __next__(self):
+            if self.n >= 2:
+                raise ValueError("a bad record")
+            return super().__next__()
+
+    cfg = make_cfg(tmp_path, max_steps=5)
+    with pytest.raises(ValueError, match="a bad record"):
+        train_loop(tiny_model(), cfg, Broken(4), None, output_dir=cfg.output_dir)
+    status = last_run_status(cfg.output_dir)
+    assert status is not None and (status.stopped, status.step) == ("error", 2)

@@ -477,6 +477,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
                 break
     except Exception as e:
         if not is_out_of_memory(e):
+            if not isinstance(e, TrainingError):  # (NaN stops recorded "nan" themselves)
+                record_status("error")
             raise
         oom = oom_message(cfg, where=where, device=device, last_good=paths["latest"] or paths["best"] or resume_dir)
     finally:

@@ -376,15 +376,16 @@ class StopFlag:
 # --------------------------------------------------------------------------------------------------
 
 RUN_STATE_FILE = "run_state.json"
-StopReason = Literal["running", "finished", "interrupted", "nan", "oom"]
+StopReason = Literal["running", "finished", "interrupted", "nan", "oom", "error"]
 
 
 @dataclass(frozen=True)
 class RunStatus:
     """What `{output_dir}/run_state.json` says about the last run there. `stopped` is "finished" (max_steps
     reached), "interrupted" (Ctrl-C/SIGTERM: latest/ saved, `resume` continues it), "nan" (stopped by a
-    NaN/Inf loss or gradient), "oom" (stopped by running out of memory, in setup or a step) or "running" (still
-    running, or ended by another error)."""
+    NaN/Inf loss or gradient), "oom" (stopped by running out of memory, in setup or a step), "error" (stopped
+    by another exception in a step, an evaluation or a save, e.g. a bad record or a reward function that
+    raised) or "running" (still running, or killed)."""
 
     stopped: StopReason
     step: int
@@ -814,6 +815,8 @@ def train_loop(
                 break
     except Exception as e:
         if not is_out_of_memory(e):
+            if not isinstance(e, TrainingError):  # (NaN stops recorded "nan" themselves)
+                record_status("error")
             raise
         last = paths["latest"] or paths["best"] or start.checkpoint
         oom = oom_message(cfg, where=where, device=device, seq_len=seq_len, last_good=last)
