@@ -338,9 +338,9 @@ def test_pairs_with_the_same_answer_twice_or_a_blank_one_are_skipped_and_counted
 def test_cut_pairs_and_prompts_are_said_once_and_counted(tok, tmp_path, capsys, monkeypatch):
     """DPO pairs and RL prompts longer than their budget are cut (prompt from the left): the first cut is
     said in one notice with the lengths, every cut is counted; ones that fit are neither."""
-    from llmlab.data import preference
+    from llmlab.data import sources
 
-    monkeypatch.setattr(preference, "_NOTICED", set())
+    monkeypatch.setattr(sources, "_NOTICED", set())
     question = "Tell me about the weather in the hills today, " * 3
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": question + str(i), "chosen": "Sunny and warm all day.",
                                                  "rejected": "No."} for i in range(8)])

@@ -198,11 +198,9 @@ class ConfigBase:
             )
         return cls(**data)
 
-    # the same setting under another stage's name (the spec's names differ between stages)
-    _SIBLING_NAMES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "lr": ("learning_rate",), "learning_rate": ("lr",),
-        "grad_clip": ("max_grad_norm",), "max_grad_norm": ("grad_clip",),
-    }
+    # one setting under the names of different stages (the spec's names differ between stages)
+    _SIBLING_NAMES: typing.ClassVar[tuple[tuple[str, str], ...]] = (("lr", "learning_rate"),
+                                                                    ("grad_clip", "max_grad_norm"))
 
     @classmethod
     def _did_you_mean(cls, unknown: list[str]) -> str:
@@ -211,7 +209,7 @@ class ConfigBase:
 
         names, hints = cls.field_names(), []
         for key in unknown:
-            same = [n for n, others in cls._SIBLING_NAMES.items() if key in others and n in names]
+            same = [n for pair in cls._SIBLING_NAMES if key in pair for n in pair if n != key and n in names]
             close = same or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
             if close:
                 hints.append(f"{close[0]} for {key}" if len(unknown) > 1 else close[0])

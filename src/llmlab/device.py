@@ -8,7 +8,7 @@ the count asked for is kept.
 
 Training on the CPU also keeps freed memory in the process (`tune_cpu_allocator`): glibc's malloc returns
 large blocks to the kernel when they are freed, so every step's activations (megabytes each) come back
-as fresh pages that fault in and are zeroed one 4 KiB page at a time, 20,000-70,000 faults a step of the
+as fresh pages that fault in and are zeroed one 4 KiB page at a time, 20,000-110,000 faults a step of the
 bench model. `LLMLAB_CPU_MALLOC=default` leaves the allocator as it is.
 """
 
@@ -103,7 +103,7 @@ def tune_cpu_allocator() -> bool:
     Two `mallopt` settings: no block is served by its own `mmap` (M_MMAP_MAX 0), and the heap's free top is
     never handed back (M_TRIM_THRESHOLD at its maximum). A training step then reuses the same memory for
     its activations instead of faulting in fresh zeroed pages: the bench model's step (2,048 tokens) went
-    from 20,000-70,000 minor page faults to a few hundred and ran ~5 % faster (alternating processes,
+    from 20,000-110,000 minor page faults to a few hundred and ran 3-11 % faster (alternating processes,
     bench/README.md). The cost: the process's resident memory stays at its peak until it exits, as with
     PyTorch's CUDA caching allocator. Skipped where the C library has no `mallopt` (not glibc), and with
     LLMLAB_CPU_MALLOC=default."""

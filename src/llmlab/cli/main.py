@@ -446,9 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_config(cls: type[ConfigBase], path: str | None, overrides: list[str]) -> ConfigBase:
     """Dataclass defaults, then the JSON file, then `key=value` overrides."""
-    if path:  # validated once, after the overrides (they may fix what the file alone gets wrong)
-        return cls.load(path, overrides)
-    return cls().with_overrides(overrides) if overrides else cls()
+    # validated once, after the overrides (they may fix what the file alone gets wrong)
+    return cls.load(path, overrides) if path else cls().with_overrides(overrides)
 
 
 def _run(argv: list[str]) -> int:

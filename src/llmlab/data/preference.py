@@ -18,7 +18,6 @@ Labels are -100 on the prompt and on padding. Too long examples lose prompt toke
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from llmlab.data.chat import (
     right_pad,
     split_hh,
 )
-from llmlab.data.sources import RecordBatches
+from llmlab.data.sources import RecordBatches, notice_once
 from llmlab.errors import DataError
 
 PREFERENCE_FORMATS = ("'prompt' + 'chosen' + 'rejected' (strings or message lists), HH transcripts in "
@@ -142,17 +141,6 @@ def fit_pair(example: dict[str, list[int]], max_len: int | None) -> dict[str, li
     return {"prompt_ids": p, "chosen_ids": c[:max_len - len(p)], "rejected_ids": r[:max_len - len(p)]}
 
 
-_NOTICED: set[str] = set()
-
-
-def cut_notice(kind: str, rank: int, text: str) -> None:
-    """Say `text` on stderr once per process for this kind of cut (rank 0 only); later cuts are only
-    counted by their iterator."""
-    if rank == 0 and kind not in _NOTICED:
-        _NOTICED.add(kind)
-        print(f"notice: data: {text}", file=sys.stderr, flush=True)
-
-
 class PreferenceBatches(RecordBatches):
     """Infinite, resumable iterator of DPO batches for one split and rank.
 
@@ -170,12 +158,12 @@ class PreferenceBatches(RecordBatches):
         if ex is not whole:
             self.truncated += 1
             answer = max(len(whole["chosen_ids"]), len(whole["rejected_ids"]))
-            cut_notice("preference", self.records.stream.rank,
-                       f"a preference pair ({where}: prompt {len(whole['prompt_ids'])} + answer {answer} tokens) "
-                       f"is longer than max_seq_len={self.seq_len}; its prompt keeps its last "
-                       f"{len(ex['prompt_ids'])} tokens and the answers their first "
-                       f"{max(len(ex['chosen_ids']), len(ex['rejected_ids']))}. Further cuts are counted; raise the "
-                       f"policy's max_seq_len or shorten the data")
+            notice_once("preference cut", self.records.stream.rank,
+                        f"notice: data: a preference pair ({where}: prompt {len(whole['prompt_ids'])} + answer "
+                        f"{answer} tokens) is longer than max_seq_len={self.seq_len}; its prompt keeps its last "
+                        f"{len(ex['prompt_ids'])} tokens and the answers their first "
+                        f"{max(len(ex['chosen_ids']), len(ex['rejected_ids']))}. Further cuts are counted; raise "
+                        f"the policy's max_seq_len or shorten the data")
         # a blank answer, or the same answer on both sides (no preference to learn: its DPO gradient is
         # zero), is skipped and counted in skipped_empty
         usable = ex["chosen_ids"] and ex["rejected_ids"] and ex["chosen_ids"] != ex["rejected_ids"]

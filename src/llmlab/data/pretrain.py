@@ -30,14 +30,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from llmlab.data.sources import RecordStream, Split, check_split_args, load_sources, parse_dataset_specs
+from llmlab.data.sources import (
+    RecordStream,
+    Split,
+    check_split_args,
+    load_sources,
+    notice_once,
+    parse_dataset_specs,
+)
 from llmlab.data.tokenizer import vocabulary_fingerprint
 from llmlab.errors import DataError
 
@@ -45,7 +51,6 @@ SHARD_INDEX = "index.json"
 SHARD_FORMAT = "llmlab-token-shards"
 SHARD_VERSION = 1
 DOCS_PER_ENCODE = 16  # documents tokenized together; bounds the tokens kept in the resume state
-_NOTICED: set[tuple[str, float]] = set()  # (shard folder, run val_fraction) whose val_fraction notice was printed
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -228,12 +233,11 @@ class ShardBlocks:
                             f"tokenizer_name to that one, or prepare the shards again with this one (`llm-lab "
                             f"data prepare --tokenizer ...`)")
         stored = index.get("val_fraction")
-        if val_fraction is not None and stored is not None and not math.isclose(stored, val_fraction) \
-                and rank == 0 and (str(folder), val_fraction) not in _NOTICED:
-            _NOTICED.add((str(folder), val_fraction))
-            print(f"notice: datasets: {folder} was prepared with val_fraction={stored:g}, whose train/val split "
-                  f"is used as is (val_fraction={val_fraction:g} is ignored); prepare the shards again to change "
-                  f"it", file=sys.stderr)
+        if val_fraction is not None and stored is not None and not math.isclose(stored, val_fraction):
+            notice_once(("val_fraction", str(folder), val_fraction), rank,
+                        f"notice: datasets: {folder} was prepared with val_fraction={stored:g}, whose train/val "
+                        f"split is used as is (val_fraction={val_fraction:g} is ignored); prepare the shards again "
+                        f"to change it")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.arrays = []

@@ -24,8 +24,7 @@ from llmlab.data.chat import (
     render,
     split_hh,
 )
-from llmlab.data.preference import cut_notice
-from llmlab.data.sources import RecordBatches, Split
+from llmlab.data.sources import RecordBatches, Split, notice_once
 from llmlab.errors import DataError
 
 PROMPT_KEYS = ("messages", "conversations", "prompt", "question", "instruction", "input", "chosen", "rejected")
@@ -62,11 +61,18 @@ def encode_prompt(record: dict[str, Any], tokenizer: Any, max_prompt_len: int | 
     messages = prompt_messages(record, where)
     text = render(tokenizer, messages, add_generation_prompt=True)
     ids = list(encode_rendered(tokenizer, messages, text, add_generation_prompt=True)[0])
-    if max_prompt_len is not None and len(ids) > max_prompt_len:
-        ids = ids[-max_prompt_len:]
-        text = tokenizer.decode(ids)
     extras = {k: v for k, v in record.items() if k not in PROMPT_KEYS}
-    return {**extras, "prompt": text, "prompt_ids": ids}
+    return fit_prompt({**extras, "prompt": text, "prompt_ids": ids}, tokenizer, max_prompt_len)
+
+
+def fit_prompt(example: dict[str, Any], tokenizer: Any, max_prompt_len: int | None) -> dict[str, Any]:
+    """The example with its prompt cut to its last `max_prompt_len` tokens (the text decoded from them);
+    the same object when it fits."""
+    ids = example["prompt_ids"]
+    if max_prompt_len is None or len(ids) <= max_prompt_len:
+        return example
+    ids = ids[-max_prompt_len:]
+    return {**example, "prompt": tokenizer.decode(ids), "prompt_ids": ids}
 
 
 class PromptBatches(RecordBatches):
@@ -82,16 +88,15 @@ class PromptBatches(RecordBatches):
     truncated = 0  # prompts cut to max_prompt_len in this process (said once, then counted)
 
     def encode(self, record: dict[str, Any], where: str) -> dict[str, Any]:
-        ex = encode_prompt(record, self.tokenizer, None, where=where)
-        if self.max_prompt_len is not None and len(ex["prompt_ids"]) > self.max_prompt_len:
+        whole = encode_prompt(record, self.tokenizer, None, where=where)
+        ex = fit_prompt(whole, self.tokenizer, self.max_prompt_len)
+        if ex is not whole:
             self.truncated += 1
-            cut_notice("prompt", self.records.stream.rank,
-                       f"a prompt ({where}: {len(ex['prompt_ids'])} tokens) is longer than the "
-                       f"{self.max_prompt_len} tokens it may have (min(max_prompt_len, max_seq_len - "
-                       f"max_new_tokens)); it keeps its last {self.max_prompt_len}. Further cuts are counted; raise "
-                       f"those limits or shorten the prompts")
-            ex["prompt_ids"] = ex["prompt_ids"][-self.max_prompt_len:]
-            ex["prompt"] = self.tokenizer.decode(ex["prompt_ids"])
+            notice_once("prompt cut", self.records.stream.rank,
+                        f"notice: data: a prompt ({where}: {len(whole['prompt_ids'])} tokens) is longer than the "
+                        f"{self.max_prompt_len} tokens it may have (min(max_prompt_len, max_seq_len - "
+                        f"max_new_tokens)); it keeps its last {self.max_prompt_len}. Further cuts are counted; "
+                        f"raise those limits or shorten the prompts")
         return ex
 
     def collate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

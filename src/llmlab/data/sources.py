@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -664,6 +665,17 @@ class RecordIterator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
         self._rows = None
+
+
+_NOTICED: set[Any] = set()
+
+
+def notice_once(key: Any, rank: int, line: str) -> None:
+    """Print `line` on stderr once per process for `key` (rank 0 only): data notices that would otherwise
+    repeat per record or per iterator (later occurrences are counted by their iterator, if at all)."""
+    if rank == 0 and key not in _NOTICED:
+        _NOTICED.add(key)
+        print(line, file=sys.stderr, flush=True)
 
 
 class RecordBatches:
