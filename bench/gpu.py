@@ -136,6 +136,42 @@ def train(cfg, device: str, batch: int, seq: int, peak: float, compile_: bool, s
     return out
 
 
+def chunk_sizes(cfg, device: str, batch: int, seq: int, budgets_mib: tuple[int, ...]) -> dict[str, Any]:
+    """Compiled training steps of the trainer's loss form (the model to hidden states, then
+    `causal_lm_loss`, in one compiled function) at several chunk budgets, and the model with the full-logits
+    loss, interleaved medians in tokens/s (each compiles: ~25-40 s apiece on an H200)."""
+    import train_step as ts
+    from llmlab.train.losses import causal_lm_loss, default_chunk_rows
+
+    torch.manual_seed(0)
+    ours = build_model(cfg).to(device).train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=True)
+    flash = sdpa_flash if device == "cuda" else contextlib.nullcontext
+    n_labels = ids.numel() - batch
+
+    def step_of(fn):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16), flash():
+                loss = fn(ids)
+            loss.backward()
+            opt.step()
+        return step
+
+    runs, rows_of = {}, {}
+    for mib in budgets_mib:
+        rows = default_chunk_rows(cfg.vocab_size, mib * 2**20)
+        rows_of[f"chunk_{mib}_mib"] = rows
+        runs[f"chunk_{mib}_mib"] = step_of(torch.compile(
+            lambda x, rows=rows: causal_lm_loss(ours(x, output_hidden=True), ours.lm_head, x, chunk_rows=rows)[0] / n_labels))
+    runs["full_logits"] = step_of(torch.compile(lambda x: ts.full_loss(ours(x), x)))
+    times = common.interleaved(runs, 6 if device == "cuda" else 2, warmup=2)
+    return {"batch": batch, "seq_len": seq, "compiled": True,
+            **{name: {"tokens_per_s": round(batch * seq / common.median(t)), "chunk_rows": rows_of.get(name)}
+               for name, t in times.items()}}
+
+
 def chunked_memory(cfg, device: str, batch: int, seq: int) -> dict[str, Any]:
     """Peak CUDA memory of one forward+backward with the full-logits loss vs the chunked loss, Qwen vocab."""
     import train_step as ts
@@ -169,7 +205,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the code paths")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
-    p.add_argument("--parts", default="train,generation,grpo,memory", help="comma-separated subset to run")
+    p.add_argument("--parts", default="train,generation,grpo,memory",
+                   help="comma-separated subset to run; 'chunks' (not in the default) times compiled training at "
+                        "several loss chunk sizes")
     a = p.parse_args()
     device = "cpu" if a.dry_run else "cuda"
     result: dict[str, Any] = {"bench": "gpu", "machine": common.machine(), "dry_run": a.dry_run}
@@ -206,6 +244,9 @@ def main() -> None:
     if "train" in parts and compile_:
         result["train_compiled"] = guarded("train compiled", train, cfg, device, batch, seq, peak, True, steps,
                                            need_s=120)
+    if "chunks" in parts:
+        result["chunk_sizes"] = guarded("chunk sizes", chunk_sizes, cfg, device, batch, seq,
+                                        (1, 4) if a.dry_run else (256, 1024, 4096), need_s=150)
     result["wall_s"] = round(time.perf_counter() - START, 1)
     finish(result)
 

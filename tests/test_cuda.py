@@ -124,7 +124,6 @@ def test_sft_lora_then_dpo_and_grpo_on_cuda(tmp_path, tok_dir):
 def test_grpo_lora_rollouts_through_cuda_graphs(tmp_path, tok_dir):
     """compile: true in GRPO on CUDA: a LoRA policy's rollouts and evaluation decode through the graphed
     step (graph_cache), between updates that change the adapters in place; rewards stay sane."""
-    import llmlab.generate as gen
     from llmlab.rlhf.run import run_rlhf
     from llmlab.train.pretrain import run_pretrain
 
@@ -141,7 +140,8 @@ def test_grpo_lora_rollouts_through_cuda_graphs(tmp_path, tok_dir):
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
     assert all(0 <= r["reward"] <= 1 for r in rows if "reward" in r)
-    assert _recorded_graphs() > before and gen._graph_caches  # the rollouts' decode steps were graphed
+    # the rollouts' decode steps were graphed; the graphs' cache went with the policy when the run ended
+    assert _recorded_graphs() > before
 
 
 def test_loss_rows_and_chunked_log_probs_on_the_device():

@@ -170,7 +170,7 @@ def test_preference_logps_score_only_response_positions_with_the_full_logits_val
     labels[1, 9:] = -100  # padding
     batch = {"chosen_input_ids": ids[:3], "chosen_labels": labels[:3],
              "rejected_input_ids": ids[3:], "rejected_labels": labels[3:]}
-    monkeypatch.setattr(losses, "default_chunk_rows", lambda vocab: 8)
+    monkeypatch.setattr(losses, "default_chunk_rows", lambda vocab, budget=0: 8)
     seen = []
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     got_c, got_r = preference_logps(model, batch)

@@ -281,3 +281,24 @@ def test_token_logprobs_in_chunks_equal_the_full_logits_and_hold_one_chunk(tempe
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_default_chunk_follows_the_device_budget(device, monkeypatch):
+    """With no chunk_rows the fused loss chunks by CHUNK_BYTES of fp32 logits on the CPU and by
+    CUDA_CHUNK_BYTES on CUDA (larger chunks measured faster there)."""
+    from llmlab.train import losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 64 * 8)  # 8 rows of vocab 64
+    monkeypatch.setattr(losses, "CUDA_CHUNK_BYTES", 4 * 64 * 16)
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 1)
+    seen = []
+    real = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: seen.append(a[4]) or real(*a))
+    x = torch.randn(40, 16, device=device)
+    w = torch.randn(64, 16, device=device)
+    t = torch.randint(0, 64, (40,), device=device)
+    got = losses.linear_cross_entropy(x, w, None, t)
+    assert seen == [16 if device == "cuda" else 8]
+    torch.testing.assert_close(got, F.cross_entropy(x @ w.t(), t, reduction="sum"), rtol=1e-4, atol=1e-3)
