@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bash bench/gpu.sh   (from the repo root on a CUDA machine; no .venv needed: torch and transformers must
 # be importable by python3, e.g. through PYTHONPATH). Prints JSON; writes $OUT/gpu_bench.json when OUT is set.
-# Extra arguments go to bench/gpu.py (--no-compile, --dry-run). BENCH_GPU_BUDGET_S (default 240) caps the
+# Extra arguments go to bench/gpu.py (--no-compile, --dry-run). BENCH_GPU_BUDGET_S (default 250) caps the
 # benchmarks' own time so the whole run stays under 5 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
