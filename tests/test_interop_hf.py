@@ -1,6 +1,7 @@
 """Import from and export to transformers folders: logits parity (1e-4) and identical greedy continuations,
 on tiny random models and a tiny trained byte-level BPE tokenizer (no download)."""
 
+import copy
 import json
 
 import pytest
@@ -265,3 +266,136 @@ def test_import_unknown_hub_id_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read a transformers config") as e:
         import_hf("llmlab-test/not-a-model", tmp_path / "ck")  # offline in tests: the hub path fails cleanly
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# export-hf --adapter: the base and a PEFT adapter under transformers' module names
+# --------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "v_proj", "up_proj", "lm_head")  # attention, MLP and the head (named apart in HF)
+
+
+def _lora_run(tmp_path, tok_dir):
+    """A base checkpoint and an SFT-LoRA run on it saved as the trainers save it (sft/best/ with adapter/,
+    sft/best_lora_adapters/ beside it), with an adapter that is not a no-op: (base, base checkpoint, LoRA)."""
+    from llmlab.config import SFTConfig
+    from llmlab.lora import apply_lora, save_lora_checkpoint
+
+    base, base_ck = _llmlab_checkpoint(tmp_path / "base", tok_dir)
+    cfg = SFTConfig(use_lora=True, lora_preset="custom", lora_target_modules=list(LORA_TARGETS), lora_r=4,
+                    lora_alpha=8, lora_dropout=0.0, datasets=["bundled:sft"])
+    lora = apply_lora(copy.deepcopy(base), cfg, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_lora_checkpoint(tmp_path / "sft" / "best", lora, kind="sft", train_config=cfg,
+                         tokenizer=load_tokenizer(str(tok_dir)), best_adapter_dir=tmp_path / "sft" / "best_lora_adapters")
+    return base.eval(), base_ck, lora.eval()
+
+
+def _lora_modules(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    return {n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("how", ["own adapter", "adapter folder"])
+def test_export_hf_adapter_loads_with_peft_and_gives_llmlab_logits(tmp_path, tok_dir, how):
+    """export_hf(..., adapter=...) writes the plain base and adapter/: PeftModel.from_pretrained over the
+    exported model finds every LoRA module under transformers' names and gives LLM-Lab's logits with the
+    adapter, which differ from the base's; the LLM-Lab adapter folder as saved does not (the gap closed)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    base, base_ck, lora = _lora_run(tmp_path, tok_dir)
+    if how == "own adapter":  # a LoRA run's checkpoint: its own adapter/ on its own frozen weights
+        out = export_hf(tmp_path / "sft" / "best", tmp_path / "hf", adapter=True)
+    else:  # best_lora_adapters/ on the base checkpoint it was trained on
+        out = export_hf(base_ck, tmp_path / "hf", adapter=tmp_path / "sft" / "best_lora_adapters")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert _logits_diff(base, hf, 320) < 1e-4  # the folder holds the base, not the merged model
+    peft = PeftModel.from_pretrained(hf, out / "adapter").eval()
+    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+    assert _lora_modules(peft) == {*layers, "lm_head"}
+    assert _logits_diff(lora, peft, 320) < 1e-4
+    assert _logits_diff(lora, base, 320) > 1e-2  # the adapter matters, so the match above is not the base's
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len(keys) == 2 * 7 and all(k.startswith(("base_model.model.model.layers.", "base_model.model.lm_head."))
+                                      for k in keys)
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == sorted(LORA_TARGETS) and saved["task_type"] == "CAUSAL_LM"
+    assert saved["base_model_name_or_path"] == str(out.resolve()) and saved["auto_mapping"] is None
+    # transformers' own PEFT integration loads the base from base_model_name_or_path
+    auto = transformers.AutoModelForCausalLM.from_pretrained(out / "adapter").eval()
+    assert _logits_diff(lora, auto, 320) < 1e-4
+    # the adapter as LLM-Lab saved it: PEFT finds q/v/up by their leaf names but loads none of their tensors
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        raw = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out),
+                                        str(tmp_path / "sft" / "best_lora_adapters")).eval()
+    assert _logits_diff(lora, raw, 320) > 1e-2
+
+
+def _unconverted(convert):
+    return lambda state: dict(state)
+
+
+def _doubled_lora_b(convert):
+    return lambda state: {k: v * 2 if "lora_B" in k else v for k, v in convert(state).items()}
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (_unconverted, "has no place in the transformers model"),
+    (_doubled_lora_b, "PEFT's logits for the exported adapter over the exported folder differ"),
+])
+def test_export_hf_adapter_checks_its_own_output_and_writes_nothing_on_mismatch(tmp_path, tok_dir, monkeypatch,
+                                                                                  corrupt, message):
+    """Adapter keys left under LLM-Lab's names, or adapter weights written wrong (both injected): a one-line
+    CheckpointError and no folder."""
+    from llmlab.interop import hf_io
+
+    _lora_run(tmp_path, tok_dir)
+    monkeypatch.setattr(hf_io, "llmlab_adapter_state_to_hf", corrupt(hf_io.llmlab_adapter_state_to_hf))
+    with pytest.raises(CheckpointError, match=message) as e:
+        export_hf(tmp_path / "sft" / "best", tmp_path / "hf", adapter=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []
+
+
+def test_export_hf_adapter_errors_are_one_line_and_write_nothing(tmp_path, tok_dir):
+    _, base_ck, _ = _lora_run(tmp_path, tok_dir)
+    adapters = tmp_path / "sft" / "best_lora_adapters"
+    torch.manual_seed(5)  # the same shapes, other weights
+    other = save_checkpoint(tmp_path / "other", build_model(read_checkpoint(base_ck).model_config),
+                            tokenizer=load_tokenizer(str(tok_dir)))
+    cases = [
+        (base_ck, True, "holds no LoRA adapter .* drop --adapter, or pass --adapter DIR"),
+        (base_ck, tmp_path / "missing", "Adapter folder not found"),
+        (adapters, None, "is a LoRA adapter folder, not a checkpoint; .* --adapter"),
+        (other, adapters, "was trained on other weights than"),
+    ]
+    for source, adapter, message in cases:
+        with pytest.raises(CheckpointError, match=message) as e:
+            export_hf(source, tmp_path / "hf", adapter=adapter)
+        assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+def test_cli_export_hf_adapter_checks_base_and_adapter(tmp_path, tok_dir, capsys):
+    """`llm-lab export-hf CHECKPOINT --adapter [DIR]`: two `checked:` lines, the base and the adapter; a plain
+    checkpoint with a bare --adapter is `error:` and exit 2."""
+    from llmlab.cli.main import main
+
+    _, base_ck, _ = _lora_run(tmp_path, tok_dir)
+    assert main(["export-hf", str(tmp_path / "sft" / "best"), "--adapter", "--out", str(tmp_path / "hf")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("checked: reloaded with transformers, logits match LLM-Lab's (max abs diff ")
+    assert lines[-1].startswith(f"checked: reloaded {tmp_path / 'hf' / 'adapter'} with PEFT over it, logits match "
+                                f"LLM-Lab's with the adapter (max abs diff ")
+    assert (tmp_path / "hf" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["export-hf", str(base_ck), "--adapter", str(tmp_path / "sft" / "best_lora_adapters"),
+                 "--out", str(tmp_path / "hf2")]) == 0
+    assert (tmp_path / "hf2" / "adapter" / "adapter_config.json").is_file()
+    assert main(["export-hf", str(base_ck), "--adapter", "--out", str(tmp_path / "hf3")]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "hf3").exists()

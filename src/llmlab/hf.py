@@ -2,7 +2,7 @@
 Llama / Qwen2 / Mistral layouts, both ways. HF names live only here (file I/O is in `llmlab.interop`).
 
 LLM-Lab keys equal HF's `LlamaForCausalLM` keys without the `model.` prefix, so the table is a prefix
-rule plus the head.
+rule plus the head; a LoRA adapter's keys (PEFT format) follow the same rule under PEFT's own prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmlab.config import ModelConfig
-from llmlab.errors import ConfigError
+from llmlab.errors import CheckpointError, ConfigError
 
 
 def hf_key_to_llmlab(key: str) -> str | None:
@@ -28,7 +28,10 @@ def hf_key_to_llmlab(key: str) -> str | None:
 
 
 def llmlab_key_to_hf(key: str) -> str:
-    return key if key == "lm_head.weight" else f"model.{key}"
+    """`layers.0.self_attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.weight`; the head keeps its
+    name. The same rule maps module names (`layers.0.mlp.up_proj`, `lm_head`) and keys under a module
+    (`lm_head.lora_A.weight`)."""
+    return key if key.split(".", 1)[0] == "lm_head" else f"model.{key}"
 
 
 def hf_state_to_llmlab(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,6 +45,23 @@ def hf_state_to_llmlab(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def llmlab_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {llmlab_key_to_hf(k): v for k, v in state.items()}
+
+
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the wrapped model's names in an adapter's keys
+
+
+def llmlab_adapter_key_to_hf(key: str) -> str:
+    """A PEFT adapter key on an LLM-Lab model -> the same key on the transformers model:
+    `base_model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`lm_head.lora_A.weight` stays)."""
+    if not key.startswith(PEFT_PREFIX):
+        raise CheckpointError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}, so it is not a PEFT "
+                              f"LoRA adapter of an LLM-Lab model; pass an adapter folder LLM-Lab saved")
+    return PEFT_PREFIX + llmlab_key_to_hf(key[len(PEFT_PREFIX):])
+
+
+def llmlab_adapter_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {llmlab_adapter_key_to_hf(k): v for k, v in state.items()}
 
 
 def model_config_from_hf(hf: Any, tokenizer_name: str = "Qwen/Qwen2.5-0.5B") -> ModelConfig:

@@ -170,7 +170,7 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from llmlab.cli import commands
 
-    commands.interop("export_hf", args.checkpoint, args.out, force=args.force)
+    commands.interop("export_hf", args.checkpoint, args.out, force=args.force, adapter=args.adapter)
     return 0
 
 
@@ -327,6 +327,16 @@ def _args_export(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
+def _args_export_hf(p: argparse.ArgumentParser) -> None:
+    _args_export(p, "folder for the transformers model")
+    p.add_argument("--adapter", nargs="?", const=True, metavar="DIR",
+                   help="keep a LoRA adapter apart instead of merging it: write the base it was trained on and, "
+                        "in OUT/adapter/, the adapter in PEFT format under transformers' module names "
+                        "(PeftModel.from_pretrained(model, OUT/adapter), vLLM, TGI); DIR is an adapter folder "
+                        "trained on CHECKPOINT (e.g. best_lora_adapters/), or with no DIR the checkpoint's own "
+                        "adapter/")
+
+
 def _args_export_gguf(p: argparse.ArgumentParser) -> None:
     _args_export(p, "GGUF file to write")
     p.add_argument("--dtype", choices=["f16", "f32"], default="f16",
@@ -372,7 +382,7 @@ COMMANDS: dict[str, Command] = {
     "import-hf": Command("convert a Hugging Face Llama/Qwen2/Mistral model into a checkpoint", _import_hf, None,
                          _args_import_hf),
     "export-hf": Command("write a checkpoint as a Hugging Face transformers model", _export_hf, None,
-                         lambda p: _args_export(p, "folder for the transformers model")),
+                         _args_export_hf),
     "export-gguf": Command("write a checkpoint as a GGUF file", _export_gguf, None, _args_export_gguf),
     "pipeline": Command("the whole pipeline on bundled data: tokenizer, pretrain, SFT+LoRA, merge, DPO, GRPO, "
                         "chat", _pipeline, None, _args_pipeline),
