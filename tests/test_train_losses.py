@@ -302,3 +302,14 @@ def test_default_chunk_follows_the_device_budget(device, monkeypatch):
     got = losses.linear_cross_entropy(x, w, None, t)
     assert seen == [16 if device == "cuda" else 8]
     torch.testing.assert_close(got, F.cross_entropy(x @ w.t(), t, reduction="sum"), rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_chunk_budget_follows_the_card_memory(monkeypatch):
+    """1/64 of the card's memory, between CHUNK_BYTES and CUDA_CHUNK_BYTES: a 16 GiB card keeps the CPU's
+    256 MiB, a 40 GiB one gets 640 MiB, an 80 GiB one 1 GiB; the CPU always CHUNK_BYTES."""
+    from llmlab.train import losses
+
+    for gib, want in ((16, 256), (40, 640), (80, 1024), (141, 1024)):
+        monkeypatch.setattr(losses, "_cuda_memory", lambda index, gib=gib: gib * 2**30)
+        assert losses.chunk_budget(torch.device("cuda", 0)) == want * 2**20, gib
+    assert losses.chunk_budget(torch.device("cpu")) == losses.CHUNK_BYTES

@@ -40,6 +40,7 @@ sees the labels that forward sampled.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,8 @@ from llmlab.optim import gnb_sampled_loss
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 256 * 2**20  # target size of one chunk's fp32 logits
-# The fused loss's chunk on CUDA: 4x fewer, larger chunks ran 5.5 % faster compiled on an H200 (bench/README.md)
+# The fused loss's chunk on CUDA: 4x fewer, larger chunks ran 5.5 % faster compiled on an H200 (bench/README.md);
+# a card with less than 64 GiB gets 1/64 of its memory (not under CHUNK_BYTES): 256 MiB on a 16 GiB card
 CUDA_CHUNK_BYTES = 2**30
 MIN_CHUNK_ROWS = 128
 MIN_SKIPPED_FRACTION = 1 / 16  # below this share of label-less positions, `label_rows` keeps every row
@@ -60,6 +62,24 @@ MIN_SKIPPED_FRACTION = 1 / 16  # below this share of label-less positions, `labe
 def default_chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about `budget` bytes (CHUNK_BYTES)."""
     return max(MIN_CHUNK_ROWS, budget // (4 * max(1, vocab_size)))
+
+
+@functools.cache
+def _card_memory(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).total_memory
+
+
+@torch.compiler.assume_constant_result  # read once while tracing (`compile: true`), not traced into
+def _cuda_memory(index: int | None) -> int:
+    return _card_memory(index)
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes of fp32 logits per chunk of the fused loss on `device`: CHUNK_BYTES, and on CUDA up to
+    CUDA_CHUNK_BYTES as the card's memory allows (1/64 of it)."""
+    if device.type != "cuda":
+        return CHUNK_BYTES
+    return max(CHUNK_BYTES, min(CUDA_CHUNK_BYTES, _cuda_memory(device.index) // 64))
 
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -168,12 +188,12 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target:
 
     x (N, D), weight (V, D), bias (V,) or None, target (N,) -> 0-d fp32 (fp64 for fp64 inputs) tensor,
     differentiable in x, weight and bias. Never holds more than `chunk_rows` rows of logits; by default
-    about CHUNK_BYTES of fp32 logits, CUDA_CHUNK_BYTES on CUDA (fewer launches and passes, where memory
-    is less scarce than on a laptop's CPU).
+    about `chunk_budget(x.device)` bytes of fp32 logits (larger on a CUDA card with the memory for it: fewer
+    launches and passes).
     """
     if x.dim() != 2 or target.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, D) and target (N,), got {tuple(x.shape)} and {tuple(target.shape)}")
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], CUDA_CHUNK_BYTES if x.is_cuda else CHUNK_BYTES)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], chunk_budget(x.device))
     return _LinearCrossEntropy.apply(x, weight, bias, target, rows, ignore_index, _compute_dtype(x, weight))
 
 
