@@ -164,3 +164,20 @@ def test_an_override_can_fix_what_the_file_alone_gets_wrong(tmp_path, monkeypatc
     assert stage_main(["--config", str(path), "warmup_steps=2"], SFTConfig, sft.run_sft, prog="x",
                       description="x") == 0
     assert seen and seen[0].warmup_steps == 2
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, SFTConfig, RLHFConfig])
+@pytest.mark.parametrize("value", ["0", "1", "-5"])
+def test_max_seq_len_below_two_names_the_field(cls, value):
+    """0 used to mean the model's length without a word, and 1 or -5 failed later as 'seq_len must be >= 2'."""
+    with pytest.raises(ConfigError, match=rf"^max_seq_len: must be >= 2, or null .*got {value}$"):
+        cls().with_overrides([f"max_seq_len={value}"])
+    assert cls().with_overrides(["max_seq_len=null"]).max_seq_len is None
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, RLHFConfig])
+def test_text_column_is_refused_where_records_are_read_by_format(cls):
+    """SFT and RLHF never read text_column: a set one would be silently ignored."""
+    with pytest.raises(ConfigError, match=r"^text_column: only pretraining reads one text column; .*'body'"):
+        cls().with_overrides(["text_column=body"])
+    assert TrainConfig().with_overrides(["text_column=body"]).text_column == "body"

@@ -450,7 +450,8 @@ class RunFields:
                                                 default="stop")
     max_nan_skips: int = _help("With nan_policy=skip: stop after this many skipped steps", default=20)
     distributed: Literal["ddp", "fsdp"] = _help("Under torchrun: ddp or fsdp (FSDP2 fully_shard)", default="ddp")
-    text_column: str | None = _help("Column holding the text (auto-detected when None)", default=None)
+    text_column: str | None = _help("Pretraining: column holding the text (auto-detected when None); SFT and RLHF "
+                                    "read records by their format and refuse it", default=None)
     max_seq_len: int | None = _help("Training sequence length (None = the model's max_seq_len)", default=None)
     val_fraction: float = _help("Share of documents (by content hash) held out for validation", default=0.02)
 
@@ -476,6 +477,13 @@ class FineTuneLR:
         return self.max_grad_norm
 
 
+def _no_text_column(cfg: Any, reads: str) -> None:
+    """SFT and RLHF read records by their format, not one text column: a set text_column would do nothing."""
+    _check(cfg.text_column is None,
+           f"text_column: only pretraining reads one text column; {reads}, so {cfg.text_column!r} would be "
+           f"ignored; remove text_column (null)")
+
+
 def _validate_training(cfg: Any, lr_field: str, clip_field: str) -> None:
     """Checks every training stage shares; each stage adds its own."""
     _positive(cfg, "max_steps", lr_field, "batch_size", "eval_every", "eval_steps", "log_every", "save_every")
@@ -483,6 +491,8 @@ def _validate_training(cfg: Any, lr_field: str, clip_field: str) -> None:
     _unit_interval(cfg, "min_lr_ratio", closed_right=True)
     _check(cfg.warmup_steps <= cfg.max_steps or cfg.max_steps == 0,
            f"warmup_steps: {cfg.warmup_steps} is more than max_steps={cfg.max_steps}")
+    _check(cfg.max_seq_len is None or cfg.max_seq_len >= 2,  # 0 would silently mean "the model's"
+           f"max_seq_len: must be >= 2, or null for the model's max_seq_len; got {cfg.max_seq_len}")
     cfg._validate_optimizer()
     _check(len(cfg.datasets) > 0, "datasets: give at least one dataset line")
 
@@ -554,6 +564,8 @@ class SFTConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFiel
     def validate(self) -> None:
         _validate_training(self, "learning_rate", "max_grad_norm")
         _positive(self, "gradient_accumulation_steps")
+        _no_text_column(self, "SFT reads each record by its format (messages, instruction/response, "
+                              "prompt/completion)")
         self._validate_lora()
 
 
@@ -649,6 +661,7 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
         if self.algorithm == "grpo":
             _check(self.group_size >= 2, f"group_size: GRPO needs at least 2 responses per prompt, got "
                                          f"{self.group_size}")
+        _no_text_column(self, "RLHF reads each record by its format (prompt, messages, chosen/rejected, ...)")
         self._validate_lora()
 
 
