@@ -411,3 +411,32 @@ def test_ultrafeedback_answers_are_part_of_the_split_hash():
     assert sources.content_key(json.dumps(again)) == sources.content_key(json.dumps(rows[0]))  # ids left out
     sides = {sources.in_split(k, "val", 0.5) for k in keys}
     assert sides == {True, False}
+
+
+def test_a_folder_of_files_with_different_columns_names_them(tmp_path):
+    """One dataset line is one table: `datasets` failed with a bare "Couldn't cast" for a folder holding
+    alpaca and prompt/completion files; the error names each file's columns and the fix."""
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"instruction": "q", "output": "a"}])
+    write_jsonl(folder / "b.jsonl", [{"prompt": "q", "completion": "a"}])
+    msg = load_error(str(folder))
+    assert msg.startswith(f"datasets[0]: the files of '{folder}' have different columns (a.jsonl: instruction, "
+                          f"output; b.jsonl: completion, prompt)") and "own line" in msg
+    (folder / "b.jsonl").unlink()
+    (folder / "c.json").write_text(json.dumps([{"output": "b", "instruction": "r"}], indent=2))
+    assert len(list(load_sources([str(folder)], as_text=False))) == 2  # same columns: one table
+
+
+def test_a_truncated_json_line_points_at_its_end(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"\n')
+    assert load_error(str(path)).endswith("line 2 is not valid JSON (Expecting ',' delimiter at column 13); "
+                                          "fix or remove that line")
+
+
+def test_column_field_is_refused_for_structured_records(tmp_path):
+    """column= picks pretraining's text column; SFT/preference/prompt records ignored it without a word."""
+    f = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"^datasets\[0\]: column=question picks the text column"):
+        load_sources([f"{f} | | 1 | column=question"], as_text=False)

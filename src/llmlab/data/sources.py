@@ -303,7 +303,7 @@ def _bad_line(path: str, builder: str) -> str | None:
             if first is None:
                 first = n
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))  # a line cut short: its end's column, not "column 1"
             except json.JSONDecodeError as e:
                 if n == first:  # maybe a whole JSON document (a .json array or a pretty-printed object)
                     return _bad_document(path)
@@ -322,6 +322,42 @@ def _bad_document(path: str) -> str | None:
         except json.JSONDecodeError as e:
             return f"line {e.lineno} is not valid JSON ({_json_error(e)}); fix that line"
     return None
+
+
+def _file_columns(path: str, builder: str) -> list[str] | None:
+    """The columns of one local json/parquet file (its first record's keys, or the parquet schema), None
+    when they cannot be told cheaply."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8-sig") as fh:
+        first = next((line for line in fh if line.strip()), "")
+        try:
+            value = json.loads(first)
+        except json.JSONDecodeError:  # a whole-document .json file (an array or a pretty-printed object)
+            fh.seek(0)
+            value = json.load(fh)
+    value = value[0] if isinstance(value, list) and value else value
+    return list(value) if isinstance(value, dict) else None
+
+
+def _mixed_columns(files: list[str], builder: str) -> str | None:
+    """`a.jsonl: x, y; b.jsonl: z` when the files of one source have different columns (`datasets` loads
+    one source as one table and fails with a bare "Couldn't cast"), else None."""
+    if builder not in ("json", "parquet") or len(files) < 2:
+        return None
+    columns = {}
+    for f in files:
+        try:
+            found = _file_columns(f, builder)
+        except (ValueError, OSError):
+            return None
+        if found is not None:
+            columns[f] = tuple(sorted(found))
+    if len(set(columns.values())) < 2:
+        return None
+    return "; ".join(f"{os.path.basename(f)}: {', '.join(c)}" for f, c in columns.items())
 
 
 def _has_content(path: str) -> bool:
@@ -345,6 +381,9 @@ def _local_failure(spec: DatasetSpec, builder: str, files: list[str], error: Bas
                 found = _bad_line(f, builder)
                 if found:
                     return DataError(f"{where}: {f!r} {found}")
+        if mixed := _mixed_columns(files, builder):
+            return DataError(f"{where}: the files of {spec.name!r} have different columns ({mixed}); one dataset "
+                             f"line is one table: give each kind of file its own line (weights set the mix)")
     except OSError as e:  # unreadable (permissions, a file removed meanwhile): say so
         return DataError(f"{where}: cannot read {spec.name!r} ({_reason(e)})")
     return DataError(f"{where}: cannot read {spec.name!r} ({_reason(error)}); check the file format")
@@ -497,6 +536,9 @@ def load_sources(
             ds = ds.map(_to_text(i, column, is_text_file), features=TEXT_FEATURES)
             ds = ds.select_columns(["text", "source"]).filter(_has_text)
         else:
+            if spec.column:  # records are read by their format (messages, prompt, chosen, ...), never one column
+                raise DataError(f"{where}: column={spec.column} picks the text column of pretraining data; SFT, "
+                                f"preference and prompt records are read by their format: remove column=")
             ds = ds.map(_to_record(i), features=RECORD_FEATURES).select_columns(["record", "source"])
         if world_size > 1:
             ds = _rank_part(ds, rank, world_size)
