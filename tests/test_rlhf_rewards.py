@@ -59,6 +59,15 @@ def test_builtins_needing_answers_say_which_column():
         exact_match(["p"], ["4"], answer=["4", "5"])
 
 
+@pytest.mark.parametrize("fn", [exact_match, numeric_match])
+def test_a_prompt_without_an_answer_is_an_error_not_the_text_none(fn):
+    """Mixed prompt datasets where one lacks the answer column give None there (`reward_columns`): it was
+    compared with the string "None" (exact_match scored a completion "None" 1.0) or scored 0 silently."""
+    with pytest.raises(ConfigError, match=r"needs a reference answer for every prompt, but 1 of 2 have none "
+                                          r"\(e\.g\. 'What is 2\+2\?'\)"):
+        fn(["Say 4", "What is 2+2?"], ["4", "None"], answer=["4", None])
+
+
 def test_format_final_line_and_length_penalty():
     completions = ["reasoning...\nAnswer: 42.", "#### -3", "The answer is 5", "42 apples", "", "7\n\n"]
     assert format_final_line([""] * 6, completions) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]

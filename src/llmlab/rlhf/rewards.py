@@ -52,7 +52,8 @@ _FINAL_LINE = re.compile(
 )
 
 
-def _need_answers(name: str, answer: Sequence[Any] | None, n: int) -> Sequence[Any]:
+def _need_answers(name: str, answer: Sequence[Any] | None, n: int,
+                  prompts: Sequence[str] = ()) -> Sequence[Any]:
     if answer is None:
         raise ConfigError(
             f"reward_functions: {name} needs a reference column 'answer' in the prompt data "
@@ -60,6 +61,14 @@ def _need_answers(name: str, answer: Sequence[Any] | None, n: int) -> Sequence[A
         )
     if len(answer) != n:
         raise ConfigError(f"reward_functions: {name} got {len(answer)} answers for {n} completions")
+    missing = [i for i, a in enumerate(answer) if a is None]
+    if missing:  # a record without the column (one of mixed datasets): it was compared with the text "None"
+        prompt = " ".join(str(prompts[missing[0]]).split()) if len(prompts) > missing[0] else "?"
+        prompt = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise ConfigError(
+            f"reward_functions: {name} needs a reference answer for every prompt, but {len(missing)} of {n} have "
+            f"none (e.g. {prompt!r}); give every prompt dataset that column, or set reward_answer_column"
+        )
     return answer
 
 
@@ -83,7 +92,7 @@ def exact_match(
 ) -> list[float]:
     """1.0 when the completion equals the reference answer after stripping and collapsing whitespace
     (case-sensitive), else 0.0. Reads the ``answer`` column."""
-    answer = _need_answers("exact_match", answer, len(completions))
+    answer = _need_answers("exact_match", answer, len(completions), prompts)
     return [float(_normalise_text(c) == _normalise_text(a)) for c, a in zip(completions, answer)]
 
 
@@ -96,7 +105,7 @@ def numeric_match(
     Taking the last number lets a response reason first and state the result at the end; taking the
     reference's last number accepts GSM8K-style answers ("... #### 72") as well as bare numbers.
     """
-    answer = _need_answers("numeric_match", answer, len(completions))
+    answer = _need_answers("numeric_match", answer, len(completions), prompts)
     scores = []
     for completion, reference in zip(completions, answer):
         got, want = last_number(completion), last_number(reference)
