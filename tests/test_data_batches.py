@@ -356,6 +356,11 @@ def test_cut_pairs_and_prompts_are_said_once_and_counted(tok, tmp_path, capsys, 
     assert cut.truncated == 8 and batch["chosen_input_ids"].shape[1] <= need - 10
     err = capsys.readouterr().err
     assert err.count("notice: data: a preference pair") == 1 and f"longer than max_seq_len={need - 10}" in err
+    short = PreferenceBatches([pairs], tok, need + 8, 4, val_fraction=0.0, max_prompt_len=10)  # DPO's limit
+    batch = next(short)
+    assert short.truncated == 4 and batch["prompt_lengths"].tolist() == [10] * 4
+    assert torch.equal(batch["chosen_input_ids"][0, 10:10 + len(whole["chosen_ids"])], torch.tensor(whole["chosen_ids"]))
+    assert "notice" not in capsys.readouterr().err  # said once per process, above
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": question + str(i)} for i in range(4)])
     it = PromptBatches([prompts], tok, 4, max_prompt_len=12, val_fraction=0.0)
     examples = next(it)

@@ -229,3 +229,15 @@ def test_done_message_names_a_training_metric_and_the_save_best_only_fallback():
     assert done_message("grpo", 9, "val_reward", 0.75, ["latest"], Path("o"), fallback=True) == (
         "done: grpo, 9 steps; best val reward 0.75; saved latest/ (no evaluation of this run beat the best val "
         "reward it started from, 0.75, so no new best/: the final policy went to latest/ despite save_best_only) in o")
+
+
+def test_max_prompt_len_cuts_dpo_prompts_from_the_left(policy_dir, pairs, tmp_path, capsys, monkeypatch):
+    """max_prompt_len was read by PPO/GRPO only: DPO kept whole prompts up to max_seq_len (TRL's
+    max_prompt_length cuts them)."""
+    from llmlab.data import sources
+
+    monkeypatch.setattr(sources, "_NOTICED", set())
+    run_rlhf(_cfg(policy_dir, pairs, tmp_path / "run", max_steps=1, eval_every=1, eval_steps=1, max_prompt_len=4))
+    out, err = capsys.readouterr()
+    assert "max_prompt_len=4 (the prompt); its prompt keeps its last 4 tokens" in err
+    assert "8 preference pair(s) cut to max_prompt_len/max_seq_len" in out + err  # one step's batch_size

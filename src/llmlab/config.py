@@ -611,7 +611,8 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
     mini_batch_size: int = _help("Mini-batch for updates; batch_size must divide by it", default=32)
     # generation
     max_new_tokens: int = _help("Longest response", default=128)
-    max_prompt_len: int = _help("Prompts are left-truncated to this many tokens", default=256)
+    max_prompt_len: int = _help("Prompts are left-truncated to this many tokens (PPO/GRPO: also to max_seq_len - "
+                                "max_new_tokens; DPO: the pair then fits max_seq_len)", default=256)
     temperature: float = _help("Sampling temperature (PPO; GRPO uses grpo_temperature)", default=1.0)
     top_k: int = _help("Top-k sampling of PPO and GRPO rollouts (0 = off)", default=0)
     top_p: float = _help("Nucleus sampling of PPO and GRPO rollouts (1 = off)", default=1.0)

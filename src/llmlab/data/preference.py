@@ -12,8 +12,9 @@ Formats (spec "DPO Dataset Requirements"):
 
 The prompt is rendered with the chat template and its generation prompt; each answer is the text the
 template puts after it for an assistant message, ending with the end-of-turn token (`<|im_end|>`).
-Labels are -100 on the prompt and on padding. Too long examples lose prompt tokens from the left first
-(the prompt keeps at least half of `max_len`), then answer tokens from the right.
+Labels are -100 on the prompt and on padding. A prompt longer than `max_prompt_len` keeps its last tokens
+(DPO's `max_prompt_len`, as TRL's `max_prompt_length`); too long examples then lose prompt tokens from the
+left first (the prompt keeps at least half of `max_len`), then answer tokens from the right.
 """
 
 from __future__ import annotations
@@ -130,10 +131,15 @@ def encode_preference_example(record: dict[str, Any], tokenizer: Any, max_len: i
     return fit_pair({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, max_len)
 
 
-def fit_pair(example: dict[str, list[int]], max_len: int | None) -> dict[str, list[int]]:
-    """Cut a pair to `max_len` tokens of prompt + the longer answer: the prompt loses its start (keeping at
-    least half of max_len when the answers are long), then the answers lose their ends."""
+def fit_pair(example: dict[str, list[int]], max_len: int | None,
+             max_prompt_len: int | None = None) -> dict[str, list[int]]:
+    """Cut a pair to `max_len` tokens of prompt + the longer answer: the prompt loses its start (to its last
+    `max_prompt_len` tokens, and keeping at least half of max_len when the answers are long), then the
+    answers lose their ends. The same object when it fits."""
     p, c, r = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    if max_prompt_len is not None and len(p) > max_prompt_len:
+        p = p[-max_prompt_len:]
+        example = {**example, "prompt_ids": p}
     if max_len is None or len(p) + max(len(c), len(r)) <= max_len:
         return example
     keep = max(max_len - max(len(c), len(r)), max_len // 2)
@@ -150,20 +156,29 @@ class PreferenceBatches(RecordBatches):
     the same answer twice, are skipped and counted in `skipped_empty`.
     """
 
-    truncated = 0  # pairs cut to seq_len in this process (said once, then counted)
+    truncated = 0  # pairs cut to max_prompt_len or seq_len in this process (said once, then counted)
+
+    def __init__(self, datasets: Any, tokenizer: Any, seq_len: int | None, batch_size: int, *,
+                 max_prompt_len: int | None = None, **kwargs: Any) -> None:
+        super().__init__(datasets, tokenizer, seq_len, batch_size, **kwargs)
+        self.max_prompt_len = max_prompt_len  # DPO's max_prompt_len: prompts keep their last tokens
 
     def encode(self, record: dict[str, Any], where: str) -> dict[str, list[int]] | None:
         whole = encode_preference_example(record, self.tokenizer, None, where=where)
-        ex = fit_pair(whole, self.seq_len)
+        ex = fit_pair(whole, self.seq_len, self.max_prompt_len)
         if ex is not whole:
             self.truncated += 1
             answer = max(len(whole["chosen_ids"]), len(whole["rejected_ids"]))
+            prompt = len(whole["prompt_ids"])
+            limits = [f"max_prompt_len={self.max_prompt_len} (the prompt)"] if prompt > (self.max_prompt_len or prompt) else []
+            if self.seq_len is not None and min(prompt, self.max_prompt_len or prompt) + answer > self.seq_len:
+                limits.append(f"max_seq_len={self.seq_len}")
             notice_once("preference cut", self.records.stream.rank,
-                        f"notice: data: a preference pair ({where}: prompt {len(whole['prompt_ids'])} + answer "
-                        f"{answer} tokens) is longer than max_seq_len={self.seq_len}; its prompt keeps its last "
+                        f"notice: data: a preference pair ({where}: prompt {prompt} + answer {answer} tokens) is "
+                        f"longer than {' and '.join(limits)}; its prompt keeps its last "
                         f"{len(ex['prompt_ids'])} tokens and the answers their first "
                         f"{max(len(ex['chosen_ids']), len(ex['rejected_ids']))}. Further cuts are counted; raise "
-                        f"the policy's max_seq_len or shorten the data")
+                        f"those limits or shorten the data")
         # a blank answer, or the same answer on both sides (no preference to learn: its DPO gradient is
         # zero), is skipped and counted in skipped_empty
         usable = ex["chosen_ids"] and ex["rejected_ids"] and ex["chosen_ids"] != ex["rejected_ids"]

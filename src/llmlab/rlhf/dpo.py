@@ -210,7 +210,7 @@ class DPOStage:
         self.beta = beta_of(cfg, s.notice)
         self.seq_len = min(cfg.max_seq_len or s.model_max_len, s.model_max_len)
         self.pairs = PreferenceBatches(cfg.datasets, s.tokenizer, self.seq_len, cfg.batch_size, seed=cfg.seed,
-                                       split="train", val_fraction=cfg.val_fraction)
+                                       split="train", val_fraction=cfg.val_fraction, max_prompt_len=cfg.max_prompt_len)
         self.optimizer = build_optimizer(s.policy, cfg)
         self.params = [p for p in s.policy.parameters() if p.requires_grad]
         self.updates = UpdateCount()
@@ -232,7 +232,7 @@ class DPOStage:
             return []
         try:
             val = PreferenceBatches(cfg.datasets, self.s.tokenizer, self.seq_len, cfg.batch_size, seed=cfg.seed,
-                                    split="val", val_fraction=cfg.val_fraction)
+                                    split="val", val_fraction=cfg.val_fraction, max_prompt_len=cfg.max_prompt_len)
             return [next(val) for _ in range(cfg.eval_steps)]
         except DataError as e:
             self.s.notice(f"DPO: no validation pairs ({e}); the best checkpoint follows training accuracy")

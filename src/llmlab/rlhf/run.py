@@ -506,7 +506,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         data = getattr(stage, "pairs", None) or getattr(stage, "prompts", None)
         counts = []
         if getattr(data, "truncated", 0):
-            what = "preference pair(s) cut to max_seq_len" if cfg.algorithm == "dpo" else "prompt(s) cut from the left"
+            what = ("preference pair(s) cut to max_prompt_len/max_seq_len" if cfg.algorithm == "dpo"
+                    else "prompt(s) cut from the left")
             counts.append(f"{data.truncated} {what} in this run")
         if getattr(data, "skipped_empty", 0) and cfg.algorithm == "dpo":
             counts.append(f"{data.skipped_empty} pair(s) skipped: a blank answer, or the same answer twice")
