@@ -189,3 +189,17 @@ def test_batch_size_and_max_grad_norm_reach_the_training_step(world, monkeypatch
     run_sft(sft_config(root, "spied", batch_size=3, max_grad_norm=0.37, max_steps=2, warmup_steps=0, eval_every=100),
             progress=False)
     assert rows == [3, 3] and clips == [0.37, 0.37]
+
+
+def test_lora_target_modules_beside_a_preset_are_said_to_be_unused(world, capsys):
+    """A PEFT user's target list with the default preset (minimal) trained q_proj/v_proj without a word."""
+    from llmlab.train.stage import unused_lora_targets
+
+    root, _, _ = world
+    run_sft(sft_config(root, "lora_unused", use_lora=True, lora_target_modules=["o_proj"], max_steps=1,
+                       warmup_steps=0, eval_every=1), progress=False)
+    assert ('notice: lora_target_modules ["o_proj"] is unused: lora_preset=minimal adapts q_proj, v_proj; set '
+            'lora_preset=custom to adapt the listed modules') in capsys.readouterr().out
+    for kw in (dict(lora_preset="custom"), dict(use_lora=False), dict(lora_target_modules=None)):
+        assert unused_lora_targets(sft_config(root, "x", **{"use_lora": True, "lora_target_modules": ["o_proj"],
+                                                             **kw})) is None

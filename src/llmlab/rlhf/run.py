@@ -66,7 +66,7 @@ from llmlab.train.loop import (
     write_run_status,
 )
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
-from llmlab.train.stage import check_saved_optimizer, check_tokenizer_fits
+from llmlab.train.stage import check_saved_optimizer, check_tokenizer_fits, unused_lora_targets
 
 REWARD_PLOT = "rewards.png"
 
@@ -314,7 +314,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     try:  # the policy, the frozen reference, the optimizer and its saved state: an out-of-memory is one line
         policy = load_policy(cfg, resume_dir, device)
         disable_dropout(policy)
-        messages: list[str] = [m for m in [dropout_notice(cfg)] if m]
+        fresh_lora = unused_lora_targets(cfg) if resume_dir is None else None
+        messages: list[str] = [m for m in [dropout_notice(cfg), fresh_lora] if m]
         base = base_transformer(policy)
         base.gradient_checkpointing = cfg.gradient_checkpointing
         check_tokenizer_fits(base.config.vocab_size, len(tokenizer))

@@ -110,6 +110,18 @@ def check_optimizer_switch(start: StartState, ckpt: Any, cfg: Any, load_optimize
         check_saved_optimizer((ckpt.trainer_state() or {}).get("optimizer"), cfg)
 
 
+def unused_lora_targets(cfg: Any) -> str | None:
+    """The notice for lora_target_modules given with a preset other than custom, which never reads them
+    (PEFT users expect target_modules to win); None when nothing is ignored."""
+    if not getattr(cfg, "use_lora", False) or cfg.lora_preset == "custom" or not cfg.lora_target_modules:
+        return None
+    from llmlab.lora import LORA_PRESETS
+
+    return (f"notice: lora_target_modules {json.dumps(cfg.lora_target_modules)} is unused: lora_preset="
+            f"{cfg.lora_preset} adapts {', '.join(LORA_PRESETS[cfg.lora_preset])}; set lora_preset=custom to adapt "
+            f"the listed modules")
+
+
 def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *, seq_len: int, n_tokens: int,
                   resumed_from: Any = None, show_config: bool = True) -> None:
     """Rank 0: create `out`, save model_config.json and the stage config, and print what the run will do.
