@@ -108,6 +108,19 @@ def test_estimate_reads_model_and_training_overrides(tmp_path, capsys):
     assert "batch 8 x 64 tokens, lion" in out
 
 
+def test_estimate_for_rlhf_uses_each_algorithm_s_sequence_length():
+    """DPO scores whole pairs up to max_seq_len (it generates nothing); PPO/GRPO a prompt plus its reply."""
+    from llmlab.cli.commands import stage_estimate_args
+    from llmlab.config import RLHFConfig
+
+    model = tiny_config(max_seq_len=512)
+    for algo, want in (("dpo", 96), ("grpo", 40 + 24)):
+        stage = RLHFConfig(algorithm=algo, max_seq_len=96, max_prompt_len=40, max_new_tokens=24, mini_batch_size=2)
+        got = stage_estimate_args(stage, model)
+        assert got["seq_len"] == want and got["batch_size"] == (4 if algo == "dpo" else 2), algo
+    assert stage_estimate_args(RLHFConfig(algorithm="dpo", max_seq_len=None), model)["seq_len"] == 512
+
+
 # --------------------------------------------------------------------------------------------------
 # Inference on a tiny checkpoint with a trained tokenizer
 # --------------------------------------------------------------------------------------------------

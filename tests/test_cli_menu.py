@@ -396,3 +396,12 @@ def test_end_of_input_cancels_an_action_and_leaves_the_main_menu_cleanly():
     assert menu.run_menu(menu.PlainPrompter(read=read, out=out)) == 0
     text = out.getvalue()
     assert "cancelled" in text and text.rstrip().endswith("bye")
+
+
+def test_text_column_is_asked_for_pretraining_only():
+    """SFT and RLHF read records by their format and refuse text_column: the menu does not offer it there."""
+    def names(cls):
+        return [q.name for section in menu.QUESTIONS[cls] for q in section.questions]
+
+    assert "text_column" in names(TrainConfig)
+    assert "text_column" not in names(SFTConfig) and "text_column" not in names(RLHFConfig)

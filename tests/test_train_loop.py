@@ -334,7 +334,9 @@ def test_save_best_only_without_validation_still_saves_the_final_state(tmp_path,
     assert read_checkpoint(tmp_path / "run" / "latest").trainer_state()["step"] == 3  # the final step only
     loaded = load_model(tmp_path / "run" / "latest")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    assert "no validation loss, so no best/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no validation loss, so no best/" in out
+    assert "; no validation loss (no validation data, or no evaluation ran);" in out and "val loss None" not in out
 
 
 def test_a_resumed_run_that_never_beats_its_best_still_saves_its_final_state(tmp_path, capsys):

@@ -75,7 +75,8 @@ def stage_estimate_args(stage: ConfigBase | None, model_cfg: ModelConfig) -> dic
                            "gradient_checkpointing": getattr(stage, "gradient_checkpointing", False)}
     if isinstance(stage, RLHFConfig):
         out["batch_size"] = stage.mini_batch_size * (2 if stage.algorithm == "dpo" else 1)
-        out["seq_len"] = min(model_cfg.max_seq_len, stage.max_prompt_len + stage.max_new_tokens)
+        seq = min(model_cfg.max_seq_len, stage.max_seq_len or model_cfg.max_seq_len)  # DPO pairs fit this
+        out["seq_len"] = seq if stage.algorithm == "dpo" else min(seq, stage.max_prompt_len + stage.max_new_tokens)
     else:
         out["batch_size"] = stage.batch_size
         out["seq_len"] = stage.max_seq_len or model_cfg.max_seq_len

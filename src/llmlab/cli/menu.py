@@ -177,7 +177,7 @@ def _lora_questions() -> tuple[Q, ...]:
             Q("lora_target_modules", lambda v: bool(v["use_lora"]) and v["lora_preset"] == "custom"))
 
 
-_RUN_ADVANCED = _qs("seed", "log_every", "save_every", "max_seq_len", "val_fraction", "text_column",
+_RUN_ADVANCED = _qs("seed", "log_every", "save_every", "max_seq_len", "val_fraction",
                     "gradient_checkpointing", "compile", "nan_policy",
                     Q("max_nan_skips", lambda v: v["nan_policy"] == "skip"), "distributed")
 _ROPE = lambda v: v["positional_encoding"] in ("rope", "yarn")  # noqa: E731
@@ -199,7 +199,7 @@ QUESTIONS: dict[type[ConfigBase], tuple[Section, ...]] = {
         Section(_qs("max_steps") + _optimizer_questions() + _qs("lr", "weight_decay") + _schedule_questions()
                 + _qs("batch_size", "gradient_accumulation_steps", "grad_clip", "eval_every", "eval_steps",
                       "save_best_only", "datasets", "output_dir")),
-        Section(_RUN_ADVANCED + _qs("init_checkpoint"), "advanced parameters"),
+        Section(_RUN_ADVANCED + _qs("text_column", "init_checkpoint"), "advanced parameters"),  # SFT/RLHF refuse it
     ),
     SFTConfig: (
         Section(_qs("policy_checkpoint", "batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate",

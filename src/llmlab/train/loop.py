@@ -836,8 +836,9 @@ def train_loop(
         elif cfg.save_best_only and paths["best"] is None:
             where += (f" (no evaluation of this run beat the best val loss it started from, {round(best_val, 4)}, "
                       f"so no new best/: the final state went to latest/ despite save_best_only)")
-        logger.message(f"done: {step} steps, {tokens_seen:,} tokens; best val loss "
-                       f"{best_val if best_val is None else round(best_val, 4)}; saved {where} in {output_dir}")
+        val = ("no validation loss (no validation data, or no evaluation ran)" if best_val is None
+               else f"best val loss {round(best_val, 4)}")
+        logger.message(f"done: {step} steps, {tokens_seen:,} tokens; {val}; saved {where} in {output_dir}")
     return TrainResult(output_dir=output_dir, step=step, tokens_seen=tokens_seen, stopped=stopped,
                        last_loss=last_loss, last_val_loss=last_val, best_val_loss=best_val, nan_skips=nan_skips,
                        best_checkpoint=paths["best"], latest_checkpoint=paths["latest"])
