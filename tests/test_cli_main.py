@@ -183,6 +183,22 @@ def test_sft_checkpoints_chat_through_the_template_and_keep_history(checkpoints)
     assert not raw.chat and raw.prompt_ids("hello") == tok("hello", add_special_tokens=False)["input_ids"]
 
 
+def test_raw_prompts_keep_the_tokenizers_own_bos_and_drop_an_appended_eos():
+    # an imported Llama-style tokenizer puts BOS before the text (transformers' tokenizer(text) and llama.cpp
+    # do): raw completion starts from it too; an EOS the tokenizer appends would end the text to continue
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hello": 2, "world": 3}, unk_token="</s>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                           special_tokens=[("<s>", 0), ("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert tok("hello world")["input_ids"] == [0, 2, 3, 1]
+    assert chat.ChatSession(None, tok, chat=False).prompt_ids("hello world") == [0, 2, 3]
+    assert chat.raw_prompt_ids(tok, "") == []  # still refused as an empty prompt by reply()
+
+
 def test_history_is_trimmed_to_fit_the_context(checkpoints):
     root, _, _ = checkpoints
     session = chat.ChatSession.open(str(root / "sft"), settings=chat.Settings(max_new_tokens=32))

@@ -2,8 +2,8 @@
 
     llm-lab chat --checkpoint sft_checkpoints/best
 
-Base (pretrain) checkpoints complete raw text; SFT, RLHF and merged checkpoints (and any checkpoint with
-`--adapter`) talk through the tokenizer's chat template with the whole conversation as context
+Base (pretrain) checkpoints complete raw text (after a BOS the tokenizer itself adds); SFT, RLHF and merged
+checkpoints (and any checkpoint with `--adapter`) talk through the tokenizer's chat template with the whole conversation as context
 (the oldest turns are dropped when it no longer fits in max_seq_len; said the first time). Tokens are
 decoded incrementally and printed as they come; a byte sequence cut in the middle of a character waits
 for its next token.
@@ -85,6 +85,18 @@ class StreamDecoder:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def raw_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Raw completion's prompt: the text's tokens after the special tokens the tokenizer itself puts before
+    them (a Llama-style BOS, as transformers' `tokenizer(text)` and llama.cpp's add_bos_token do), without
+    any it appends (an EOS would end the text the model is to continue)."""
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text)["input_ids"]
+    for lead in range(len(full) - len(plain) + 1):
+        if plain and full[lead:lead + len(plain)] == plain:
+            return full[:lead] + plain
+    return plain
+
+
 def load_for_inference(checkpoint: str, adapter: str | None = None, device: str = "auto"):
     """(model in eval mode, tokenizer, checkpoint kind). The adapter, if given, is merged into the weights:
     on top of the checkpoint's own adapter when it holds one, unless both were trained on the same base
@@ -153,7 +165,7 @@ class ChatSession:
         """Token ids to generate from: raw text, or the rendered conversation with the generation prompt.
         In chat mode the oldest exchanges are dropped until the prompt leaves room for the reply."""
         if not self.chat:
-            return self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
+            return raw_prompt_ids(self.tokenizer, user_text)
         from llmlab.data.chat import encode_messages
 
         limit = self.model.config.max_seq_len - min(self.settings.max_new_tokens, self.model.config.max_seq_len // 2)
