@@ -352,6 +352,21 @@ def test_stream_decoder_holds_partial_characters(checkpoints):
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
+def test_a_reply_ending_inside_a_character_prints_what_it_returns(checkpoints, monkeypatch):
+    # a reply capped after the first byte of a character: the held byte is printed at the end (as decode
+    # gives it), not dropped, so the printed reply is the returned one (and transformers' decode)
+    import llmlab.generate
+
+    root, _, tok = checkpoints
+    first_byte = tok.convert_tokens_to_ids("Ã")  # byte 0xC3, the start of "é" in byte-level BPE
+    monkeypatch.setattr(llmlab.generate, "generate_tokens", lambda *a, on_tokens, **kw: on_tokens(
+        torch.tensor([first_byte])))
+    session = chat.ChatSession.open(str(root / "pretrain"))
+    out = io.StringIO()
+    answer = session.reply("hi", stream=out)
+    assert answer == tok.decode([first_byte]) == "\ufffd" and out.getvalue() == answer + "\n"
+
+
 def test_configs_can_be_read_back_from_the_output(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert run(["configure", "--out", str(out), "d_model=64", "n_heads=4", "n_kv_heads=2"], capsys)[0] == 0

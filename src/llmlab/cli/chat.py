@@ -80,6 +80,13 @@ class StreamDecoder:
         piece, self.emitted = text[len(self.emitted):], text
         return piece
 
+    def flush(self) -> str:
+        """What is still held at the end of a reply (bytes of a character that never completed, printed as
+        U+FFFD as `decode` gives them), so the printed reply equals `text`."""
+        text = self.text
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -274,9 +281,9 @@ class ChatSession:
                             generator=generator, on_tokens=on_tokens, compile=s.compile)
         except KeyboardInterrupt:
             if stream is not None:
-                stream.write(" [stopped]")
+                stream.write(decoder.flush() + " [stopped]")
         if stream is not None:
-            stream.write("\n")
+            stream.write(decoder.flush() + "\n")
             stream.flush()
         answer = decoder.text
         if self.chat:
