@@ -262,6 +262,14 @@ def test_export_hf_refuses_options_without_equivalent(tmp_path, tok_dir, overrid
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
 
 
+def test_import_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tok_dir):
+    # 300 tokens, 200 embedding rows: generating from text with a token id >= 200 failed deep in the model
+    _, folder = _hf_folder(tmp_path, transformers.LlamaForCausalLM, transformers.LlamaConfig, tok_dir, vocab_size=200)
+    with pytest.raises(ConfigError, match="the tokenizer has 300 tokens but vocab_size is 200") as e:
+        import_hf(str(folder), tmp_path / "ck")
+    assert "\n" not in str(e.value) and not (tmp_path / "ck").exists()
+
+
 def test_import_unknown_hub_id_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read a transformers config") as e:
         import_hf("llmlab-test/not-a-model", tmp_path / "ck")  # offline in tests: the hub path fails cleanly

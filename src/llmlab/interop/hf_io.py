@@ -197,6 +197,7 @@ def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, c
 
     out = check_output(out_dir, force)
     hf_model, tok = load_hf(source)
+    check_vocab(tok, hf_model.config.vocab_size, str(source))
     tokenizer_name = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
     cfg = model_config_from_hf(hf_model.config, tokenizer_name=tokenizer_name)
     model = build_model(cfg)
@@ -223,6 +224,14 @@ def import_hf(source: str, out_dir: str | os.PathLike, *, force: bool = False, c
     if checked is not None and report is not None:
         report(f"logits match transformers' load of {source} ({checked.numbers()})")
     return path
+
+
+def check_vocab(tok: Any, vocab_size: int, where: str) -> None:
+    """A ConfigError when the tokenizer has ids past the model's embedding rows (its ids from vocab_size on
+    would fail inside the model at the first such token)."""
+    if len(tok) > vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {len(tok)} tokens but vocab_size is {vocab_size}; the "
+                          f"model and tokenizer do not belong together")
 
 
 def checkpoint_tokenizer(ckpt: Any) -> Any:
@@ -409,9 +418,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, forc
     hf_model_type(ckpt.model_config)  # fail on options with no equivalent before loading anything
     out = check_output(out_dir, force)
     tok = checkpoint_tokenizer(ckpt)
-    if len(tok) > ckpt.model_config.vocab_size:
-        raise ConfigError(f"{ckpt.path}: the tokenizer has {len(tok)} tokens but vocab_size is "
-                          f"{ckpt.model_config.vocab_size}; the checkpoint and tokenizer do not belong together")
+    check_vocab(tok, ckpt.model_config.vocab_size, str(ckpt.path))
     # HOOK(chat-template): the template SFT and chat use; data.tokenizer.chat_template_of is meant to return
     # data.chat.effective_chat_template(tok) (another change); the export follows it with no edit here.
     tok.chat_template = chat_template_of(tok)
