@@ -209,3 +209,15 @@ def test_resolve_prefers_complete_folders_over_leftovers(tmp_path):
     assert resolve_checkpoint(tmp_path / "best_model.pt") == tmp_path / "best"
     save_checkpoint(tmp_path / "best", build_model(tiny_config()), trainer_state={"step": 6})
     assert not junk.exists()  # pid 999999 is not running: its leftover is removed by the next save
+
+
+def test_saved_files_and_folders_follow_the_umask_not_tempfiles_private_modes(tmp_path):
+    # mkstemp/mkdtemp make 0600/0700; a checkpoint must be readable like any file the user writes (0644/0755
+    # under the usual umask 022), e.g. by a serving process or a colleague on a shared cluster
+    save_checkpoint(tmp_path / "best", build_model(tiny_config()), trainer_state={"step": 1})
+    atomic.atomic_write_text(tmp_path / "run_state.json", "{}")
+    files = [tmp_path / "run_state.json", tmp_path / "best" / "model.safetensors", tmp_path / "best" / "config.json",
+             tmp_path / "best" / "trainer_state.json"]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK, f
+    assert (tmp_path / "best").stat().st_mode & 0o777 == 0o777 & ~atomic._UMASK

@@ -7,6 +7,10 @@ one renamed in; a crash between those two renames leaves the old folder under `.
 `recover_dir` (run before every write, and by checkpoint readers) puts back. A reader never sees a
 half-written checkpoint under its real name; a crash leaves only a `.tmp-` folder, which loaders ignore
 and the next write of the same target removes.
+
+Permissions are those of a plain `open()` / `mkdir()` under the process umask (0644 / 0755 with the usual
+022), not `tempfile`'s (or safetensors') private 0600 / 0700, so a checkpoint can be read by whoever may
+read its parent folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process umask. os.umask only reads it by setting it, so this runs once, at import, before a run
+    starts threads that could create files in between."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,6 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from a run's other readers
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -65,6 +81,17 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(dirpath))
+
+
+def _public_modes(root: Path) -> None:
+    """Give `root` and everything in it a plain mkdir's / open()'s mode under the umask: mkdtemp makes 0700,
+    and writers such as safetensors' save_file make 0600 files."""
+    root.chmod(0o777 & ~_UMASK)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~_UMASK)
 
 
 _RENAME_EXCHANGE = 2
@@ -179,6 +206,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        _public_modes(tmp)
         fsync_tree(tmp)
         _install(tmp, target)
     except BaseException:
