@@ -61,6 +61,20 @@ def test_cli_generate_with_an_empty_raw_prompt_is_one_line(ckpts, capsys):
     assert code == 2 and "prompt: empty" in one_line_error(err)
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_config_error_not_an_index_error(macbeth_tok_dir, tmp_path, capsys):
+    # a tokenizer from a larger model: its ids past vocab_size failed deep inside the embedding
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.generate import generate_tokens
+
+    m = build_model(tiny_config(vocab_size=64))
+    with pytest.raises(ConfigError, match=r"^prompt: token id 64 \(row 1\) is outside the model's vocabulary"):
+        generate_tokens(m, [[1, 2], [3, 64]], max_new_tokens=2)
+    save_checkpoint(tmp_path / "small", m, kind="pretrain", tokenizer=load_tokenizer(str(macbeth_tok_dir)))
+    code, _, err = run(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "To be, or not to be",
+                        "--raw", "--max-new-tokens", "5"], capsys)
+    assert code == 2 and "vocab_size 64" in one_line_error(err)
+
+
 # ---- 2. --device -----------------------------------------------------------------------------------
 
 

@@ -145,14 +145,19 @@ def _as_prompt_list(input_ids) -> list[list[int]]:
     return [list(p) for p in input_ids]
 
 
-def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
-    """A one-line ConfigError for no prompt or an empty prompt row (nothing to condition the first token on)."""
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> None:
+    """A one-line ConfigError for no prompt, an empty prompt row (nothing to condition the first token on) or
+    a token id outside the model's vocabulary (a tokenizer from another model; it failed in the embedding)."""
     if not prompts:
         raise ConfigError("prompt: no prompt given; pass at least one prompt of one or more tokens")
     for i, p in enumerate(prompts):
+        where = "" if len(prompts) == 1 else f" (row {i})"
         if len(p) == 0:
-            where = "" if len(prompts) == 1 else f" (row {i})"
             raise ConfigError(f"prompt: empty{where}; it tokenizes to no tokens, give some text (or token ids)")
+        bad = [t for t in p if not 0 <= t < vocab_size] if vocab_size is not None else []
+        if bad:
+            raise ConfigError(f"prompt: token id {bad[0]}{where} is outside the model's vocabulary (vocab_size "
+                              f"{vocab_size}); the tokenizer does not belong to this model")
 
 
 def fit_to_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> tuple[int, int]:
@@ -231,7 +236,7 @@ def generate_tokens(
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
-    check_prompts(prompts)
+    check_prompts(prompts, cfg.vocab_size)
     stop_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     limit = cfg.max_seq_len
