@@ -270,6 +270,14 @@ def test_import_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tok_dir
     assert "\n" not in str(e.value) and not (tmp_path / "ck").exists()
 
 
+def test_import_of_an_llmlab_checkpoint_says_what_it_is(tmp_path, tok_dir):
+    # it said "cannot read a transformers config (Unrecognized model ...); check the hub id / path and the network"
+    _, ck = _llmlab_checkpoint(tmp_path, tok_dir)
+    with pytest.raises(CheckpointError, match="is an LLM-Lab checkpoint already .* export-hf") as e:
+        import_hf(str(ck), tmp_path / "again")
+    assert "\n" not in str(e.value) and not (tmp_path / "again").exists()
+
+
 def test_import_unknown_hub_id_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read a transformers config") as e:
         import_hf("llmlab-test/not-a-model", tmp_path / "ck")  # offline in tests: the hub path fails cleanly

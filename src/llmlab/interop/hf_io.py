@@ -93,6 +93,10 @@ def _from_pretrained_args(source: str) -> tuple[str, dict[str, Any]]:
         return str(p.parent), {"gguf_file": p.name}
     p = Path(source).expanduser()
     if p.exists():
+        if (p / "llmlab.json").is_file():
+            raise CheckpointError(f"{source} is an LLM-Lab checkpoint already (it holds llmlab.json): use it as it is "
+                                  f"(chat, sft policy_checkpoint=...), or write it for transformers with "
+                                  f"llm-lab export-hf {source} --out DIR")
         if not (p / "config.json").is_file():
             raise CheckpointError(f"{source}: not a transformers model folder (no config.json); pass a folder "
                                   f"save_pretrained wrote, a hub id or a .gguf file")
