@@ -554,3 +554,28 @@ def test_an_exception_in_a_step_records_the_run_as_an_error(tmp_path):
         train_loop(tiny_model(), cfg, Broken(4), None, output_dir=cfg.output_dir)
     status = last_run_status(cfg.output_dir)
     assert status is not None and (status.stopped, status.step) == ("error", 2)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_resume_without_a_readable_trainer_state_pt(tmp_path, damage, capsys):
+    """A missing trainer_state.pt resumed silently with a fresh optimizer; an unreadable one was refused even
+    with --no-optimizer-state, which its own error message recommends. Now: both refused while the optimizer
+    state is wanted, both resumable without it (the random states start afresh, with a note)."""
+    from llmlab.errors import CheckpointError
+
+    cfg = make_cfg(tmp_path, max_steps=2, save_best_only=False, save_every=2)
+    train_loop(tiny_model(), cfg, RuleBatches(4), None, output_dir=cfg.output_dir, progress=False)
+    latest = tmp_path / "run" / "latest"
+    pt = latest / "trainer_state.pt"
+    pt.unlink() if damage == "missing" else pt.write_bytes(pt.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="--no-optimizer-state"):
+        resume_state(latest)
+    start = resume_state(latest, optimizer=False)
+    assert start.step == 2 and start.optimizer is None and start.rng_states is None
+    assert start.data_states == [{"n": 2}]  # the data position is in trainer_state.json
+    longer = make_cfg(tmp_path, max_steps=3)
+    result = train_loop(load_model(latest), longer, RuleBatches(4), None, output_dir=longer.output_dir,
+                        start_state=start, progress=False)
+    assert result.step == 3
+    assert f"note: {pt} {'is missing' if damage == 'missing' else 'cannot be read'}: the optimizer" in \
+        capsys.readouterr().out

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint, saved_step
+from llmlab.checkpoint import STATE_TENSORS, base_transformer, read_checkpoint, save_checkpoint, saved_step
 from llmlab.device import autocast
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.optim import Scheduler, build_optimizer, refresh_hessian_if_due
@@ -128,6 +128,7 @@ class StartState:
     scheduler: dict[str, Any] | None = None
     interval: dict[str, float] = field(default_factory=dict)  # loss accumulated since the last log step
     checkpoint: Path | None = None
+    note: str | None = None  # what could not be restored, said at the start of the run
 
 
 @dataclass
@@ -307,8 +308,12 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def resume_state(checkpoint_dir: str | Path) -> StartState:
-    """Read what `train_loop` needs to continue from a checkpoint folder (not the weights)."""
+def resume_state(checkpoint_dir: str | Path, optimizer: bool = True) -> StartState:
+    """Read what `train_loop` needs to continue from a checkpoint folder (not the weights).
+
+    `trainer_state.pt` holds the optimizer and RNG states: missing or unreadable, it is an error, unless
+    `optimizer=False` (--no-optimizer-state), which needs only the RNG states from it: then the run goes on
+    with fresh ones and `StartState.note` says so."""
     ckpt = read_checkpoint(checkpoint_dir)
     meta = ckpt.trainer_state()
     if meta is None:
@@ -316,7 +321,20 @@ def resume_state(checkpoint_dir: str | Path) -> StartState:
                               f"as a starting model instead (init_checkpoint for pretrain, policy_checkpoint for "
                               f"sft and rlhf), or pick a latest/ or best/ folder written by training")
     step = saved_step(ckpt.path, meta)
-    tensors = ckpt.trainer_tensors() or {}
+    problem = "is missing"
+    try:
+        tensors = ckpt.trainer_tensors()
+    except CheckpointError:
+        if optimizer:
+            raise
+        tensors, problem = None, "cannot be read"
+    if tensors is None and optimizer:
+        raise CheckpointError(f"{ckpt.path / STATE_TENSORS} (optimizer and RNG states) is missing, so the "
+                              f"optimizer cannot continue; resume with --no-optimizer-state "
+                              f"(load_optimizer_state=False) to start it afresh, or from another checkpoint")
+    note = None if tensors is not None else (f"note: {ckpt.path / STATE_TENSORS} {problem}: the optimizer (as "
+                                             f"asked) and the random states start afresh")
+    tensors = tensors or {}
     data = meta.get("data")
     if data is None and "data" in tensors:
         data = tensors["data"]
@@ -325,7 +343,8 @@ def resume_state(checkpoint_dir: str | Path) -> StartState:
         best_val_loss=meta.get("best_val_loss"), last_val_loss=meta.get("last_val_loss"),
         nan_skips=int(meta.get("nan_skips", 0)), world_size=int(meta.get("world_size", 1)),
         data_states=data, rng_states=tensors.get("rng"), optimizer=tensors.get("optimizer"),
-        scheduler=tensors.get("scheduler"), interval=dict(meta.get("interval", {})), checkpoint=ckpt.path)
+        scheduler=tensors.get("scheduler"), interval=dict(meta.get("interval", {})), checkpoint=ckpt.path,
+        note=note)
 
 
 def _json_or_none(obj: Any) -> Any:
@@ -642,6 +661,8 @@ def train_loop(
 
     logger = MetricsLogger(output_dir, total_steps=cfg.max_steps, start_step=start.step, enabled=info.is_main,
                            progress=progress, description=kind)
+    if start.note:
+        logger.message(start.note, always=True)
     if start.checkpoint is not None and not same_world:
         logger.message(f"warning: {start.checkpoint} was written by {start.world_size} process(es), this run has "
                        f"{info.world_size}: data positions and random states start afresh", always=True)

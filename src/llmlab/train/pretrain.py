@@ -87,7 +87,7 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
 
         start = None
         if ckpt is not None:
-            start = resume_state(ckpt.path)
+            start = resume_state(ckpt.path, optimizer=load_optimizer_state)
             check_optimizer_switch(start, ckpt, cfg, load_optimizer_state)
 
         out = Path(cfg.output_dir)

@@ -94,7 +94,7 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
         if resume is not None:
             ckpt = read_checkpoint(resume)
             model = _resumed_model(cfg, ckpt)
-            start = resume_state(ckpt.path)
+            start = resume_state(ckpt.path, optimizer=load_optimizer_state)
             check_optimizer_switch(start, ckpt, cfg, load_optimizer_state)
         else:
             model, ckpt = _policy_model(cfg, info)
