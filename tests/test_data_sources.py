@@ -402,6 +402,16 @@ def test_prepared_shards_say_when_the_run_val_fraction_is_ignored(tmp_path, tok,
     assert "val_fraction=0.1" in err and "val_fraction=0.3 is ignored" in err and "prepare the shards again" in err
 
 
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, tok):
+    from llmlab.data.pretrain import prepare_shards
+    from llmlab.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "hello world"}])
+    with pytest.raises(ConfigError, match=r"--out: cannot create .*file \(a file is in the way\); pick a folder"):
+        prepare_shards([docs], tok, tmp_path / "file" / "shards")  # was FileExistsError from mkdir, a traceback
+
+
 def test_ultrafeedback_answers_are_part_of_the_split_hash():
     rows = [{"id": i, "instruction": "Say hi", "chosen_response": f"hi {i}", "rejected_response": "no"}
             for i in range(40)]

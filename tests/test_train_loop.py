@@ -579,3 +579,13 @@ def test_resume_without_a_readable_trainer_state_pt(tmp_path, damage, capsys):
     assert result.step == 3
     assert f"note: {pt} {'is missing' if damage == 'missing' else 'cannot be read'}: the optimizer" in \
         capsys.readouterr().out
+
+
+def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path, tokenizer_dir):
+    from llmlab.errors import ConfigError
+    from llmlab.train.pretrain import run_pretrain
+
+    (tmp_path / "file").write_text("x")
+    cfg, model_cfg = pretrain_configs(tmp_path / "file" / "run", tokenizer_dir, max_steps=1, warmup_steps=0)
+    with pytest.raises(ConfigError, match=r"output_dir: cannot create .*file/run \(a file is in the way\); pick a folder"):
+        run_pretrain(cfg, model_cfg, progress=False)

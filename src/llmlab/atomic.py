@@ -49,6 +49,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dir(path: str | os.PathLike, field: str) -> Path:
+    """`mkdir -p path`, or a one-line ConfigError naming the setting (`field`) when it cannot be made (a
+    read-only or missing mount, a file in the way) instead of an OSError traceback."""
+    from llmlab.errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise ConfigError(f"{field}: cannot create {path} ({why}); pick a folder you can write to") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

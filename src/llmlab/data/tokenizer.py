@@ -124,11 +124,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_new_folder(out_dir: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing, non-empty `--out` (it may hold checkpoints or shards) unless `force`."""
+    """Refuse to replace an existing, non-empty `--out` (it may hold checkpoints or shards) unless `force`, and
+    one whose parent folder cannot be made."""
     out = Path(out_dir)
     if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} already exists and is not empty; pass --force (force=True) to replace "
                           f"it or choose another folder")
+    from llmlab.atomic import make_dir
+
+    make_dir(out.parent, "--out")  # before the work, not after it
     return out
 
 

@@ -129,9 +129,10 @@ def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *
     show_config=False (the pipeline) names the saved config files instead of printing them in full."""
     if not info.is_main:
         return
+    from llmlab.atomic import make_dir
     from llmlab.model.estimate import count_parameters
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "output_dir")
     model_path = model_cfg.save(out / ModelConfig.config_name)
     cfg_path = cfg.save(out / type(cfg).config_name)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
