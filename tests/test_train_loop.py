@@ -589,3 +589,29 @@ def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path, tokeniz
     cfg, model_cfg = pretrain_configs(tmp_path / "file" / "run", tokenizer_dir, max_steps=1, warmup_steps=0)
     with pytest.raises(ConfigError, match=r"output_dir: cannot create .*file/run \(a file is in the way\); pick a folder"):
         run_pretrain(cfg, model_cfg, progress=False)
+
+
+def test_resuming_with_changed_settings_says_what_changed_and_what_it_does(tmp_path, tokenizer_dir, capsys):
+    """A resumed run took changed settings without a word: a shorter max_steps dropped the lr to ~0 at once and
+    a new batch_size made validation read other batches than the best val loss it competes with."""
+    from llmlab.train.pretrain import run_pretrain
+
+    cfg, model_cfg = pretrain_configs(tmp_path / "out", tokenizer_dir, max_steps=3, warmup_steps=0, eval_every=3,
+                                      optimizer="adamw")
+    run_pretrain(cfg, model_cfg, progress=False)
+    latest = str(tmp_path / "out" / "latest")
+    capsys.readouterr()
+    run_pretrain(cfg.with_overrides(["max_steps=4", "scheduler=none"]), resume=latest, progress=False)
+    out = capsys.readouterr().out
+    assert "changed since the checkpoint: max_steps 3 -> 4, scheduler \"cosine\" -> \"none\"" in out
+    assert "note: the learning rate of step 4 is 0.01 with these settings (the checkpoint's schedule gave 0)" in out
+    assert "validation reads other batches" not in out and "writes to output_dir" not in out
+    moved = tmp_path / "copy"
+    shutil.copytree(latest, moved / "latest")
+    run_pretrain(cfg.with_overrides(["max_steps=5", "scheduler=none", "batch_size=1"]), resume=str(moved / "latest"),
+                 progress=False)
+    out = capsys.readouterr().out
+    assert "changed since the checkpoint: max_steps 4 -> 5, batch_size 2 -> 1" in out
+    assert "learning rate of step" not in out  # none's lr is the same at step 5
+    assert "note: batch_size changed, so validation reads other batches" in out
+    assert f"note: this run writes to output_dir={tmp_path / 'out'}, not {moved}" in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -122,6 +123,46 @@ def unused_lora_targets(cfg: Any) -> str | None:
             f"the listed modules")
 
 
+# Settings that choose the validation batches: changed on resume, val losses measure other data than the
+# checkpoint's best val loss did
+VAL_DATA_FIELDS = ("datasets", "val_fraction", "seed", "text_column", "batch_size", "max_seq_len", "eval_steps")
+
+
+def resume_changes(cfg: Any, ckpt: Any, out: Path) -> list[str]:
+    """Notes for a resumed run whose settings differ from the checkpoint's training config: which changed,
+    the learning rate the closed-form schedule now gives the next step (max_steps, warmup_steps, scheduler,
+    ... reshape the whole curve), that validation reads other batches, and where the run writes when that
+    is not the checkpoint's own run folder (a copied checkpoint resumes into the output_dir it names)."""
+    from llmlab.optim import lr_factor
+
+    lines = []
+    if ckpt.path.parent.resolve() != out.resolve():
+        lines.append(f"note: this run writes to output_dir={out}, not {ckpt.path.parent} where the checkpoint is")
+    saved = {k: v for k, v in (ckpt.training_config() or {}).items() if k != "stage"}
+    now = cfg.to_dict()
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k != "output_dir"]
+    if not changed:
+        return lines
+    lines.append("changed since the checkpoint: " + ", ".join(f"{k} {json.dumps(saved[k])} -> {json.dumps(now[k])}"
+                                                              for k in changed))
+    step = (ckpt.trainer_state() or {}).get("step")
+    try:
+        old = type(cfg).from_dict(saved)
+        lr_then, lr_now = (c.peak_lr * lr_factor(step, c) for c in (old, cfg))
+    except (LLMLabError, TypeError):  # an older config, or no step: nothing to compare
+        lr_then = lr_now = None
+    if lr_then is not None and not math.isclose(lr_then, lr_now, rel_tol=1e-6, abs_tol=0.0):
+        lines.append(f"note: the learning rate of step {step + 1} is {lr_now:.3g} with these settings (the checkpoint's "
+                     f"schedule gave {lr_then:.3g}): the schedule is a closed form of the step and max_steps, "
+                     f"warmup_steps, scheduler, lr")
+    if val := [k for k in changed if k in VAL_DATA_FIELDS]:
+        best = (ckpt.trainer_state() or {}).get("best_val_loss")
+        lines.append(f"note: {', '.join(val)} changed, so validation reads other batches; its losses compare with "
+                     f"the checkpoint's best val loss ({best if best is None else round(best, 4)}), which decides "
+                     f"best/, only roughly")
+    return lines
+
+
 def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *, seq_len: int, n_tokens: int,
                   resumed_from: Any = None, show_config: bool = True) -> None:
     """Rank 0: create `out`, save model_config.json and the stage config, and print what the run will do.
@@ -149,6 +190,7 @@ def save_resolved(out: Path, cfg: Any, model_cfg: ModelConfig, info: DistInfo, *
     ]
     if resumed_from is not None:
         lines.append(f"resuming from {resumed_from.path}")
+        lines += resume_changes(cfg, resumed_from, out)
     elif notice := replaced_run_notice(out):
         lines.append(notice)
     rank0_print(info, "\n".join(lines))
