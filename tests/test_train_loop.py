@@ -615,3 +615,21 @@ def test_resuming_with_changed_settings_says_what_changed_and_what_it_does(tmp_p
     assert "learning rate of step" not in out  # none's lr is the same at step 5
     assert "note: batch_size changed, so validation reads other batches" in out
     assert f"note: this run writes to output_dir={tmp_path / 'out'}, not {moved}" in out
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_progress_bar_keeps_the_step_count_and_eta_on_a_narrow_terminal(width):
+    """At 80 columns rich squeezed every column: the step count read '120…' and the ETA '-:--:…'."""
+    import io
+
+    from rich.console import Console
+
+    from llmlab.train.metrics import _Bar
+
+    buf = io.StringIO()
+    bar = _Bar(100000, 12000, "pretrain", console=Console(file=buf, width=width, force_terminal=False))
+    bar.fields(loss="4.4084", lr="1.15e-05", gnorm="0.793", tps="29,606")
+    bar.close()
+    line = buf.getvalue().strip().splitlines()[-1]
+    assert "12000/100000 loss 4.4084 lr 1.15e-05 gnorm 0.793 29,606 tok/s ETA" in line and "…" not in line
+    assert ("pretrain" in line) == (width == 120)

@@ -98,17 +98,29 @@ def plot_losses(output_dir: str | Path, records: list[dict[str, Any]] | None = N
 
 
 class _Bar:
-    """rich progress bar with the run's numbers as fields (the standard ones, then `extra` record keys)."""
+    """rich progress bar with the run's numbers as fields (the standard ones, then `extra` record keys).
 
-    def __init__(self, total: int, start: int, description: str, extra: Sequence[str] = ()) -> None:
+    A terminal narrower than the whole line (~100 columns, more with extra fields) drops the stage name
+    and the bar itself: rich would otherwise squeeze every column and cut the step count and the ETA
+    ("120…", "0:00:…") on an 80-column terminal."""
+
+    WIDE = 100  # columns the full line takes with 6-digit step counts, before extra fields
+    EXTRA = 14  # columns per extra field
+
+    def __init__(self, total: int, start: int, description: str, extra: Sequence[str] = (),
+                 console: Any = None) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        console = console or Console()
+        wide = console.width >= self.WIDE + self.EXTRA * len(extra)
+        head = (TextColumn("[bold]{task.description}"), BarColumn(bar_width=20)) if wide else ()
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            *head, MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("gnorm {task.fields[gnorm]}"), TextColumn("{task.fields[tps]} tok/s"),
             *(TextColumn(f"{key} {{task.fields[{key}]}}") for key in extra),
-            TextColumn("ETA"), TimeRemainingColumn(), refresh_per_second=4, transient=False)
+            TextColumn("ETA"), TimeRemainingColumn(), refresh_per_second=4, transient=False, console=console)
         self.task = self.progress.add_task(description, total=total, completed=start, loss="-", lr="-",
                                            gnorm="-", tps="-", **dict.fromkeys(extra, "-"))
         self.progress.start()
