@@ -1,6 +1,7 @@
 """The `llm-lab` command table: --help everywhere, one-line errors with exit 2, configure/estimate, and
 inference (generate, chat REPL commands, streaming decode) on a tiny checkpoint, all in-process."""
 
+import copy
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from tests.conftest import tiny_config
 from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import chat, main
 from llmlab.config import ModelConfig, TrainConfig
+from llmlab.errors import ConfigError
 from llmlab.model import build_model
 from llmlab.model.estimate import count_parameters
 
@@ -197,6 +199,28 @@ def test_raw_prompts_keep_the_tokenizers_own_bos_and_drop_an_appended_eos():
     assert tok("hello world")["input_ids"] == [0, 2, 3, 1]
     assert chat.ChatSession(None, tok, chat=False).prompt_ids("hello world") == [0, 2, 3]
     assert chat.raw_prompt_ids(tok, "") == []  # still refused as an empty prompt by reply()
+
+
+def test_system_message_a_template_refuses_is_one_line_naming_system(checkpoints, tmp_path, capsys):
+    # Gemma/Mistral-style templates raise on a system role: the REPL left with exit 2 at the first message
+    from llmlab.data.tokenizer import CHATML_TEMPLATE
+
+    root, model, tok = checkpoints
+    no_system = copy.copy(tok)
+    no_system.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% if messages[-1]['content'] == 'boom' %}"
+                               "{{ raise_exception('boom refused') }}{% endif %}" + CHATML_TEMPLATE)
+    save_checkpoint(tmp_path / "sft", model, kind="sft", tokenizer=no_system)
+    with pytest.raises(ConfigError, match=r"^--system: .*System role not supported.*drop --system"):
+        chat.ChatSession.open(str(tmp_path / "sft"), system="be brief")
+    code, _, err = run(["generate", "--checkpoint", str(tmp_path / "sft"), "--prompt", "hi", "--system", "x"], capsys)
+    assert code == 2 and err.startswith("error: --system:") and err.count("\n") == 1
+    session = chat.ChatSession.open(str(tmp_path / "sft"), settings=chat.Settings(max_new_tokens=2))
+    assert session.prompt_ids("hi")  # without --system it chats
+    lines, out = iter(["boom", "hi", "/exit"]), io.StringIO()
+    session.repl(input_fn=lambda _prompt: next(lines), out=out)  # a message the template refuses: the REPL goes on
+    assert "error: chat template: cannot render the conversation (boom refused)" in out.getvalue()
+    assert out.getvalue().count("model> ") == 1 and out.getvalue().endswith("bye\n")
 
 
 def test_history_is_trimmed_to_fit_the_context(checkpoints):

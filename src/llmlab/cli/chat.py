@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmlab.errors import ConfigError
+from llmlab.errors import ConfigError, DataError
 
 CHAT_KINDS = ("sft", "rlhf", "merged")
 HELP = ("/reset clears the conversation; /temp X, /top_p X, /top_k N, /max_tokens N change sampling; "
@@ -159,10 +159,25 @@ class ChatSession:
         chat = mode == "chat" if mode else (kind in CHAT_KINDS or kind == "adapter"
                                             or (kind == "imported" and bool(getattr(tokenizer, "chat_template", None))))
         session = cls(model, tokenizer, chat, settings or Settings(), system, seed, name=f"{checkpoint} ({kind})")
+        if chat and system:
+            session.check_system()
         session.stop_ids()  # once per session: it reads generation_config.json and renders a probe
         return session
 
     # ---- prompts -------------------------------------------------------------------------------
+
+    def check_system(self) -> None:
+        """A one-line ConfigError naming --system when the chat template renders a conversation but refuses
+        one with a system message (Gemma's and Mistral's raise_exception); found before the first message."""
+        from llmlab.data.chat import render
+
+        probe = [{"role": "user", "content": "Probe question"}]
+        try:
+            render(self.tokenizer, [{"role": "system", "content": self.system}, *probe], add_generation_prompt=True)
+        except DataError as e:
+            render(self.tokenizer, probe, add_generation_prompt=True)  # a template that fails anyway says so
+            raise ConfigError(f"--system: {e}; this model's chat template takes no system message, drop "
+                              f"--system") from None
 
     def _messages(self, user_text: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -342,7 +357,7 @@ class ChatSession:
                 continue
             try:
                 ids = self.prompt_ids(line)  # a message too long for the context: an error line, the session goes on
-            except ConfigError as e:
+            except (ConfigError, DataError) as e:  # DataError: the template cannot render this conversation
                 out.write(f"error: {e}\n")
                 continue
             self.reply(line, stream=out, notices=out, ids=ids, prefix="model> ")  # notices on their own lines
