@@ -448,3 +448,27 @@ def test_a_reward_function_that_raises_leaves_the_run_recorded_as_an_error(polic
         run_rlhf(cfg, progress=False)
     status = last_run_status(tmp_path / "out")
     assert status is not None and status.stopped == "error" and status.step == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_resume_without_a_readable_trainer_state_pt(policy_dir, reward_file, tmp_path, damage, capsys):
+    """RLHF --resume from a latest/ whose trainer_state.pt is gone or cut short: refused while the optimizer
+    state is wanted (one line naming the file and --no-optimizer-state); with --no-optimizer-state, which that
+    line recommends, the run continues from the saved step with fresh optimizer and random states, said."""
+    from llmlab.errors import CheckpointError
+
+    run_rlhf(_rl_cfg(policy_dir, reward_file, tmp_path / "run", algorithm="grpo", group_size=2, ppo_epochs=1,
+                     save_best_only=False, save_every=1), progress=False)
+    state_file = tmp_path / "run" / "latest" / "trainer_state.pt"
+    if damage == "missing":
+        state_file.unlink()
+    else:
+        state_file.write_bytes(state_file.read_bytes()[:100])
+    longer = _rl_cfg(policy_dir, reward_file, tmp_path / "run", algorithm="grpo", group_size=2, ppo_epochs=1,
+                     save_best_only=False, save_every=1, max_steps=2)
+    with pytest.raises(CheckpointError, match="no-optimizer-state"):
+        run_rlhf(longer, resume=str(tmp_path / "run" / "latest"), progress=False)
+    capsys.readouterr()
+    run_rlhf(longer, resume=str(tmp_path / "run" / "latest"), progress=False, load_optimizer_state=False)
+    assert "trainer_state.pt" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "reward" in r] == [1, 2]

@@ -288,6 +288,25 @@ class Checkpoint:
             raise CheckpointError(f"{p}: cannot be read safely ({type(e).__name__}); resume with "
                                   f"--no-optimizer-state or from another checkpoint") from None
 
+    def resume_tensors(self, optimizer: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """(trainer_tensors, None) to resume from; missing or unreadable they are an error while the optimizer
+        state is wanted, else (None, a note that the optimizer, as asked, and the random states start afresh):
+        --no-optimizer-state, which the unreadable-file error recommends, needs only the RNG states from it."""
+        problem = "is missing"
+        try:
+            tensors = self.trainer_tensors()
+        except CheckpointError:
+            if optimizer:
+                raise
+            tensors, problem = None, "cannot be read"
+        if tensors is not None:
+            return tensors, None
+        if optimizer:
+            raise CheckpointError(f"{self.path / STATE_TENSORS} (optimizer and RNG states) is missing, so the "
+                                  f"optimizer cannot continue; resume with --no-optimizer-state "
+                                  f"(load_optimizer_state=False) to start it afresh, or from another checkpoint")
+        return None, f"{self.path / STATE_TENSORS} {problem}: the optimizer (as asked) and the random states start afresh"
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         p = self.path / MODEL_FILE
         if not p.is_file():

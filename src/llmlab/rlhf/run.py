@@ -344,18 +344,22 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         step, best, nan_skips = 0, None, 0
         if resume_dir is not None:
             ckpt = read_checkpoint(resume_dir)
-            state, tensors = ckpt.trainer_state(), ckpt.trainer_tensors()  # CPU: RNG states load only from there
-            if not state or not tensors or state.get("algorithm") != cfg.algorithm:
+            state = ckpt.trainer_state()
+            if not state or state.get("algorithm") != cfg.algorithm:
                 raise CheckpointError(f"{resume_dir}: not a {cfg.algorithm} RLHF checkpoint with trainer state; resume "
                                       f"from latest/ of a {cfg.algorithm} run, or start from it with policy_checkpoint")
+            tensors, note = ckpt.resume_tensors(load_optimizer_state)
+            if note:  # the prompt order starts afresh too
+                messages.append(f"rlhf: {note}; so does the prompt order")
             step = saved_step(ckpt.path, state)
             best, nan_skips = state.get("best_metric"), int(state.get("nan_skips", 0))
             if load_optimizer_state:
                 load_optimizer(stage.optimizer, tensors["optimizer"], cfg, state.get("optimizer"), ckpt.path)
             stage.load_state_dict(state["stage"], ckpt.path)
-            restore_rng(tensors["rng"], device)
-            sample_gen.set_state(tensors["sample_gen"])
-            shuffle_gen.set_state(tensors["shuffle_gen"])
+            if tensors is not None:  # CPU: RNG states load only from there
+                restore_rng(tensors["rng"], device)
+                sample_gen.set_state(tensors["sample_gen"])
+                shuffle_gen.set_state(tensors["shuffle_gen"])
     except Exception as e:
         if not is_out_of_memory(e):
             raise

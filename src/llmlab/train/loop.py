@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmlab.checkpoint import STATE_TENSORS, base_transformer, read_checkpoint, save_checkpoint, saved_step
+from llmlab.checkpoint import base_transformer, read_checkpoint, save_checkpoint, saved_step
 from llmlab.device import autocast
 from llmlab.errors import CheckpointError, ConfigError, LLMLabError
 from llmlab.optim import Scheduler, build_optimizer, refresh_hessian_if_due
@@ -321,19 +321,8 @@ def resume_state(checkpoint_dir: str | Path, optimizer: bool = True) -> StartSta
                               f"as a starting model instead (init_checkpoint for pretrain, policy_checkpoint for "
                               f"sft and rlhf), or pick a latest/ or best/ folder written by training")
     step = saved_step(ckpt.path, meta)
-    problem = "is missing"
-    try:
-        tensors = ckpt.trainer_tensors()
-    except CheckpointError:
-        if optimizer:
-            raise
-        tensors, problem = None, "cannot be read"
-    if tensors is None and optimizer:
-        raise CheckpointError(f"{ckpt.path / STATE_TENSORS} (optimizer and RNG states) is missing, so the "
-                              f"optimizer cannot continue; resume with --no-optimizer-state "
-                              f"(load_optimizer_state=False) to start it afresh, or from another checkpoint")
-    note = None if tensors is not None else (f"note: {ckpt.path / STATE_TENSORS} {problem}: the optimizer (as "
-                                             f"asked) and the random states start afresh")
+    tensors, note = ckpt.resume_tensors(optimizer)
+    note = note and f"note: {note}"
     tensors = tensors or {}
     data = meta.get("data")
     if data is None and "data" in tensors:
