@@ -134,3 +134,22 @@ def test_checkpoint_saved_with_yarn_at_factor_one_loads_as_rope(tmp_path, capsys
     cfg_file.write_text(json.dumps({**data, "positional_encoding": "yarn", "rope_scaling_factor": 0.5}))
     with pytest.raises(CheckpointError, match="rope_scaling_factor: must be >= 1"):
         read_checkpoint(tmp_path / "ck")  # not RoPE: still refused
+
+
+def test_an_imported_models_generation_config_is_carried_into_later_checkpoints(tmp_path, macbeth_tok_dir):
+    """import_hf saves a model's generation_config.json beside tokenizer/; a checkpoint saved later with that
+    tokenizer (SFT, RLHF, a merge) copies it, so its extra eos ids still stop replies and go out with
+    export-hf. A tokenizer with no such file writes none."""
+    from llmlab.data.tokenizer import load_tokenizer, stop_token_ids
+
+    model = build_model(tiny_config(vocab_size=300))
+    tok = load_tokenizer(str(macbeth_tok_dir))
+    save_checkpoint(tmp_path / "imported", model, tokenizer=tok)
+    assert not (tmp_path / "imported" / "generation_config.json").exists()
+    gen = {"eos_token_id": [tok.eos_token_id, 7], "temperature": 0.6}
+    (tmp_path / "imported" / "generation_config.json").write_text(json.dumps(gen))
+    imported_tok = load_tokenizer(str(tmp_path / "imported" / "tokenizer"))
+    assert 7 in stop_token_ids(imported_tok)
+    save_checkpoint(tmp_path / "sft", model, tokenizer=imported_tok)
+    assert json.loads((tmp_path / "sft" / "generation_config.json").read_text()) == gen
+    assert 7 in stop_token_ids(load_tokenizer(str(tmp_path / "sft" / "tokenizer")))

@@ -217,11 +217,25 @@ def _write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, state: dict[str
             torch.save(trainer_tensors, tmp / STATE_TENSORS)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            _carry_generation_config(tokenizer, tmp)
         if write_extra is not None:
             write_extra(tmp)
         meta = {"format_version": FORMAT_VERSION, "kind": kind, "metrics": metrics or {},
                 "step": (trainer_state or {}).get("step"), "has_adapter": (tmp / "adapter").is_dir()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _carry_generation_config(tokenizer: Any, folder: Path) -> None:
+    """Copy the generation_config.json that came with the tokenizer (an imported model's: its eos ids, such
+    as Llama-3.1's <|eom_id|>, which the chat template does not reveal) into the new checkpoint, so chat and
+    export-hf still stop on them after SFT, RLHF or a merge."""
+    import shutil
+
+    from llmlab.data.tokenizer import generation_config_file
+
+    source = generation_config_file(tokenizer)
+    if source is not None:
+        shutil.copyfile(source, folder / "generation_config.json")
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

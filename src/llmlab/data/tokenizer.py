@@ -198,28 +198,32 @@ def chat_template_of(tokenizer: Any) -> str:
     return effective_chat_template(tokenizer)
 
 
-def generation_config_eos_ids(tokenizer: Any) -> list[int]:
-    """`eos_token_id` (an id or a list) of a generation_config.json in the tokenizer's folder or, when that
-    folder is an LLM-Lab checkpoint's `tokenizer/` (the folder above holds llmlab.json), in the checkpoint
-    (`import_hf` saves it there, beside `tokenizer/`); [] when there is none. Any other parent folder is
-    not read: it may hold an unrelated model's generation_config.json."""
-    import json
-
+def generation_config_file(tokenizer: Any) -> Path | None:
+    """The generation_config.json that goes with a tokenizer: in its folder or, when that folder is an
+    LLM-Lab checkpoint's `tokenizer/` (the folder above holds llmlab.json), in the checkpoint (`import_hf`
+    saves it there, beside `tokenizer/`, and every checkpoint saved with that tokenizer carries it on); None
+    when there is none. Any other parent folder is not read: it may hold an unrelated model's file."""
     source = getattr(tokenizer, "name_or_path", None)
     if not source or not os.path.isdir(source):
-        return []
+        return None
     parent = Path(source).resolve().parent
     folders = [Path(source)] + ([parent] if (parent / "llmlab.json").is_file() else [])
-    for folder in folders:
-        f = folder / "generation_config.json"
-        if f.is_file():
-            try:
-                value = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
-            except (OSError, ValueError, AttributeError):
-                return []
-            values = value if isinstance(value, list) else [value]
-            return [v for v in values if isinstance(v, int) and 0 <= v < len(tokenizer)]
-    return []
+    return next((f for f in (folder / "generation_config.json" for folder in folders) if f.is_file()), None)
+
+
+def generation_config_eos_ids(tokenizer: Any) -> list[int]:
+    """`eos_token_id` (an id or a list) of the tokenizer's `generation_config_file`; [] when there is none."""
+    import json
+
+    f = generation_config_file(tokenizer)
+    if f is None:
+        return []
+    try:
+        value = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and 0 <= v < len(tokenizer)]
 
 
 def end_of_turn_token(tokenizer: Any) -> str | None:
