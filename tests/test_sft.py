@@ -203,3 +203,24 @@ def test_lora_target_modules_beside_a_preset_are_said_to_be_unused(world, capsys
     for kw in (dict(lora_preset="custom"), dict(use_lora=False), dict(lora_target_modules=None)):
         assert unused_lora_targets(sft_config(root, "x", **{"use_lora": True, "lora_target_modules": ["o_proj"],
                                                              **kw})) is None
+
+
+def test_settings_the_configuration_never_reads_are_named_once(world, capsys):
+    """Another optimizer's parameters, poly_power without the polynomial schedule, min_lr_ratio with none,
+    max_nan_skips without skip, LoRA settings without use_lora: set to non-defaults they changed nothing
+    without a word; each stage now names them in one notice (defaults, as the shipped configs list, are
+    not named)."""
+    from llmlab.config import RLHFConfig, TrainConfig
+    from llmlab.train.stage import unused_settings
+
+    root, _, _ = world
+    run_sft(sft_config(root, "unused_opts", optimizer="adamw", lion_beta1=0.8, lora_r=4, max_steps=1, warmup_steps=0,
+                       eval_every=1), progress=False)
+    assert "notice: set but unused: lion_beta1=0.8 (optimizer=adamw); lora_r=4 (use_lora=false)" in capsys.readouterr().out
+    got = unused_settings(TrainConfig(optimizer="lion", adamw_eps=1e-6, sophia_rho=0.1, scheduler="none",
+                                      min_lr_ratio=0.1, poly_power=3.0, nan_policy="stop", max_nan_skips=5))
+    assert got == ("notice: set but unused: adamw_eps=1e-06 (optimizer=lion); sophia_rho=0.1 (optimizer=lion); "
+                   "poly_power=3.0 (scheduler=none); min_lr_ratio=0.1 (scheduler=none keeps the lr flat); "
+                   "max_nan_skips=5 (nan_policy=stop)")
+    assert unused_settings(TrainConfig(optimizer="lion", lion_beta1=0.8, scheduler="polynomial", poly_power=3.0)) is None
+    assert unused_settings(RLHFConfig(algorithm="dpo", use_lora=True, lora_r=4)) is None

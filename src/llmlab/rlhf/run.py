@@ -66,7 +66,12 @@ from llmlab.train.loop import (
     write_run_status,
 )
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
-from llmlab.train.stage import check_saved_optimizer, check_tokenizer_fits, unused_lora_targets
+from llmlab.train.stage import (
+    check_saved_optimizer,
+    check_tokenizer_fits,
+    unused_lora_targets,
+    unused_settings,
+)
 
 REWARD_PLOT = "rewards.png"
 
@@ -315,7 +320,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         policy = load_policy(cfg, resume_dir, device)
         disable_dropout(policy)
         fresh_lora = unused_lora_targets(cfg) if resume_dir is None else None
-        messages: list[str] = [m for m in [dropout_notice(cfg), fresh_lora] if m]
+        messages: list[str] = [m for m in [dropout_notice(cfg), unused_settings(cfg), fresh_lora] if m]
         base = base_transformer(policy)
         base.gradient_checkpointing = cfg.gradient_checkpointing
         check_tokenizer_fits(base.config.vocab_size, len(tokenizer))

@@ -43,6 +43,7 @@ from llmlab.train.stage import (
     stage_main,
     stage_seq_len,
     tokenizer_for,
+    unused_settings,
 )
 
 
@@ -80,9 +81,9 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
             _check_same_model(model_cfg, source.model_config, source.path,
                               "resuming" if ckpt is not None else "starting from init_checkpoint")
         tok = tokenizer if tokenizer is not None else tokenizer_for(model_cfg, source)
-        notice = check_vocab_size(model_cfg, len(tok))  # raises when smaller than the tokenizer
-        if notice:
-            rank0_print(info, notice)
+        for notice in (check_vocab_size(model_cfg, len(tok)), unused_settings(cfg)):  # vocab: raises when too small
+            if notice:
+                rank0_print(info, notice)
         seq_len = stage_seq_len(cfg, model_cfg)
 
         start = None

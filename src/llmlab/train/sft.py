@@ -38,6 +38,7 @@ from llmlab.train.stage import (
     stage_seq_len,
     tokenizer_for,
     unused_lora_targets,
+    unused_settings,
 )
 
 
@@ -107,9 +108,10 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
         out = Path(cfg.output_dir)
         save_resolved(out, cfg, model_cfg, info, seq_len=seq_len, n_tokens=len(tok),
                       resumed_from=ckpt if resume is not None else None, show_config=show_config)
-        if cfg.use_lora and resume is None:
-            if notice := unused_lora_targets(cfg):
+        for notice in (unused_settings(cfg), unused_lora_targets(cfg) if resume is None else None):
+            if notice:
                 rank0_print(info, notice)
+        if cfg.use_lora and resume is None:
             seed_everything(cfg.seed)  # the same adapter initialisation on every rank
             model = apply_lora(model, cfg, verbose=info.is_main)
         seed_everything(cfg.seed + info.rank)  # per-rank dropout

@@ -123,6 +123,42 @@ def unused_lora_targets(cfg: Any) -> str | None:
             f"the listed modules")
 
 
+def _set(cfg: Any, name: str) -> bool:
+    """Whether `cfg.name` differs from its dataclass default (the user set it)."""
+    import dataclasses
+
+    f = next((f for f in dataclasses.fields(cfg) if f.name == name), None)
+    if f is None:
+        return False
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return getattr(cfg, name) != default
+
+
+def unused_settings(cfg: Any) -> str | None:
+    """One notice naming the settings given a non-default value that this configuration never reads (another
+    optimizer's parameters, poly_power without the polynomial schedule, min_lr_ratio with none, max_nan_skips
+    without nan_policy=skip, LoRA settings without use_lora); None when every set value is read."""
+    from llmlab.config import OPTIMIZER_PARAMS
+
+    unused: list[str] = []
+
+    def check(names: Any, why: str) -> None:
+        shown = [f"{n}={json.dumps(getattr(cfg, n))}" for n in names if _set(cfg, n)]
+        if shown:
+            unused.append(f"{', '.join(shown)} ({why})")
+
+    for name, params in OPTIMIZER_PARAMS.items():
+        if name != cfg.optimizer:
+            check(params, f"optimizer={cfg.optimizer}")
+    check(["poly_power"] if cfg.scheduler != "polynomial" else [], f"scheduler={cfg.scheduler}")
+    check(["min_lr_ratio"] if cfg.scheduler == "none" else [], "scheduler=none keeps the lr flat")
+    if hasattr(cfg, "nan_policy") and cfg.nan_policy != "skip":
+        check(["max_nan_skips"], f"nan_policy={cfg.nan_policy}")
+    if hasattr(cfg, "use_lora") and not cfg.use_lora:
+        check(["lora_preset", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"], "use_lora=false")
+    return f"notice: set but unused: {'; '.join(unused)}" if unused else None
+
+
 # Settings that choose the validation batches: changed on resume, val losses measure other data than the
 # checkpoint's best val loss did
 VAL_DATA_FIELDS = ("datasets", "val_fraction", "seed", "text_column", "batch_size", "max_seq_len", "eval_steps")
