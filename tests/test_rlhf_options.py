@@ -472,3 +472,13 @@ def test_resume_without_a_readable_trainer_state_pt(policy_dir, reward_file, tmp
     run_rlhf(longer, resume=str(tmp_path / "run" / "latest"), progress=False, load_optimizer_state=False)
     assert "trainer_state.pt" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "reward" in r] == [1, 2]
+
+
+def test_reference_checkpoint_with_another_vocabulary_is_a_config_error(tiny_cfg, tmp_path):
+    from conftest import tiny_config
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.errors import ConfigError
+
+    save_checkpoint(tmp_path / "ref", build_model(tiny_config(vocab_size=96)))
+    with pytest.raises(ConfigError, match=r"reference_checkpoint: .* vocab_size=96, the policy 128"):
+        build_reference(build_model(tiny_cfg), str(tmp_path / "ref"))

@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from llmlab.checkpoint import base_transformer, unwrap_model
 from llmlab.device import autocast, model_device
-from llmlab.errors import DataError
+from llmlab.errors import ConfigError, DataError
 from llmlab.train.losses import token_logprobs
 
 # --------------------------------------------------------------------------------------------------
@@ -138,15 +139,27 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def check_reference_fits(policy_config: Any, reference_config: Any, where: str) -> None:
+    """Refuse a reference_checkpoint with another vocabulary size than the policy's (read from its config,
+    before any weight loads): it cannot score the policy's tokens (its embedding would index out of range,
+    deep in the first forward pass)."""
+    if reference_config.vocab_size != policy_config.vocab_size:
+        raise ConfigError(f"reference_checkpoint: {where} has vocab_size={reference_config.vocab_size}, the policy "
+                          f"{policy_config.vocab_size}; the reference must share the policy's tokenizer (leave "
+                          f"reference_checkpoint null to use the policy's starting weights)")
+
+
 def build_reference(policy: nn.Module, reference_checkpoint: str | None = None,
                     device: str | torch.device | None = None) -> Reference:
     """The reference for `policy`: `reference_checkpoint` loaded and frozen when given; else the policy's
     starting weights, through `disable_adapter()` for a LoRA policy or a frozen deep copy otherwise.
     Call it before the first update."""
-    from llmlab.checkpoint import load_model
+    from llmlab.checkpoint import load_model, read_checkpoint
     from llmlab.lora import is_lora_model
 
     if reference_checkpoint:
+        check_reference_fits(base_transformer(policy).config, read_checkpoint(reference_checkpoint).model_config,
+                             reference_checkpoint)
         return Reference(policy, frozen(load_model(reference_checkpoint, device=device or model_device(policy))))
     if is_lora_model(policy):
         return Reference(policy)
