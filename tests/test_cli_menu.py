@@ -405,3 +405,28 @@ def test_text_column_is_asked_for_pretraining_only():
 
     assert "text_column" in names(TrainConfig)
     assert "text_column" not in names(SFTConfig) and "text_column" not in names(RLHFConfig)
+
+
+def test_merge_declining_to_overwrite_asks_for_another_output_folder(tmp_path, monkeypatch):
+    """Menu 6 with an output folder that exists: "no" to overwriting asks the folder again (it ended the
+    action with the CLI's "pass --force" error); "yes" merges with force."""
+    import torch
+    from tests.conftest import tiny_config
+
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.cli import commands
+    from llmlab.model import build_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", build_model(tiny_config()))
+    (tmp_path / "ck_merged").mkdir()
+    (tmp_path / "taken").mkdir()
+    calls = []
+    monkeypatch.setattr(commands, "_stage_function",
+                        lambda module, name, what: lambda *a, **kw: calls.append((a, kw)) or tmp_path / "out")
+    p = Scripted(["6", "2", "ck", "", "n", "taken", "n", "fresh",      # declined twice, then a new folder
+                  "6", "2", "ck", "", "y", "0"])                       # overwrite confirmed
+    assert menu.run_menu(p) == 0 and p.answers == []
+    assert "error:" not in "".join(p.lines)
+    assert calls == [(("ck", "fresh"), {"force": False}), (("ck", "ck_merged"), {"force": True})]

@@ -462,8 +462,9 @@ def action_merge(p: Prompter) -> None:
         ckpt, _ = ask_path(p, "Checkpoint folder", "sft_checkpoints/best", commands.check_checkpoint)
         out_default, kw = f"{ckpt.rstrip('/')}_merged", {"checkpoint": ckpt}
     out = p.text("Output folder", default=out_default).strip()
-    force = Path(out).exists() and p.confirm(f"{out} exists. Overwrite?", default=False)
-    commands.merge_lora(out=out, force=force, **kw)
+    while Path(out).exists() and not p.confirm(f"{out} exists. Overwrite?", default=False):
+        out = p.text("Output folder (a new one, or say yes to overwrite)", default=out).strip()
+    commands.merge_lora(out=out, force=Path(out).exists(), **kw)
 
 
 MENU: list[tuple[str, str, Callable[[Prompter], Any] | None]] = [
