@@ -21,6 +21,8 @@ from llmlab.rlhf.rewards import (
     numeric_match,
     parse_reward_items,
 )
+from llmlab.train.metrics import read_metrics
+from test_rlhf_rollout import policy_dir_fixture  # noqa: F401 - provides `policy_dir`
 
 
 def rlhf_config(**kwargs):
@@ -177,6 +179,21 @@ def test_weights_add_up_and_answer_column_is_aliased(user_module):
     assert reward.last_breakdown["numeric_match"] == [1.0, 0.0]
     assert reward.last_breakdown[f"{user_module}:fn"] == [11.0, 4.0]
     assert reward.last_breakdown["length_penalty"] == pytest.approx([-0.001, -0.004])
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_each_reward_source_is_logged_beside_the_weighted_total(algorithm, policy_dir, tmp_path):
+    from llmlab.rlhf.run import run_rlhf
+
+    cfg = rlhf_config(algorithm=algorithm, policy_checkpoint=str(policy_dir), datasets=["bundled:prompts"],
+                      reward_functions=[{"name": "length_penalty", "weight": 2.0}, "format_final_line"],
+                      output_dir=str(tmp_path), batch_size=2, mini_batch_size=2, group_size=2, ppo_epochs=1,
+                      max_new_tokens=6, max_steps=1, val_fraction=0.0)
+    run_rlhf(cfg, progress=False)
+    (record,) = read_metrics(tmp_path)
+    assert record["reward/length_penalty"] <= 0 and 0 <= record["reward/format_final_line"] <= 1
+    total = 2.0 * record["reward/length_penalty"] + record["reward/format_final_line"]
+    assert record["reward"] == pytest.approx(total, abs=1e-6)
 
 
 def test_missing_answer_column_and_no_sources_are_config_errors():

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.rlhf.losses import group_advantages, grpo_loss
-from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout
+from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout, source_rewards
 from llmlab.rlhf.scoring import response_logprobs
 from llmlab.rlhf.updates import UpdateCount, group_minibatches, minibatch_updates, rollout_hessian
 
@@ -117,7 +117,8 @@ class GRPOStage:
                               generator=s.shuffle_gen, updates=self.updates)
         if s.reference is None:  # kl_coef = 0: no reference was built, the k3 "KL" above is to the old policy
             metrics.pop("kl", None)
-        return {**metrics, **rollout_stats(rollout), "tokens": int(rollout.sequences.numel())}
+        return {**metrics, **source_rewards(self.reward_fn), **rollout_stats(rollout),
+                "tokens": int(rollout.sequences.numel())}
 
     def evaluate(self) -> dict[str, float]:
         return self.s.evaluate_reward(self.reward_fn)

@@ -34,7 +34,7 @@ from llmlab.rlhf.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout
+from llmlab.rlhf.rollout import Rollout, generate_rollout, rollout_stats, score_rollout, source_rewards
 from llmlab.rlhf.scoring import response_logprobs
 from llmlab.rlhf.updates import UpdateCount, minibatch_updates, minibatches, rollout_hessian
 from llmlab.rlhf.value_head import value_head_for
@@ -148,8 +148,8 @@ class PPOStage:
                              temperature=cfg.temperature, clip_norm=cfg.clip_norm, params=self.params,
                              generator=s.shuffle_gen, updates=self.updates)
         self.kl_ctl.update(info["kl"], n_steps=len(examples))
-        return {**metrics, **info, "reward": info["score"], "kl_coef": kl_coef, **rollout_stats(rollout),
-                "tokens": int(rollout.sequences.numel())}
+        return {**metrics, **info, "reward": info["score"], **source_rewards(self.reward_fn), "kl_coef": kl_coef,
+                **rollout_stats(rollout), "tokens": int(rollout.sequences.numel())}
 
     def evaluate(self) -> dict[str, float]:
         return self.s.evaluate_reward(self.reward_fn)

@@ -159,6 +159,16 @@ def reward_columns(examples: Sequence[dict[str, Any]], repeat: int = 1) -> tuple
     return prompts, columns
 
 
+def source_rewards(reward_fn: Any) -> dict[str, float]:
+    """`reward/<source>`: the mean unweighted reward of each source of the last call of a combined reward
+    (`rlhf.rewards.CombinedReward.last_breakdown`), when it has two or more sources, so a run shows which
+    one moves; {} for a single source (it is `reward`) or a plain function."""
+    breakdown = getattr(reward_fn, "last_breakdown", None) or {}
+    if len(breakdown) < 2:
+        return {}
+    return {f"reward/{name}": sum(values) / len(values) for name, values in breakdown.items() if values}
+
+
 def score_rollout(reward_fn: Callable[..., Sequence[float]], tokenizer: Any, examples: Sequence[dict[str, Any]],
                   rollout: Rollout, stop_ids: Sequence[int], repeat: int = 1) -> tuple[Tensor, list[str]]:
     """Rewards (B,) of the rollout's responses to `examples` (each repeated `repeat` times) and the
