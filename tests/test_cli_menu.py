@@ -332,8 +332,8 @@ def test_menu_options_3_4_and_6_hand_the_chosen_configs_to_their_stages(tmp_path
         return lambda *args, **kw: calls.append((name, args, kw)) or tmp_path / "out"
 
     monkeypatch.setattr(commands, "_stage_function", fake_stage)
-    answers = ["3", "1", "", "", "",             # SFT: use existing, sft_config.json, save as, start
-               "4", "1", "", "", "",             # RLHF: the same with rlhf_config.json
+    answers = ["3", "", "1", "", "", "",         # SFT: no resume, use existing, sft_config.json, save as, start
+               "4", "", "1", "", "", "",         # RLHF: the same with rlhf_config.json
                "6", "1", "adapter", "base", "merged_out",  # merge option 1: adapter + base, output
                "0"]
     p = Scripted(answers)
@@ -430,3 +430,33 @@ def test_merge_declining_to_overwrite_asks_for_another_output_folder(tmp_path, m
     assert menu.run_menu(p) == 0 and p.answers == []
     assert "error:" not in "".join(p.lines)
     assert calls == [(("ck", "fresh"), {"force": False}), (("ck", "ck_merged"), {"force": True})]
+
+
+@pytest.mark.parametrize("cls, kind, stage", [(SFTConfig, "sft", "run_sft"), (RLHFConfig, "rlhf", "run_rlhf")])
+def test_sft_and_rlhf_runs_started_from_the_menu_can_be_resumed_there(cls, kind, stage, tmp_path, monkeypatch):
+    """Menu 3 and 4 offer the spec's resume steps as menu 2 does (an interrupted SFT or RLHF run could be
+    resumed only with the CLI): the checkpoint (the stage's output_dir/latest by default), max_steps to
+    extend, the optimizer state; the stage gets the checkpoint's config with the new max_steps."""
+    import torch
+    from tests.conftest import tiny_config
+
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.cli import commands
+    from llmlab.model import build_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    trained = cls(max_steps=4, warmup_steps=1, output_dir=cls().output_dir)
+    save_checkpoint(tmp_path / trained.output_dir / "latest", build_model(tiny_config()), kind=kind,
+                    train_config=trained)
+    calls = []
+    monkeypatch.setattr(commands, "_stage_function",
+                        lambda module, name, what: lambda *a, **kw: calls.append((name, a, kw)) or tmp_path)
+    action = "3" if cls is SFTConfig else "4"
+    p = Scripted([action, "y", "", "9", "n", "", "", "0"])  # resume, default folder, max_steps 9, fresh optimizer
+    assert menu.run_menu(p) == 0 and p.answers == []
+    assert "error:" not in "".join(p.lines)
+    assert f"Checkpoint folder [{cls().output_dir}/latest]: " in p.asked
+    [(name, (cfg,), kw)] = calls
+    assert name == stage and cfg == trained.with_overrides({"max_steps": 9})
+    assert kw["resume"] == f"{cls().output_dir}/latest" and kw["load_optimizer_state"] is False

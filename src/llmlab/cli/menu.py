@@ -3,8 +3,10 @@
     llm-lab
 
 1 Configure new model, 2 Base training, 3 SFT training, 4 RLHF training (PPO/DPO/GRPO), 5 Test model
-(inference), 6 Merge LoRA adapters, 0 Exit. Each action builds the same config objects as the
-subcommands and calls the same functions (`llmlab.cli.commands`), so menu and scripts behave alike.
+(inference), 6 Merge LoRA adapters, 0 Exit. The training actions (2-4) first offer to resume a
+checkpoint (the spec's steps: the folder, max_steps to extend the run, the optimizer state). Each action
+builds the same config objects as the subcommands and calls the same functions (`llmlab.cli.commands`),
+so menu and scripts behave alike.
 
 Questions come from the config dataclasses: the prompt shows the field's help and its default, and
 only what applies is asked (the chosen optimizer's parameters, the chosen algorithm's, LoRA fields when
@@ -400,20 +402,31 @@ def action_configure(p: Prompter) -> Path:
     return save_config(p, cfg)
 
 
+def resumed(p: Prompter, cls: type[ConfigBase], run: Callable[..., Any]) -> bool:
+    """The spec's resume steps, for every training action: the checkpoint, max_steps (to extend the run),
+    whether to load the optimizer state; then `run(cfg, resume=..., load_optimizer_state=...)`. False when
+    the user starts a new run instead."""
+    from llmlab.cli import commands
+
+    if not p.confirm("Resume from a checkpoint?", default=False):
+        return False
+    path, cfg = ask_path(p, "Checkpoint folder", f"{cls().output_dir}/latest",
+                         lambda a: commands.config_from_checkpoint(cls, a))
+    asker = ConfigAsker(p, cls, cfg)
+    asker.ask("max_steps")  # extend training beyond the saved max_steps
+    cfg = asker.build()
+    load_opt = p.confirm("Load the optimizer state? (say no when switching optimizer)", default=True)
+    commands.show_stage_estimate(cfg, None, path)
+    save_config(p, cfg)
+    if p.confirm("Start training?", default=True):
+        run(cfg, resume=path, load_optimizer_state=load_opt, estimate=False)
+    return True
+
+
 def action_pretrain(p: Prompter) -> None:
     from llmlab.cli import commands
 
-    if p.confirm("Resume from a checkpoint?", default=False):
-        path, cfg = ask_path(p, "Checkpoint folder", "checkpoints/latest",
-                             lambda a: commands.config_from_checkpoint(TrainConfig, a))
-        asker = ConfigAsker(p, TrainConfig, cfg)
-        asker.ask("max_steps")  # extend training beyond the saved max_steps
-        cfg = asker.build()
-        load_opt = p.confirm("Load the optimizer state? (say no when switching optimizer)", default=True)
-        commands.show_stage_estimate(cfg, None, path)
-        save_config(p, cfg)
-        if p.confirm("Start training?", default=True):
-            commands.pretrain(cfg, None, resume=path, load_optimizer_state=load_opt, estimate=False)
+    if resumed(p, TrainConfig, commands.pretrain):
         return
     cfg = existing_or_new(p, TrainConfig, "Training config")
     default = "model_config.json"
@@ -429,11 +442,14 @@ def action_pretrain(p: Prompter) -> None:
 def action_stage(p: Prompter, cls: type[SFTConfig] | type[RLHFConfig]) -> None:
     from llmlab.cli import commands
 
+    run = commands.sft if cls is SFTConfig else commands.rlhf
+    if resumed(p, cls, run):
+        return
     cfg = existing_or_new(p, cls, "SFT config" if cls is SFTConfig else "RLHF config")
     commands.show_stage_estimate(cfg, None)
     save_config(p, cfg)
     if p.confirm("Start training?", default=True):
-        (commands.sft if cls is SFTConfig else commands.rlhf)(cfg, estimate=False)
+        run(cfg, estimate=False)
 
 
 def action_inference(p: Prompter) -> None:
