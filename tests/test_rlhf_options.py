@@ -482,3 +482,18 @@ def test_reference_checkpoint_with_another_vocabulary_is_a_config_error(tiny_cfg
     save_checkpoint(tmp_path / "ref", build_model(tiny_config(vocab_size=96)))
     with pytest.raises(ConfigError, match=r"reference_checkpoint: .* vocab_size=96, the policy 128"):
         build_reference(build_model(tiny_cfg), str(tmp_path / "ref"))
+
+
+def test_settings_another_algorithm_reads_are_named_in_one_notice():
+    from pathlib import Path
+
+    from llmlab.rlhf.run import unread_by_algorithm
+
+    got = unread_by_algorithm(_cfg(algorithm="grpo", temperature=0.7, adaptive_kl=True, gamma=0.9, group_size=2))
+    assert got == ("notice: set but unused by algorithm=grpo: temperature=0.7, adaptive_kl=true, gamma=0.9; GRPO "
+                   "samples at grpo_temperature, PPO at temperature")
+    assert "reward_functions=" in unread_by_algorithm(_cfg(algorithm="dpo", reward_functions=["exact_match"]))
+    assert "grpo_temperature=0.8" in unread_by_algorithm(_cfg(algorithm="ppo", grpo_temperature=0.8))
+    assert unread_by_algorithm(_cfg(algorithm="ppo", temperature=0.7, gamma=0.9)) is None
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("rlhf_*.json")):  # the shipped ones stay quiet
+        assert unread_by_algorithm(RLHFConfig.load(path)) is None, path

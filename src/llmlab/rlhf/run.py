@@ -30,6 +30,7 @@ one-line `TrainingError` naming the fields to lower and the last good checkpoint
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -167,6 +168,32 @@ def dropout_notice(cfg: RLHFConfig) -> str | None:
         return (f"rlhf: lora_dropout={cfg.lora_dropout} is not applied: RLHF switches every dropout off (as TRL "
                 f"does) so that sampling-time and update-time log-probs agree; set lora_dropout=0 to silence this")
     return None
+
+
+# Settings of one algorithm that the others never read (the reward, rollout and PPO fields mean nothing to DPO).
+# Not listed: max_new_tokens and group_size, which the shipped DPO and PPO presets carry.
+UNREAD_BY: dict[str, tuple[str, ...]] = {
+    "ppo": ("grpo_temperature", "beta"),
+    "grpo": ("temperature", "adaptive_kl", "target_kl", "vf_coef", "cliprange_value", "gamma", "gae_lambda",
+             "whiten_advantages", "beta"),
+    "dpo": ("reward_functions", "reward_model_weight", "reward_answer_column", "ppo_epochs", "group_size",
+            "temperature", "grpo_temperature", "top_k", "top_p", "kl_coef", "adaptive_kl", "target_kl", "vf_coef",
+            "cliprange_value", "gamma", "gae_lambda", "whiten_advantages"),
+}
+
+
+def unread_by_algorithm(cfg: RLHFConfig) -> str | None:
+    """One notice naming the settings given a non-default value that cfg.algorithm never reads (GRPO samples
+    at grpo_temperature, not temperature; its KL coefficient is never adaptive; ...); None when there are none."""
+    from llmlab.train.stage import _set
+
+    shown = [f"{n}={json.dumps(getattr(cfg, n))}" for n in UNREAD_BY[cfg.algorithm] if _set(cfg, n)]
+    if not shown:
+        return None
+    hint = ""
+    if cfg.algorithm != "dpo" and any(n.split("=")[0] in ("temperature", "grpo_temperature") for n in shown):
+        hint = "; GRPO samples at grpo_temperature, PPO at temperature"
+    return f"notice: set but unused by algorithm={cfg.algorithm}: {', '.join(shown)}{hint}"
 
 
 def resumed_step(resume_dir: Path | None) -> int:
@@ -320,7 +347,8 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
         policy = load_policy(cfg, resume_dir, device)
         disable_dropout(policy)
         fresh_lora = unused_lora_targets(cfg) if resume_dir is None else None
-        messages: list[str] = [m for m in [dropout_notice(cfg), unused_settings(cfg), fresh_lora] if m]
+        messages: list[str] = [m for m in [dropout_notice(cfg), unused_settings(cfg), unread_by_algorithm(cfg),
+                                            fresh_lora] if m]
         base = base_transformer(policy)
         base.gradient_checkpointing = cfg.gradient_checkpointing
         check_tokenizer_fits(base.config.vocab_size, len(tokenizer))
