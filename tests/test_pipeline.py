@@ -62,13 +62,27 @@ def test_pipeline_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path, capsys
     assert main.main(["pipeline", "--preset", "nope", "--out", str(tmp_path)]) == 2
 
 
-def test_pipeline_stops_after_an_interrupted_stage(tmp_path):
-    from llmlab.pipeline import _stop_if_interrupted
+def test_pipeline_stops_after_an_interrupted_stage_and_says_what_running_it_again_does(tmp_path):
+    """An interrupted stage stops the pipeline; the stage's own hint is `llm-lab sft --resume ...`, which
+    finishes that stage alone, and main prints only "interrupted": a line says so and that the pipeline
+    starts over when run again, and summary.json records the stage as interrupted (it was left out)."""
+    import io
+
+    from rich.console import Console
+
+    from llmlab.pipeline import PipelineRun
     from llmlab.train.loop import write_run_status
 
-    _stop_if_interrupted(tmp_path)  # no run there: nothing to say
-    write_run_status(tmp_path, "finished", step=4, max_steps=4, kind="sft")
-    _stop_if_interrupted(tmp_path)
-    write_run_status(tmp_path, "interrupted", step=2, max_steps=4, kind="sft")
+    out = io.StringIO()
+    run = PipelineRun(tmp_path, Console(file=out, width=200))
+    sft = tmp_path / "sft"
+    run.stop_if_interrupted(sft)  # no run there: nothing to say
+    write_run_status(sft, "finished", step=4, max_steps=4, kind="sft")
+    run.stop_if_interrupted(sft)
+    assert out.getvalue() == "" and not (tmp_path / "summary.json").exists()
+    write_run_status(sft, "interrupted", step=2, max_steps=4, kind="sft")
     with pytest.raises(KeyboardInterrupt, match="stopped at step 2 of 4"):
-        _stop_if_interrupted(tmp_path)
+        run.stop_if_interrupted(sft)
+    assert "pipeline stopped: sft stopped at step 2 of 4" in out.getvalue() and "starts the whole run over" in out.getvalue()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sft"] == {"status": "interrupted", "step": 2, "max_steps": 4}

@@ -17,7 +17,9 @@ what a stage chooses to log:
 
 Each stage's resolved config is saved (`configs/` and the stage's folder) and named in one line rather
 than printed in full as the standalone commands do. Plots land in each stage's folder (the stage's own) and `summary.png`; `summary.json` holds the numbers.
-A stage that this install lacks is reported as missing and the stages that need it are skipped.
+A stage that this install lacks is reported as missing and the stages that need it are skipped. Ctrl-C
+in a stage saves its latest/ and stops the pipeline (summary.json names the stage interrupted); running
+the pipeline again starts the whole run over.
 Held-out data: every stage trains with the same `val_fraction`, and the measurements read the `val`
 split (chosen by content hash, see `llmlab.data.sources`), so they never see a training record.
 
@@ -279,6 +281,23 @@ class PipelineRun:
         self.summary[name] = {"status": "skipped", "reason": f"needs {needs}"}
         self.console.print(f"[yellow]{name}: skipped[/yellow] (needs {needs})")
 
+    def stop_if_interrupted(self, folder: Path) -> None:
+        """Stop the pipeline when the stage in `folder` was interrupted (Ctrl-C/SIGTERM: it saved latest/ and
+        returned early), saying so in summary.json and in a line: the stage's own resume command finishes
+        that stage alone, and running the pipeline again starts the whole run over."""
+        from llmlab.train.loop import last_run_status
+
+        status = last_run_status(folder)
+        if status is None or status.stopped != "interrupted":
+            return
+        self.summary[folder.name] = {"status": "interrupted", "step": status.step, "max_steps": status.max_steps}
+        self.save()
+        message = f"{folder.name} stopped at step {status.step} of {status.max_steps}"
+        self.console.print(f"[yellow]pipeline stopped[/yellow]: {message}; the resume command above finishes "
+                           f"{folder.name} alone, and the later stages do not run. `llm-lab pipeline` again with "
+                           f"this --out starts the whole run over (it replaces {self.out}).", soft_wrap=True)
+        raise KeyboardInterrupt(message)
+
     def ok(self, *names: str) -> bool:
         return all(self.summary.get(n, {}).get("status") == "done" for n in names)
 
@@ -393,7 +412,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     before = validation_loss(build_model(cfgs["model"]).eval(), tok, pre.datasets, seq, p.eval_batches)
     try:
         commands.pretrain(pre, cfgs["model"], progress=progress, show_config=False)
-        _stop_if_interrupted(out / "pretrain")
+        run.stop_if_interrupted(out / "pretrain")
     except commands.StageMissing as e:
         run.missing("pretrain", e)
     else:
@@ -409,7 +428,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         acc_before = answer_accuracy(base, tok, questions)
         try:
             commands.sft(sft, progress=progress, show_config=False)
-            _stop_if_interrupted(out / "sft")
+            run.stop_if_interrupted(out / "sft")
         except commands.StageMissing as e:
             run.missing("sft", e)
         else:
@@ -438,7 +457,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         run.console.print(f"resolved config: {out / 'configs' / 'dpo.json'}", soft_wrap=True)
         try:
             commands.rlhf(dpo, progress=progress)
-            _stop_if_interrupted(out / "dpo")
+            run.stop_if_interrupted(out / "dpo")
         except commands.StageMissing as e:
             run.missing("dpo", e)
         else:
@@ -459,7 +478,7 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
         run.console.print(f"resolved config: {out / 'configs' / 'grpo.json'}", soft_wrap=True)
         try:
             commands.rlhf(grpo, progress=progress)
-            _stop_if_interrupted(out / "grpo")
+            run.stop_if_interrupted(out / "grpo")
         except commands.StageMissing as e:
             run.missing("grpo", e)
         else:
@@ -498,13 +517,6 @@ def run_pipeline(preset: str = "tiny", out: str | Path = "runs/demo", *, force: 
     return run.summary
 
 
-def _stop_if_interrupted(folder: Path) -> None:
-    """Stop the pipeline when a stage was interrupted (Ctrl-C/SIGTERM: it saved latest/ and returned early)."""
-    from llmlab.train.loop import last_run_status
-
-    status = last_run_status(folder)
-    if status is not None and status.stopped == "interrupted":
-        raise KeyboardInterrupt(f"{folder.name} stopped at step {status.step} of {status.max_steps}")
 
 
 def _load(path: Path):
