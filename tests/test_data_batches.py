@@ -385,7 +385,7 @@ def test_prompts_reduce_formats_and_pass_extra_columns(tok):
         return PromptBatches(["bundled:prompts"], tok, 3, seed=5)
 
     full = take(make(), 6)
-    assert all(set(x) == {"prompt", "prompt_ids", "answer", "task"} for batch in full for x in batch)
+    assert all(set(x) == {"prompt", "prompt_ids", "prompt_messages", "answer", "task"} for batch in full for x in batch)
     part = make()
     take(part, 2)
     resumed = make()

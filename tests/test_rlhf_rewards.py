@@ -349,3 +349,23 @@ def test_minilm_checkpoint_loads_as_a_reward_model():
     assert all(torch.isfinite(torch.tensor(scores)))
     assert scores[0] != scores[1]
     assert scores[0] == pytest.approx(scores[2], abs=1e-5)
+
+
+def test_reward_model_reads_the_prompt_turns_whatever_the_policy_template(tiny_reward_model):
+    """A policy with a Llama-3-style template renders prompts the ChatML reader does not know: from the
+    rendered text alone the reward model would read the header markup. Prompt examples carry their turns
+    (`prompt_messages`), passed as a reward column, so the reward model scores the same plain "User: ..."
+    text as for a ChatML policy."""
+    from llmlab.rlhf.rewards import plain_turns
+    from llmlab.rlhf.rollout import reward_columns
+
+    rm = RewardModel(str(tiny_reward_model), batch_size=2)
+    turns = [{"role": "user", "content": "what is two plus three"}]
+    llama3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nwhat is two plus three<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    chatml = "<|im_start|>user\nwhat is two plus three<|im_end|>\n<|im_start|>assistant\n"
+    assert plain_turns(turns) == chatml_to_plain(chatml, generation_tag=False) == "User: what is two plus three"
+    want = rm.score([chatml], ["five"])
+    prompts, columns = reward_columns([{"prompt": llama3, "prompt_ids": [1, 2], "prompt_messages": turns}])
+    assert rm(prompts, ["five"], **columns) == want
+    assert rm.score([llama3], ["five"]) != want  # the markup, read as text, moves the score

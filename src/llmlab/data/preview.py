@@ -72,7 +72,7 @@ def _describe(kind: str, tokenizer: Any, ex: dict[str, Any], as_json: bool) -> s
             ids = ex[f"{side}_ids"]
             parts += [f"{side} ({len(ids)} tokens, all with loss): {mark_loss(tokenizer, ids, ids)}", f"ids: {ids}"]
         return "\n".join(parts)
-    extras = {k: v for k, v in ex.items() if k not in ("prompt", "prompt_ids")}
+    extras = {k: v for k, v in ex.items() if k not in ("prompt", "prompt_ids", "prompt_messages")}
     if as_json:
         return json.dumps({"kind": kind, **ex}, ensure_ascii=False, default=str)
     return (f"--- prompt: {len(ex['prompt_ids'])} tokens; extra columns: {json.dumps(extras, default=str)}\n"

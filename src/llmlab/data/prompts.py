@@ -57,12 +57,15 @@ def prompt_messages(record: dict[str, Any], where: str = "record") -> list[dict[
 
 def encode_prompt(record: dict[str, Any], tokenizer: Any, max_prompt_len: int | None = None,
                   where: str = "record") -> dict[str, Any]:
-    """`{"prompt": rendered text, "prompt_ids": [...], **other columns}` for one record."""
+    """`{"prompt": rendered text, "prompt_ids": [...], "prompt_messages": [...], **other columns}` for one
+    record; `prompt_messages` (the conversation before the answer) lets a reward model read the prompt as
+    plain turns whatever the policy's chat template (`rlhf.rewards.RewardModel`)."""
     messages = prompt_messages(record, where)
     text = render(tokenizer, messages, add_generation_prompt=True)
     ids = list(encode_rendered(tokenizer, messages, text, add_generation_prompt=True)[0])
     extras = {k: v for k, v in record.items() if k not in PROMPT_KEYS}
-    return fit_prompt({**extras, "prompt": text, "prompt_ids": ids}, tokenizer, max_prompt_len)
+    return fit_prompt({**extras, "prompt": text, "prompt_ids": ids, "prompt_messages": messages}, tokenizer,
+                      max_prompt_len)
 
 
 def fit_prompt(example: dict[str, Any], tokenizer: Any, max_prompt_len: int | None) -> dict[str, Any]:

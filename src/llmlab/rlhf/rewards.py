@@ -253,6 +253,16 @@ def chatml_to_plain(text: str, generation_tag: bool = True) -> str:
     return "\n".join(lines)
 
 
+def plain_turns(messages: Sequence[dict[str, Any]]) -> str:
+    """A conversation as the "Role: text" lines `chatml_to_plain` makes of its ChatML rendering."""
+    lines = []
+    for m in messages:
+        body = _CHAT_TOKENS.sub("", str(m.get("content") or "")).strip()
+        if body:
+            lines.append(f"{str(m.get('role') or 'user').strip().capitalize()}: {body}")
+    return "\n".join(lines)
+
+
 class RewardModel:
     """A frozen Hugging Face sequence-classification model that scores (prompt, response) pairs.
 
@@ -262,8 +272,9 @@ class RewardModel:
     Scoring: each pair is tokenized as a text pair, ``tokenizer(prompt, response, truncation=True)``,
     which is how reward models such as OpenAssistant/reward-model-deberta-v3-large-v2 are trained
     (question, answer); the longer of the two is truncated first when the pair passes ``max_length``.
-    Prompts go through ``chatml_to_plain(..., generation_tag=False)`` and responses lose stray chat
-    tokens, so the model sees plain text. The score is the single logit when the model has one label;
+    Prompts become plain "Role: text" lines (from their turns when given, else ``chatml_to_plain(...,
+    generation_tag=False)`` of the ChatML text) and responses lose stray chat tokens, so the model sees
+    plain text. The score is the single logit when the model has one label;
     with two or more labels it is the log-odds of the last label, log p_last - log(1 - p_last) (for
     two labels: logit_1 - logit_0).
     """
@@ -310,15 +321,19 @@ class RewardModel:
         self.max_length = min(max_length, limit)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """One float per (prompt, response) pair, computed in batches of ``batch_size``."""
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              messages: Sequence[list[dict[str, Any]] | None] | None = None) -> list[float]:
+        """One float per (prompt, response) pair, computed in batches of ``batch_size``. ``messages`` (the
+        prompts' turns, `prompt_messages` of `data.prompts`) give each prompt as plain "Role: text" lines
+        whatever template rendered it; without them a rendered prompt goes through ``chatml_to_plain``,
+        which reads ChatML only (a Llama-3 or Mistral template's markup would reach the reward model)."""
         if len(prompts) != len(responses):
             raise ValueError(f"RewardModel.score: {len(prompts)} prompts but {len(responses)} responses")
+        plain = [plain_turns(m) if m else chatml_to_plain(p, generation_tag=False)
+                 for p, m in zip(prompts, messages or [None] * len(prompts))]
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch_prompts = [
-                chatml_to_plain(p, generation_tag=False) for p in prompts[start : start + self.batch_size]
-            ]
+            batch_prompts = plain[start : start + self.batch_size]
             batch_responses = [
                 _CHAT_TOKENS.sub("", r).strip() for r in responses[start : start + self.batch_size]
             ]
@@ -342,8 +357,9 @@ class RewardModel:
         log_probs = torch.log_softmax(logits, dim=-1)
         return log_probs[:, -1] - torch.logsumexp(log_probs[:, :-1], dim=-1)
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
-        return self.score(prompts, completions)
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 prompt_messages: Sequence[list[dict[str, Any]] | None] | None = None, **_: Any) -> list[float]:
+        return self.score(prompts, completions, prompt_messages)
 
 
 # --------------------------------------------------------------------------------------------------
