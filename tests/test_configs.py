@@ -87,6 +87,22 @@ def test_pipeline_presets_build_valid_configs_and_match_the_cli_choices():
         assert cfgs["model"].vocab_size % 64 == 0
 
 
+def test_shipped_configs_and_presets_set_nothing_their_stage_never_reads():
+    """The notices for set-but-unused settings stay meaningful: no shipped config or pipeline preset
+    triggers one (a PPO config with a GRPO group_size, a DPO preset with max_new_tokens did)."""
+    from llmlab.rlhf.run import unread_by_algorithm
+    from llmlab.train.stage import unused_settings
+
+    cfgs = [stage_configs(name, "runs/x")[k] for name in PRESETS for k in ("pretrain", "sft", "dpo", "grpo")]
+    for path in CONFIGS.glob("*.json"):
+        if not path.name.startswith("model_"):
+            cls = TrainConfig if "pretrain" in path.name else SFTConfig if "sft" in path.name else RLHFConfig
+            cfgs.append(cls.load(path))
+    for cfg in cfgs:
+        assert unused_settings(cfg) is None, cfg
+        assert not isinstance(cfg, RLHFConfig) or unread_by_algorithm(cfg) is None, cfg
+
+
 # --------------------------------------------------------------------------------------------------
 # RLHF checks: one-line ConfigErrors that name the field and the fix
 # --------------------------------------------------------------------------------------------------
@@ -181,3 +197,9 @@ def test_text_column_is_refused_where_records_are_read_by_format(cls):
     with pytest.raises(ConfigError, match=r"^text_column: only pretraining reads one text column; .*'body'"):
         cls().with_overrides(["text_column=body"])
     assert TrainConfig().with_overrides(["text_column=body"]).text_column == "body"
+
+
+def test_a_value_of_the_wrong_type_is_named_in_plain_words():
+    """'expected float or NoneType' was Python's vocabulary; a menu or JSON user reads numbers and null."""
+    with pytest.raises(ConfigError, match=r"beta: expected a number \(float\) or null \(none\), got 'abc'"):
+        RLHFConfig(algorithm="dpo").with_overrides(["beta=abc"])

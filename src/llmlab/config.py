@@ -46,8 +46,12 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
-        return "list"
-    return getattr(tp, "__name__", str(tp))
+        return "a list"
+    return _PLAIN_TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_PLAIN_TYPE_NAMES = {int: "an integer (int)", float: "a number (float)", str: "a string", bool: "true or false",
+                     type(None): "null (none)"}
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -602,7 +606,7 @@ class RLHFConfig(FineTuneLR, OptimizerFields, LoraFields, ScheduleFields, RunFie
     target_kl: float = _help("PPO adaptive KL target (nats per sequence, > 0)", default=6.0)
     whiten_advantages: bool = _help("PPO: normalise advantages per batch", default=True)
     # DPO
-    beta: float | None = _help("DPO beta (None = use clip_range, as the spec reuses it)", default=None)
+    beta: float | None = _help("DPO beta (None = clip_range, 0.2 unless set, as the spec reuses it)", default=None)
     # GRPO
     group_size: int = _help("GRPO: responses per prompt", default=4)
     grpo_temperature: float = _help("GRPO sampling temperature", default=1.0)

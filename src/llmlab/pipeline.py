@@ -83,7 +83,7 @@ def _preset(vocab: int, width: int, heads: int, layers: int, seq: int, steps: tu
                  lora_dropout=0.0, max_seq_len=min(seq, 128)),
         dpo=dict(common, algorithm="dpo", max_steps=dpo, learning_rate=lr / 4, beta=0.1, batch_size=batch,
                  mini_batch_size=batch, eval_every=every(dpo), eval_steps=2, save_every=every(dpo),
-                 datasets=["bundled:preference"], reward_model_name=None, max_prompt_len=64, max_new_tokens=16),
+                 datasets=["bundled:preference"], reward_model_name=None, max_prompt_len=64),
         grpo=dict(common, algorithm="grpo", max_steps=grpo, learning_rate=lr / 4, group_size=4, batch_size=batch // 2,
                   mini_batch_size=batch // 2, ppo_epochs=1, kl_coef=0.02, grpo_temperature=1.0,
                   eval_every=every(grpo), eval_steps=1, save_every=every(grpo), datasets=["bundled:prompts"],

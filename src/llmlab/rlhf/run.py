@@ -173,12 +173,12 @@ def dropout_notice(cfg: RLHFConfig) -> str | None:
 # Settings of one algorithm that the others never read (the reward, rollout and PPO fields mean nothing to DPO).
 # Not listed: max_new_tokens and group_size, which the shipped DPO and PPO presets carry.
 UNREAD_BY: dict[str, tuple[str, ...]] = {
-    "ppo": ("grpo_temperature", "beta"),
+    "ppo": ("grpo_temperature", "beta", "group_size"),
     "grpo": ("temperature", "adaptive_kl", "target_kl", "vf_coef", "cliprange_value", "gamma", "gae_lambda",
              "whiten_advantages", "beta"),
     "dpo": ("reward_functions", "reward_model_weight", "reward_answer_column", "ppo_epochs", "group_size",
             "temperature", "grpo_temperature", "top_k", "top_p", "kl_coef", "adaptive_kl", "target_kl", "vf_coef",
-            "cliprange_value", "gamma", "gae_lambda", "whiten_advantages"),
+            "cliprange_value", "gamma", "gae_lambda", "whiten_advantages", "max_new_tokens"),
 }
 
 
