@@ -171,7 +171,6 @@ def dropout_notice(cfg: RLHFConfig) -> str | None:
 
 
 # Settings of one algorithm that the others never read (the reward, rollout and PPO fields mean nothing to DPO).
-# Not listed: max_new_tokens and group_size, which the shipped DPO and PPO presets carry.
 UNREAD_BY: dict[str, tuple[str, ...]] = {
     "ppo": ("grpo_temperature", "beta", "group_size"),
     "grpo": ("temperature", "adaptive_kl", "target_kl", "vf_coef", "cliprange_value", "gamma", "gae_lambda",
