@@ -332,17 +332,22 @@ def test_menu_options_3_4_and_6_hand_the_chosen_configs_to_their_stages(tmp_path
         return lambda *args, **kw: calls.append((name, args, kw)) or tmp_path / "out"
 
     monkeypatch.setattr(commands, "_stage_function", fake_stage)
-    answers = ["3", "", "1", "", "", "",         # SFT: no resume, use existing, sft_config.json, save as, start
-               "4", "", "1", "", "", "",         # RLHF: the same with rlhf_config.json
+    answers = ["3", "", "1", "", "", "", "base",  # SFT: no resume, use existing, sft_config.json, save as, start,
+               # and policy_checkpoint (the spec's default path: no checkpoint yet) asked again at the start
+               "4", "", "1", "", "", "", "base",  # RLHF: the same with rlhf_config.json (no/such/policy)
                "6", "1", "adapter", "base", "merged_out",  # merge option 1: adapter + base, output
                "0"]
     p = Scripted(answers)
     assert menu.run_menu(p) == 0 and p.answers == []
-    assert "error:" not in "".join(p.lines)
+    said = "".join(p.lines)
+    assert "policy_checkpoint: checkpoints/best_model.pt: the spec's file name" in said
+    assert "policy_checkpoint: no/such/policy: checkpoint not found" in said
+    assert "error:" not in said
     (sft_name, (sft_cfg,), _), (rlhf_name, (rlhf_cfg,), _), (merge_name, merge_args, merge_kw) = calls
-    assert sft_name == "run_sft" and sft_cfg == SFTConfig.load("sft_config.json")
-    assert (sft_cfg.max_steps, sft_cfg.output_dir) == (7, "sft_out")
+    assert sft_name == "run_sft" and sft_cfg == SFTConfig.load("sft_config.json")  # saved again, fixed
+    assert (sft_cfg.max_steps, sft_cfg.output_dir, sft_cfg.policy_checkpoint) == (7, "sft_out", "base")
     assert rlhf_name == "run_rlhf" and (rlhf_cfg.algorithm, rlhf_cfg.max_steps) == ("dpo", 5)
+    assert rlhf_cfg == RLHFConfig.load("rlhf_config.json") and rlhf_cfg.policy_checkpoint == "base"
     assert merge_name == "merge_adapter_folder" and merge_args == ("adapter", "base", "merged_out") and base.is_dir()
     assert merge_kw == {"force": False}
 

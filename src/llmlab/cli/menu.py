@@ -423,6 +423,34 @@ def resumed(p: Prompter, cls: type[ConfigBase], run: Callable[..., Any]) -> bool
     return True
 
 
+CHECKPOINT_FIELDS = ("init_checkpoint", "policy_checkpoint", "reference_checkpoint")
+
+
+def start_training(p: Prompter, cfg: ConfigBase, saved: Path) -> ConfigBase | None:
+    """"Start training?"; then each checkpoint field that does not name a checkpoint (the spec's default
+    best_model.pt path before any run, a typo) is asked again, so the run does not stop on it after every
+    other question; a changed config is saved again to `saved`. None when the user does not start."""
+    import dataclasses
+
+    from llmlab.cli import commands
+
+    if not p.confirm("Start training?", default=True):
+        return None
+    fixed = {}
+    for name in CHECKPOINT_FIELDS:
+        value = getattr(cfg, name, None)
+        try:
+            if value is not None:
+                commands.check_checkpoint(value)
+        except LLMLabError as e:
+            p.say(f"{name}: {e}")
+            fixed[name], _ = ask_path(p, f"{name} (a checkpoint folder)", value, commands.check_checkpoint)
+    if fixed:
+        cfg = dataclasses.replace(cfg, **fixed)
+        p.say(f"saved {cfg.save(saved)}")
+    return cfg
+
+
 def action_pretrain(p: Prompter) -> None:
     from llmlab.cli import commands
 
@@ -434,8 +462,7 @@ def action_pretrain(p: Prompter) -> None:
         default = str(action_configure(p))
     _, model_cfg = ask_path(p, "Model config file", default, ModelConfig.load)
     commands.show_stage_estimate(cfg, model_cfg)
-    save_config(p, cfg)
-    if p.confirm("Start training?", default=True):
+    if (cfg := start_training(p, cfg, save_config(p, cfg))) is not None:
         commands.pretrain(cfg, model_cfg, estimate=False)
 
 
@@ -447,8 +474,7 @@ def action_stage(p: Prompter, cls: type[SFTConfig] | type[RLHFConfig]) -> None:
         return
     cfg = existing_or_new(p, cls, "SFT config" if cls is SFTConfig else "RLHF config")
     commands.show_stage_estimate(cfg, None)
-    save_config(p, cfg)
-    if p.confirm("Start training?", default=True):
+    if (cfg := start_training(p, cfg, save_config(p, cfg))) is not None:
         run(cfg, estimate=False)
 
 
