@@ -223,8 +223,9 @@ def test_done_message_names_a_training_metric_and_the_save_best_only_fallback():
     assert done_message("grpo", 24, "reward", 0.123456, ["best", "latest"], Path("runs/g")) == (
         "done: grpo, 24 steps; best reward 0.1235; saved best/, latest/ in runs/g")
     assert done_message("ppo", 3, "val_reward", None, ["latest"], Path("o"), fallback=True) == (
-        "done: ppo, 3 steps; best val reward None; saved latest/ (no evaluation set a best, so no best/: the final "
+        "done: ppo, 3 steps; no val reward (no evaluation ran); saved latest/ (no evaluation set a best, so no best/: the final "
         "policy went to latest/ despite save_best_only) in o")
+    assert done_message("dpo", 1, "val_reward_accuracy", 0.5, ["latest"], Path("o")).startswith("done: dpo, 1 step;")
     # resumed from best/, never beaten: best/ exists, from before, and the message says so
     assert done_message("grpo", 9, "val_reward", 0.75, ["latest"], Path("o"), fallback=True) == (
         "done: grpo, 9 steps; best val reward 0.75; saved latest/ (no evaluation of this run beat the best val "

@@ -559,12 +559,14 @@ def done_message(algorithm: str, step: int, best_key: str, best: float | None, s
     `fallback`: save_best_only found no best, so the final policy went to latest/."""
     where = ", ".join(f"{name}/" for name in saved) or "no checkpoint"
     value = best if best is None else round(best, 4)
+    metric = best_key.replace("_", " ")
     if fallback and best is not None:  # resumed: the best it started from stood
-        where += (f" (no evaluation of this run beat the best {best_key.replace('_', ' ')} it started from, {value}, "
+        where += (f" (no evaluation of this run beat the best {metric} it started from, {value}, "
                   f"so no new best/: the final policy went to latest/ despite save_best_only)")
     elif fallback:
         where += " (no evaluation set a best, so no best/: the final policy went to latest/ despite save_best_only)"
-    return f"done: {algorithm}, {step} steps; best {best_key.replace('_', ' ')} {value}; saved {where} in {output_dir}"
+    best_part = f"best {metric} {value}" if best is not None else f"no {metric} (no evaluation ran)"
+    return f"done: {algorithm}, {step} step{'' if step == 1 else 's'}; {best_part}; saved {where} in {output_dir}"
 
 
 def _rewind(stage: Any, state: dict[str, Any] | None) -> None:

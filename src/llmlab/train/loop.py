@@ -848,7 +848,7 @@ def train_loop(
                       f"so no new best/: the final state went to latest/ despite save_best_only)")
         val = ("no validation loss (no validation data, or no evaluation ran)" if best_val is None
                else f"best val loss {round(best_val, 4)}")
-        logger.message(f"done: {step} steps, {tokens_seen:,} tokens; {val}; saved {where} in {output_dir}")
+        logger.message(f"done: {step} step{'' if step == 1 else 's'}, {tokens_seen:,} tokens; {val}; saved {where} in {output_dir}")
     return TrainResult(output_dir=output_dir, step=step, tokens_seen=tokens_seen, stopped=stopped,
                        last_loss=last_loss, last_val_loss=last_val, best_val_loss=best_val, nan_skips=nan_skips,
                        best_checkpoint=paths["best"], latest_checkpoint=paths["latest"])
