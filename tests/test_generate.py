@@ -74,6 +74,29 @@ def test_stop_per_sequence_and_bounds():
     assert long.shape[1] == 64
 
 
+@pytest.mark.parametrize("prompt,match", [
+    ("To be", r"^prompt: text given, but generation takes token ids; tokenize it first"),
+    (["To be", "or not"], r"^prompt: text given"),
+    (torch.tensor([[1.0, 2.0]]), r"^prompt: expected token ids as a \(B, T\) or \(T,\) integer tensor, got shape \(1, 2\) of "
+                                 r"torch.float32$"),
+    (torch.ones(1, 2, 3, dtype=torch.long), r"^prompt: expected token ids .* got shape \(1, 2, 3\)"),
+    ([[1, 2], [3, 2.5]], r"^prompt: 2.5 \(row 1\) is not a token id \(an integer\)"),
+])
+def test_a_prompt_that_is_not_token_ids_is_a_one_line_error(prompt, match):
+    from llmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):  # was a TypeError deep inside, or floats cut to ints silently
+        generate(_m(), prompt, max_new_tokens=2, temperature=0)
+
+
+def test_numpy_token_ids_are_prompts():
+    np = pytest.importorskip("numpy")
+    m = _m()
+    want = generate(m, [[1, 2, 3]], max_new_tokens=3, temperature=0)
+    assert torch.equal(generate(m, np.array([1, 2, 3]), max_new_tokens=3, temperature=0), want)
+    assert torch.equal(generate(m, np.array([[1, 2, 3]]), max_new_tokens=3, temperature=0), want)
+
+
 def test_samplers():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]

@@ -10,6 +10,7 @@ are thin layers over `generate_tokens`.
 
 from __future__ import annotations
 
+import numbers
 import shutil
 import weakref
 from collections import OrderedDict
@@ -136,24 +137,36 @@ class GenerationOutput:
 
 
 def _as_prompt_list(input_ids) -> list[list[int]]:
+    if isinstance(input_ids, str | bytes) or isinstance(input_ids, list | tuple) and input_ids \
+            and isinstance(input_ids[0], str | bytes):
+        raise ConfigError("prompt: text given, but generation takes token ids; tokenize it first, e.g. "
+                          "tokenizer(text, return_tensors='pt').input_ids")
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() not in (1, 2) or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ConfigError(f"prompt: expected token ids as a (B, T) or (T,) integer tensor, got shape "
+                              f"{tuple(input_ids.shape)} of {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         return input_ids.tolist()
-    if input_ids and isinstance(input_ids[0], int):
+    if len(input_ids) and isinstance(input_ids[0], numbers.Integral):
         return [list(input_ids)]
     return [list(p) for p in input_ids]
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> None:
-    """A one-line ConfigError for no prompt, an empty prompt row (nothing to condition the first token on) or
-    a token id outside the model's vocabulary (a tokenizer from another model; it failed in the embedding)."""
+    """A one-line ConfigError for no prompt, an empty prompt row (nothing to condition the first token on),
+    something that is not a token id (text, a float) or a token id outside the model's vocabulary (a
+    tokenizer from another model; it failed in the embedding)."""
     if not prompts:
         raise ConfigError("prompt: no prompt given; pass at least one prompt of one or more tokens")
     for i, p in enumerate(prompts):
         where = "" if len(prompts) == 1 else f" (row {i})"
         if len(p) == 0:
             raise ConfigError(f"prompt: empty{where}; it tokenizes to no tokens, give some text (or token ids)")
+        odd = [t for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if odd:
+            raise ConfigError(f"prompt: {odd[0]!r}{where} is not a token id (an integer); tokenize text first, "
+                              f"e.g. tokenizer(text).input_ids")
         bad = [t for t in p if not 0 <= t < vocab_size] if vocab_size is not None else []
         if bad:
             raise ConfigError(f"prompt: token id {bad[0]}{where} is outside the model's vocabulary (vocab_size "
@@ -212,7 +225,8 @@ def generate_tokens(
     """Batched sampling. `prompts`: a (B, T) tensor or lists of token ids (different lengths are left-padded).
     Stops per sequence at any id in `eos_token_id`; bounded by max_new_tokens and the model's max_seq_len
     (prompts longer than max_seq_len - 1 are left-truncated; the output's `prompt_tokens_cut` and
-    `new_tokens_allowed` say so, see `fit_to_context`); an empty prompt row is a ConfigError.
+    `new_tokens_allowed` say so, see `fit_to_context`); an empty prompt row or text instead of token ids is
+    a ConfigError.
     `on_tokens(next_ids (B,))` streams.
 
     Per step the loop only runs the model on one token per sequence, samples, and writes into
