@@ -89,6 +89,24 @@ def test_a_prompt_that_is_not_token_ids_is_a_one_line_error(prompt, match):
         generate(_m(), prompt, max_new_tokens=2, temperature=0)
 
 
+@pytest.mark.parametrize("setting,match", [
+    (dict(max_new_tokens=-1), r"^max_new_tokens: must be >= 0, got -1$"),
+    (dict(temperature=-0.5), r"^temperature: must be >= 0 \(0 = greedy\), got -0.5$"),
+    (dict(temperature=float("nan")), r"^temperature: must be >= 0"),
+    (dict(top_k=-1), r"^top_k: must be >= 0 \(0 = off\), got -1$"),
+    (dict(top_p=0.0), r"^top_p: must be in \(0, 1\] \(1 = off\), got 0.0$"),
+    (dict(top_p=1.5), r"^top_p: must be in \(0, 1\]"),
+])
+def test_sampling_settings_out_of_range_are_a_one_line_error(setting, match):
+    from llmlab.errors import ConfigError
+
+    # the chat REPL refused these; from Python a negative temperature sampled greedily and top_p 0 kept one
+    # token without a word, and max_new_tokens=-1 returned the prompt
+    with pytest.raises(ConfigError, match=match):
+        generate_tokens(_m(), [[1, 2, 3]], **setting)
+    assert generate_tokens(_m(), [[1, 2, 3]], max_new_tokens=0).sequences.tolist() == [[1, 2, 3]]  # RL: 0 is fine
+
+
 def test_numpy_token_ids_are_prompts():
     np = pytest.importorskip("numpy")
     m = _m()

@@ -173,6 +173,19 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = Non
                               f"{vocab_size}); the tokenizer does not belong to this model")
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """A one-line ConfigError for settings no sampler reads as given (the chat REPL's limits; 0 new tokens
+    allowed): a negative temperature would sample greedily and top_p 0 keep one token, without a word."""
+    if not max_new_tokens >= 0:
+        raise ConfigError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+    if not top_k >= 0:
+        raise ConfigError(f"top_k: must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p: must be in (0, 1] (1 = off), got {top_p}")
+
+
 def fit_to_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> tuple[int, int]:
     """(tokens cut from the left of a prompt of `prompt_len` tokens, new tokens allowed) when prompt plus reply
     must fit in `max_seq_len`: the prompt keeps at most max_seq_len - 1 tokens (room for one new token), and
@@ -225,8 +238,8 @@ def generate_tokens(
     """Batched sampling. `prompts`: a (B, T) tensor or lists of token ids (different lengths are left-padded).
     Stops per sequence at any id in `eos_token_id`; bounded by max_new_tokens and the model's max_seq_len
     (prompts longer than max_seq_len - 1 are left-truncated; the output's `prompt_tokens_cut` and
-    `new_tokens_allowed` say so, see `fit_to_context`); an empty prompt row or text instead of token ids is
-    a ConfigError.
+    `new_tokens_allowed` say so, see `fit_to_context`); an empty prompt row, text instead of token ids and
+    settings out of range (`check_sampling`) are a ConfigError.
     `on_tokens(next_ids (B,))` streams.
 
     Per step the loop only runs the model on one token per sequence, samples, and writes into
@@ -247,6 +260,7 @@ def generate_tokens(
     repeated generation: the first call pays the compilation (10-20 s on this 2-core CPU). On
     CPU, batches of PACK_MIN_ROWS (4) or more rows decode eagerly with oneDNN-packed weights even with
     compile=True: that beat the compiled decode (`llmlab.model.decode`)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = base_transformer(model).config
     device = model_device(model)
     prompts = _as_prompt_list(prompts)
