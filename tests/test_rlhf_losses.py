@@ -289,3 +289,19 @@ def test_ppo_approx_kl_is_k3_of_old_against_new():
         torch.tensor([[LN2]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2
     )
     close(stats["approx_kl"], 1 - LN2)
+
+
+def test_a_per_sequence_tensor_where_per_token_ones_go_is_an_error_not_a_broadcast():
+    logp, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    # GRPO advantages as a (B, 1) column broadcast to (B, B, T) and gave a loss of the wrong value
+    with pytest.raises(ValueError, match=r"^grpo_loss: expected advantages of shape \(2,\) \(one per sequence, "
+                                         r"e.g. group_advantages\(rewards, group_size\)\), got \(2, 1\)$"):
+        grpo_loss(logp, logp, logp, torch.ones(2, 1), mask, clip_range=0.2, kl_coef=0.0)
+    # PPO advantages per sequence on a square batch (B == T) broadcast along the tokens
+    square = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"^ppo_policy_loss: expected advantages of shape \(3, 3\) \(one per "
+                                         r"response token, as logp\), got \(3,\)$"):
+        ppo_policy_loss(square, square, torch.ones(3), torch.ones(3, 3), 0.2)
+    with pytest.raises(ValueError, match=r"^ppo_token_rewards: expected scores of shape \(2,\) \(one score per "
+                                         r"sequence\), got \(2, 1\)$"):
+        ppo_token_rewards(torch.ones(2, 1), logp, logp, mask, kl_coef=0.1)

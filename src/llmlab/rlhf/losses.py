@@ -14,6 +14,9 @@ Conventions
   under the current policy, the policy that sampled them, and the frozen reference.
 - Statistics are returned as detached 0-dim tensors (no GPU sync inside the loss); call ``float()``
   when logging.
+- A per-sequence tensor (``scores``, GRPO's ``advantages``) given where a per-token one is expected, or
+  the other way round, is a ValueError naming the shapes: broadcasting would otherwise give a number
+  without an error (a (B, 1) column against (B, T) tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+
+def _check_shape(where: str, name: str, x: Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{where}: expected {name} of shape {shape} ({what}), got {tuple(x.shape)}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Masked statistics
@@ -115,6 +124,7 @@ def ppo_token_rewards(
     Args: scores (B,), logp / ref_logp / mask (B, T).
     Returns: (rewards (B, T), kl (B, T)), both zero outside the mask; ``kl`` is the k1 estimate.
     """
+    _check_shape("ppo_token_rewards", "scores", scores, tuple(mask.shape[:1]), "one score per sequence")
     m = mask.to(logp.dtype)
     kl = kl_k1(logp, ref_logp) * m
     rewards = -kl_coef * kl
@@ -166,6 +176,7 @@ def ppo_policy_loss(
     Stats: ``clipfrac`` (share of tokens where the clipped term is the active one), ``approx_kl``
     (k3 estimate of KL(old || new) from the tokens sampled by the old policy), ``ratio`` (mean).
     """
+    _check_shape("ppo_policy_loss", "advantages", advantages, tuple(logp.shape), "one per response token, as logp")
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
@@ -327,6 +338,8 @@ def grpo_loss(
     Args: logp / old_logp / ref_logp / mask (B, T), advantages (B,).
     Stats: ``clipfrac`` (share of tokens where clipping is active), ``kl`` (mean k3), ``ratio``.
     """
+    _check_shape("grpo_loss", "advantages", advantages, tuple(logp.shape[:1]),
+                 "one per sequence, e.g. group_advantages(rewards, group_size)")
     ratio = torch.exp(logp - old_logp)
     adv = advantages.to(logp.dtype).unsqueeze(-1)  # (B, 1)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * adv)
