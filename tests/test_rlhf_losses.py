@@ -244,6 +244,12 @@ def test_group_advantages_zero_variance_group_is_exactly_zero():
         group_advantages(torch.zeros(5), group_size=2)
 
 
+def test_group_advantages_of_integer_or_boolean_rewards_equal_the_float_ones():
+    want = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)  # was "mean(): could not infer ..."
+    assert torch.equal(group_advantages(torch.tensor([1, 0, 1, 1]), group_size=2), want)
+    assert torch.equal(group_advantages(torch.tensor([True, False, True, True]), group_size=2), want)
+
+
 def test_grpo_loss_on_policy_by_hand():
     # On policy with ref == policy: ratio 1, KL 0 -> loss = -(mean over sequences of A_i).
     # The third response is empty: it is left out of the mean (else the loss would be 2/3).

@@ -297,9 +297,9 @@ def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, T
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """GRPO outcome advantages (Shao et al. 2024, sec. 4.1.2): (r - group mean) / (group std + eps).
 
-    ``rewards`` is (N * G,), the G samples of each prompt contiguous. The std is the plain
-    (population, divide-by-G) standard deviation of the group. A group whose rewards are all equal
-    gets exactly zero advantage, so it contributes no policy gradient.
+    ``rewards`` is (N * G,), the G samples of each prompt contiguous (integer rewards are read as
+    floats). The std is the plain (population, divide-by-G) standard deviation of the group. A group
+    whose rewards are all equal gets exactly zero advantage, so it contributes no policy gradient.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(
@@ -307,6 +307,8 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
             f"got shape {tuple(rewards.shape)}"
         )
     groups = rewards.reshape(-1, group_size)  # (N, G)
+    if not groups.is_floating_point():  # 0/1 rewards as integers or booleans
+        groups = groups.to(torch.get_default_dtype())
     mean = groups.mean(dim=-1, keepdim=True)
     std = groups.std(dim=-1, keepdim=True, unbiased=False)
     advantages = (groups - mean) / (std + eps)
