@@ -23,3 +23,7 @@ def __getattr__(name: str):  # lazy: `import llmlab` stays light for the CLI's -
 
         return load_model
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:  # the lazy names too, for tab completion (IPython, Jupyter)
+    return sorted(set(globals()) | set(__all__))
