@@ -316,7 +316,7 @@ def _args_data_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def _args_import_hf(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="Hugging Face hub id or local folder (Llama, Qwen2, Mistral families)")
+    p.add_argument("source", help="Hugging Face hub id, local folder or .gguf file (Llama, Qwen2, Mistral families)")
     p.add_argument("--out", required=True, metavar="DIR", help="LLM-Lab checkpoint folder to write")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
