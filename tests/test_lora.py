@@ -423,3 +423,13 @@ def test_unreadable_weights_while_matching_an_adapter_to_its_base_are_one_line(t
     with pytest.raises(LLMLabError, match="unreadable safetensors") as e:
         merge_adapter_folder(tmp_path / "sft" / "best_lora_adapters", tmp_path / "sft" / "latest", tmp_path / "m")
     assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
+
+
+def test_estimate_counts_a_lora_on_lm_head():
+    """A custom preset with lm_head: the estimator counts its A and B (d_model -> vocab) as apply_lora
+    trains them (`llm-lab estimate` under-reported SFT's tiny config by exactly that adapter)."""
+    cfg = tiny_config()
+    targets = ["q_proj", "v_proj", "lm_head"]
+    model = apply_lora(build_model(cfg), sft_cfg(lora_preset="custom", lora_target_modules=targets), verbose=False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained == count_lora_parameters(cfg, targets, 4) > count_lora_parameters(cfg, targets[:2], 4)

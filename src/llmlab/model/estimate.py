@@ -47,8 +47,10 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def count_lora_parameters(cfg: ModelConfig, targets: tuple[str, ...] | list[str], r: int) -> int:
+    """LoRA's A and B matrices for `targets`: each block's projections, and lm_head (d_model -> vocab) once."""
     shapes = linear_shapes(cfg)
-    return cfg.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
+    head = r * (cfg.d_model + cfg.vocab_size) if "lm_head" in targets else 0
+    return cfg.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes) + head
 
 
 @dataclass
