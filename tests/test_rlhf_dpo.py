@@ -234,11 +234,10 @@ def test_done_message_names_a_training_metric_and_the_save_best_only_fallback():
 
 def test_max_prompt_len_cuts_dpo_prompts_from_the_left(policy_dir, pairs, tmp_path, capsys, monkeypatch):
     """max_prompt_len was read by PPO/GRPO only: DPO kept whole prompts up to max_seq_len (TRL's
-    max_prompt_length cuts them)."""
-    from llmlab.data import sources
-
-    monkeypatch.setattr(sources, "_NOTICED", set())
-    run_rlhf(_cfg(policy_dir, pairs, tmp_path / "run", max_steps=1, eval_every=1, eval_steps=1, max_prompt_len=4))
-    out, err = capsys.readouterr()
-    assert "max_prompt_len=4 (the prompt); its prompt keeps its last 4 tokens" in err
+    max_prompt_length cuts them). A second run in the same process says its first cut again (the notice is
+    once per run, not once per Python session)."""
+    for run in ("run", "again"):
+        run_rlhf(_cfg(policy_dir, pairs, tmp_path / run, max_steps=1, eval_every=1, eval_steps=1, max_prompt_len=4))
+        out, err = capsys.readouterr()
+        assert "max_prompt_len=4 (the prompt); its prompt keeps its last 4 tokens" in err, run
     assert "8 preference pair(s) cut to max_prompt_len/max_seq_len" in out + err  # one step's batch_size

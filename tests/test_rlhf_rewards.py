@@ -160,6 +160,12 @@ def test_parse_reward_items():
     with pytest.raises(ConfigError, match="weight must be a number"):
         parse_reward_items([{"name": "a:b", "weight": "high"}])
 
+    def brevity(prompts, completions, **_):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match=r"'brevity' is a Python object.*'__main__:brevity' from the running script"):
+        parse_reward_items([brevity])
+
 
 def test_weights_add_up_and_answer_column_is_aliased(user_module):
     cfg = rlhf_config(

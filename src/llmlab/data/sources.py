@@ -712,6 +712,15 @@ class RecordIterator:
 _NOTICED: set[Any] = set()
 
 
+def reset_notices() -> None:
+    """Forget which once-per-process notices were said (here and the chat template's in `data.chat`): each
+    stage run calls it, so a second run in one Python process says its first cut or fallback again."""
+    from llmlab.data import chat
+
+    _NOTICED.clear()
+    chat._NOTICED.clear()
+
+
 def notice_once(key: Any, rank: int, line: str) -> None:
     """Print `line` on stderr once per process for `key` (rank 0 only): data notices that would otherwise
     repeat per record or per iterator (later occurrences are counted by their iterator, if at all)."""

@@ -443,6 +443,12 @@ def parse_reward_items(items: Sequence[Any]) -> list[tuple[str, float]]:
                     f"reward_functions: {item['name']!r}: weight must be a number, got {weight!r}"
                 )
             parsed.append((item["name"], float(weight)))
+        elif callable(item):  # a Python object: the run's config is JSON, so it is named, not stored
+            name = getattr(item, "__name__", type(item).__name__)
+            raise ConfigError(
+                f"reward_functions: {name!r} is a Python object, which the run's saved config cannot hold; define "
+                f"it at module level and name it 'module:{name}' ('__main__:{name}' from the running script)"
+            )
         else:
             raise ConfigError(
                 f"reward_functions: expected a string or {{'name', 'weight'}} object, got {item!r}"

@@ -326,10 +326,12 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     when no evaluation ran). `resume`: a checkpoint folder written by this stage, or "latest"/"best" in
     cfg.output_dir. load_optimizer_state=False starts the optimizer afresh on resume (needed to switch
     optimizer); a checkpoint written by another optimizer is refused otherwise."""
+    from llmlab.data.sources import reset_notices
     from llmlab.data.tokenizer import stop_token_ids
     from llmlab.train.distributed import init_distributed
 
     info = init_distributed()
+    reset_notices()  # this run says its data notices again, also after another run in this process
     if info.distributed:
         raise LLMLabError("rlhf: runs in a single process; start it without torchrun (one GPU or the CPU)")
     device = info.device

@@ -14,8 +14,8 @@ came from the part of a run that is being redone) and TensorBoard purges them to
 
 The progress bar (rich) shows step, loss, lr, grad norm, tokens/s, the logger's extra fields (RLHF: reward
 and KL) and ETA. It is drawn only on a TTY and when `progress=True`; otherwise each log step prints one
-plain line (and each evaluation one line of its `val_*` numbers), unless `progress=False`, which keeps the
-run quiet (tests). Only rank 0 writes anything.
+plain line (and each evaluation one line of its `val_*` numbers), unless `progress=False`, which drops the bar
+and the per-step lines (tests; setup lines, notices and the last line still print). Only rank 0 writes anything.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import Any
 from llmlab.checkpoint import load_state_into, read_checkpoint
 from llmlab.config import ModelConfig, TrainConfig
 from llmlab.data.pretrain import PretrainBatches
+from llmlab.data.sources import reset_notices
 from llmlab.errors import ConfigError
 from llmlab.model import build_model
 from llmlab.train.distributed import init_distributed, rank0_print, shutdown
@@ -67,6 +68,7 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
     """Pretrain (or resume pretraining); returns the output folder. See the module docstring.
     show_config=False prints the saved config files' paths instead of the resolved config itself."""
     info = init_distributed()
+    reset_notices()  # this run says its data notices again, also after another run in this process
     try:
         ckpt = read_checkpoint(resume) if resume is not None else None
         # init_checkpoint: a new run from a checkpoint's weights (resuming continues the run instead)

@@ -26,6 +26,7 @@ from typing import Any
 
 from llmlab.checkpoint import load_model, load_state_into, read_checkpoint
 from llmlab.config import ModelConfig, SFTConfig
+from llmlab.data.sources import reset_notices
 from llmlab.errors import ConfigError
 from llmlab.train.distributed import DistInfo, init_distributed, rank0_print, shutdown
 from llmlab.train.loop import resume_state, train_loop
@@ -89,6 +90,7 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
     from llmlab.lora import apply_lora, lora_save_hook
 
     info = init_distributed()
+    reset_notices()  # this run says its data notices again, also after another run in this process
     try:
         if cfg.use_lora and info.distributed and cfg.distributed == "fsdp":
             raise ConfigError("distributed: LoRA trains with ddp (the adapters are small); set distributed=ddp")
