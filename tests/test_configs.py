@@ -203,3 +203,17 @@ def test_a_value_of_the_wrong_type_is_named_in_plain_words():
     """'expected float or NoneType' was Python's vocabulary; a menu or JSON user reads numbers and null."""
     with pytest.raises(ConfigError, match=r"beta: expected a number \(float\) or null \(none\), got 'abc'"):
         RLHFConfig(algorithm="dpo").with_overrides(["beta=abc"])
+
+
+def test_a_stage_called_with_a_dict_says_which_config_it_needs():
+    """From Python, run_pretrain({...}) was an AttributeError deep in the run; SFT given an RLHF config too."""
+    from llmlab.rlhf.run import run_rlhf
+    from llmlab.train.pretrain import run_pretrain
+    from llmlab.train.sft import run_sft
+
+    with pytest.raises(ConfigError, match=r"cfg: expected a TrainConfig, got a dict; .*TrainConfig.from_dict\(d\)"):
+        run_pretrain({"max_steps": 3})
+    with pytest.raises(ConfigError, match="cfg: expected a SFTConfig, got a RLHFConfig"):
+        run_sft(RLHFConfig())
+    with pytest.raises(ConfigError, match="cfg: expected a RLHFConfig, got a dict"):
+        run_rlhf({})

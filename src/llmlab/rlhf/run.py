@@ -68,6 +68,7 @@ from llmlab.train.loop import (
 )
 from llmlab.train.metrics import MetricsLogger, plot_curves, read_metrics
 from llmlab.train.stage import (
+    check_config_type,
     check_saved_optimizer,
     check_tokenizer_fits,
     unused_lora_targets,
@@ -330,6 +331,7 @@ def run_rlhf(cfg: RLHFConfig, *, resume: str | None = None, progress: bool = Tru
     from llmlab.data.tokenizer import stop_token_ids
     from llmlab.train.distributed import init_distributed
 
+    check_config_type(cfg, RLHFConfig)
     info = init_distributed()
     reset_notices()  # this run says its data notices again, also after another run in this process
     if info.distributed:

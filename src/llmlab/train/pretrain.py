@@ -36,6 +36,7 @@ from llmlab.model import build_model
 from llmlab.train.distributed import init_distributed, rank0_print, shutdown
 from llmlab.train.loop import resume_state, train_loop
 from llmlab.train.stage import (
+    check_config_type,
     check_optimizer_switch,
     check_vocab_size,
     save_resolved,
@@ -67,6 +68,7 @@ def run_pretrain(cfg: TrainConfig, model_cfg: ModelConfig | None = None, *, resu
                  show_config: bool = True) -> Path:
     """Pretrain (or resume pretraining); returns the output folder. See the module docstring.
     show_config=False prints the saved config files' paths instead of the resolved config itself."""
+    check_config_type(cfg, TrainConfig)
     info = init_distributed()
     reset_notices()  # this run says its data notices again, also after another run in this process
     try:

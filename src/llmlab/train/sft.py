@@ -31,6 +31,7 @@ from llmlab.errors import ConfigError
 from llmlab.train.distributed import DistInfo, init_distributed, rank0_print, shutdown
 from llmlab.train.loop import resume_state, train_loop
 from llmlab.train.stage import (
+    check_config_type,
     check_optimizer_switch,
     check_tokenizer_fits,
     save_resolved,
@@ -89,6 +90,7 @@ def run_sft(cfg: SFTConfig, *, resume: str | None = None, progress: bool = True,
     show_config=False prints the saved config files' paths instead of the resolved config itself."""
     from llmlab.lora import apply_lora, lora_save_hook
 
+    check_config_type(cfg, SFTConfig)
     info = init_distributed()
     reset_notices()  # this run says its data notices again, also after another run in this process
     try:

@@ -123,6 +123,14 @@ def unused_lora_targets(cfg: Any) -> str | None:
             f"the listed modules")
 
 
+def check_config_type(cfg: Any, cls: type) -> None:
+    """A stage called from Python with a dict (or another stage's config) gets one line, not an
+    AttributeError deep in the run."""
+    if not isinstance(cfg, cls):
+        raise ConfigError(f"cfg: expected a {cls.__name__}, got a {type(cfg).__name__}; build one with "
+                          f"{cls.__name__}(...), {cls.__name__}.from_dict(d) or {cls.__name__}.load(path)")
+
+
 def _set(cfg: Any, name: str) -> bool:
     """Whether `cfg.name` differs from its dataclass default (the user set it)."""
     import dataclasses
