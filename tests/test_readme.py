@@ -25,3 +25,4 @@ def test_the_readme_python_example_runs(macbeth_tok_dir, tmp_path, capsys):
     exec(compile(code.replace("runs/tiny/pretrain/best", str(tmp_path / "best")), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("To be, or not") and len(printed) > len("To be, or not") + 10
+    assert 0 < float(printed.strip().splitlines()[-1]) < 20  # the loss example: a mean token cross entropy
