@@ -170,8 +170,9 @@ class PreferenceBatches(RecordBatches):
             self.truncated += 1
             answer = max(len(whole["chosen_ids"]), len(whole["rejected_ids"]))
             prompt = len(whole["prompt_ids"])
-            limits = [f"max_prompt_len={self.max_prompt_len} (the prompt)"] if prompt > (self.max_prompt_len or prompt) else []
-            if self.seq_len is not None and min(prompt, self.max_prompt_len or prompt) + answer > self.seq_len:
+            kept_prompt = len(fit_pair(whole, None, self.max_prompt_len)["prompt_ids"])  # after max_prompt_len alone
+            limits = [f"max_prompt_len={self.max_prompt_len} (the prompt)"] if kept_prompt < prompt else []
+            if self.seq_len is not None and kept_prompt + answer > self.seq_len:
                 limits.append(f"max_seq_len={self.seq_len}")
             notice_once("preference cut", self.records.stream.rank,
                         f"notice: data: a preference pair ({where}: prompt {prompt} + answer {answer} tokens) is "

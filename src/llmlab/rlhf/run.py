@@ -30,7 +30,6 @@ one-line `TrainingError` naming the fields to lower and the last good checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -71,6 +70,7 @@ from llmlab.train.stage import (
     check_config_type,
     check_saved_optimizer,
     check_tokenizer_fits,
+    set_values,
     unused_lora_targets,
     unused_settings,
 )
@@ -185,13 +185,11 @@ UNREAD_BY: dict[str, tuple[str, ...]] = {
 def unread_by_algorithm(cfg: RLHFConfig) -> str | None:
     """One notice naming the settings given a non-default value that cfg.algorithm never reads (GRPO samples
     at grpo_temperature, not temperature; its KL coefficient is never adaptive; ...); None when there are none."""
-    from llmlab.train.stage import _set
-
-    shown = [f"{n}={json.dumps(getattr(cfg, n))}" for n in UNREAD_BY[cfg.algorithm] if _set(cfg, n)]
+    shown = set_values(cfg, UNREAD_BY[cfg.algorithm])
     if not shown:
         return None
     hint = ""
-    if cfg.algorithm != "dpo" and any(n.split("=")[0] in ("temperature", "grpo_temperature") for n in shown):
+    if cfg.algorithm != "dpo" and set_values(cfg, ("temperature", "grpo_temperature")):
         hint = "; GRPO samples at grpo_temperature, PPO at temperature"
     return f"notice: set but unused by algorithm={cfg.algorithm}: {', '.join(shown)}{hint}"
 

@@ -131,15 +131,21 @@ def check_config_type(cfg: Any, cls: type) -> None:
                           f"{cls.__name__}(...), {cls.__name__}.from_dict(d) or {cls.__name__}.load(path)")
 
 
-def _set(cfg: Any, name: str) -> bool:
-    """Whether `cfg.name` differs from its dataclass default (the user set it)."""
+def set_values(cfg: Any, names: Any) -> list[str]:
+    """`name=value` (JSON) for each of `names` that `cfg` has and holds at other than its dataclass default
+    (the user set it): what the set-but-unused notices name."""
     import dataclasses
 
-    f = next((f for f in dataclasses.fields(cfg) if f.name == name), None)
-    if f is None:
-        return False
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    return getattr(cfg, name) != default
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    shown = []
+    for name in names:
+        f = fields.get(name)
+        if f is None:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        if getattr(cfg, name) != default:
+            shown.append(f"{name}={json.dumps(getattr(cfg, name))}")
+    return shown
 
 
 def unused_settings(cfg: Any) -> str | None:
@@ -151,8 +157,7 @@ def unused_settings(cfg: Any) -> str | None:
     unused: list[str] = []
 
     def check(names: Any, why: str) -> None:
-        shown = [f"{n}={json.dumps(getattr(cfg, n))}" for n in names if _set(cfg, n)]
-        if shown:
+        if shown := set_values(cfg, names):
             unused.append(f"{', '.join(shown)} ({why})")
 
     for name, params in OPTIMIZER_PARAMS.items():
