@@ -320,18 +320,18 @@ def sft_masked(cfg, repeats: int, ids: torch.Tensor) -> dict[str, Any]:
 
 def attention_fwd_bwd(repeats: int) -> dict[str, dict[str, float]]:
     """One layer's causal attention, forward + backward, 2,048 tokens (6 heads of 64, 2 KV heads):
-    SDPA's CPU kernel vs `llmlab.model.causal_blocks` at the levels the model uses, per sequence length."""
+    SDPA's CPU kernel vs `llmlab.model.causal_blocks` in the blocks the model uses, per sequence length."""
     return {f"T{T}": _attention_times(T, 3 * repeats) for T in (256, 512)}
 
 
 def _attention_times(T: int, repeats: int) -> dict[str, float]:
-    from llmlab.model.causal_blocks import block_causal_attention, levels_for
+    from llmlab.model.causal_blocks import block_causal_attention, rows_for
 
-    B, levels = BATCH * SEQ // T, levels_for(T)
+    B, rows = BATCH * SEQ // T, rows_for(T, 3)
     q, k, v = (torch.randn(B, T, h, 64).transpose(1, 2).requires_grad_() for h in (6, 2, 2))
     g = torch.randn(B, 6, T, 64)
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g),
-           "blocked": lambda: block_causal_attention(q, k, v, levels).backward(g)}
+           "blocked": lambda: block_causal_attention(q, k, v, rows).backward(g)}
     times = common.interleaved(fns, repeats)
     return {name: round(common.median(t) * 1e3, 2) for name, t in times.items()}
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tests.conftest import tiny_config
 
 from llmlab.model import build_model
-from llmlab.model.causal_blocks import block_causal_attention, levels_for
+from llmlab.model.causal_blocks import block_causal_attention, rows_for
 
 
 def _qkv(B, H, Hkv, T, hd):
@@ -20,13 +20,13 @@ def _qkv(B, H, Hkv, T, hd):
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
-@pytest.mark.parametrize("T,levels", [(256, 1), (256, 2), (256, 3), (96, 2), (40, 3)])
-def test_equals_sdpa_causal_outputs_and_gradients(H, Hkv, T, levels):
+@pytest.mark.parametrize("T,rows", [(256, 32), (256, 64), (96, 32), (40, 32), (40, 7), (8, 64)])
+def test_equals_sdpa_causal_outputs_and_gradients(H, Hkv, T, rows):
     q, k, v = _qkv(2, H, Hkv, T, 8)
     g = torch.randn(2, H, T, 8)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    out = block_causal_attention(q, k, v, levels)
+    out = block_causal_attention(q, k, v, rows)
     grads = torch.autograd.grad(out, (q, k, v), g)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):
@@ -36,8 +36,18 @@ def test_equals_sdpa_causal_outputs_and_gradients(H, Hkv, T, levels):
     assert (full - out).abs().max() > 1e-2
 
 
-def test_levels_follow_the_measured_range():
-    assert [levels_for(t) for t in (128, 255, 256, 384, 300, 512, 513, 1024)] == [0, 0, 2, 2, 2, 3, 0, 0]
+def test_rows_follow_the_measured_range():
+    assert [rows_for(t, 3) for t in (64, 127, 128, 256, 300, 512, 513, 1024)] == [0, 0, 32, 32, 32, 32, 0, 0]
+    assert rows_for(256, 1) == 64  # without GQA a block's product would have only 32 rows
+
+
+def test_only_needed_gradients():
+    q, k, v = _qkv(1, 4, 2, 64, 8)
+    k = k.detach()
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum(), (q, v))
+    out = block_causal_attention(q, k, v, 32)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, v)), ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
 
 
 def _grads(model, ids):
@@ -87,7 +97,7 @@ def test_model_training_uses_it_and_matches_plain_attention():
 def test_not_used_without_gradients_with_dropout_or_at_other_lengths():
     torch.manual_seed(0)
     model = build_model(tiny_config(max_seq_len=256)).train()
-    assert not _uses_blocks(model, torch.randint(0, 128, (1, 128)))  # outside 256..512
+    assert not _uses_blocks(model, torch.randint(0, 128, (1, 64)))  # outside 128..512
     assert _uses_blocks(model, torch.randint(0, 128, (1, 256)))
     assert not _uses_blocks(model, torch.randint(0, 128, (1, 256)), grad=False)  # inference: no gain
     dropped = build_model(tiny_config(max_seq_len=256, dropout=0.1)).train()

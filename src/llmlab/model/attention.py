@@ -16,7 +16,7 @@ from torch import nn
 
 from llmlab.config import ModelConfig
 from llmlab.model.cache import KVCache
-from llmlab.model.causal_blocks import block_causal_attention, levels_for
+from llmlab.model.causal_blocks import block_causal_attention, rows_for
 from llmlab.model.linear import Linear, decode_mm
 from llmlab.model.positions import PositionScheme
 
@@ -27,7 +27,7 @@ class MaskSpec:
 
     mask: torch.Tensor | None  # bool (B|1, 1, Tq, Tk) or float (B|1, H|1, Tq, Tk)
     is_causal: bool
-    blocks: int = 0  # plain causal on CPU: halvings for `block_causal_attention` when training (0: none)
+    blocks: int = 0  # plain causal on CPU: query rows per block for `block_causal_attention` when training (0: none)
 
 
 class AttentionMask:
@@ -38,12 +38,13 @@ class AttentionMask:
         self.window = cfg.sliding_window
         self.positions = positions
         self.always_explicit = cfg.sliding_window is not None or positions.has_score_bias
+        self.group = cfg.n_heads // cfg.n_kv_heads  # query heads per KV head (`rows_for`)
 
     def __call__(self, q_len: int, past: int, key_padding: torch.Tensor | None, device) -> MaskSpec:
         k_len = past + q_len
         if not self.always_explicit:
             if key_padding is None and past == 0:
-                blocks = levels_for(q_len) if torch.device(device).type == "cpu" else 0
+                blocks = rows_for(q_len, self.group) if torch.device(device).type == "cpu" else 0
                 return MaskSpec(None, is_causal=q_len > 1, blocks=blocks)
             if q_len == 1:  # one new query sees every filled slot: padding is the only mask
                 if key_padding is None:
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
         if mask.blocks and q.requires_grad and q.dtype == torch.float32 and not (self.training and self.dropout):
-            y = block_causal_attention(q, k, v, mask.blocks)  # CPU training: skips the masked half
+            y = block_causal_attention(q, k, v, mask.blocks)  # CPU training: batched products, masked part skipped
         else:
             attn_mask = mask.mask
             if attn_mask is not None and attn_mask.dtype != torch.bool:

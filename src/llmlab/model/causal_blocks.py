@@ -1,115 +1,107 @@
-"""Causal attention on CPU that skips the masked half.
+"""Causal attention for CPU training, in blocks of query rows that skip the masked part.
 
-PyTorch's CPU flash-attention kernel cuts the keys into blocks of up to 512 and, under `is_causal`,
-still computes (then masks) every key of a block that any query of the tile can see: for sequences up
-to 512 it computes the whole T x T score matrix, and at 1,024 most of it. Measured on this project's
-2-core machine (fwd + bwd, 2,048 tokens, 6 heads of 64): `is_causal` took as long as no mask at all at
-T = 256 and longer at T = 512.
+PyTorch's CPU flash-attention kernel runs its products as many small GEMMs (a 64-query tile against up
+to 512 keys) and reaches ~55-70 GFLOP/s on this project's 2-core machine (6 heads of 64, T = 256),
+against ~150 for one batched product of the same sizes.
 
-`block_causal_attention` computes the same attention as a sum of pieces that need no mask except on
-the diagonal. With the sequence cut into 2^L blocks:
+`block_causal_attention` computes plain attention (scores, softmax, weighted values) with batched
+products, block by block of `rows` queries:
 
-- the diagonal blocks: causal attention of each block on itself (one kernel call, the blocks stacked
-  as a batch);
-- at each level l = 0 .. L-1, the sequence is cut into 2^l segments, and the second half of each
-  segment attends to its first half with no mask (one call per level, segments stacked as a batch).
+- block [a, b) of the queries attends to keys [0, b) only: the keys after its last query are never
+  computed, so the work is (n + 1) / 2n of the full score matrix for n blocks (9/16 at T = 256 in
+  blocks of 32), and each query row sees all its keys in one piece (no log-sum-exp merging);
+- inside the block's last `rows` keys the causal triangle is masked;
+- the query heads that share a KV head (GQA) are stacked as rows of one product against that head's
+  keys, so K and V are never repeated;
+- the softmax of each block is saved for backward (dV = P^T dO, dS = P (dP - rowsum(dP P)),
+  dQ = dS K, dK = dS^T Q): about B H T^2 (n + 1) / 2n floats a layer, 7 MB for the bench model's
+  8 x 256 tokens. Lengths above MAX_LEN stay on the kernel, which saves only its output and
+  log-sum-exp.
 
-Every (query, key) pair below the diagonal is in exactly one piece. The pieces' outputs are merged with
-their log-sum-exps (o = sum_i o_i exp(lse_i - lse), lse = logaddexp of the lse_i), which is exact.
-Backward calls the kernel's own backward on each piece with the merged output and log-sum-exp: the
-softmax gradient of a row needs only those two and the piece's own scores, so the pieces' gradients
-sum to the exact gradient. Work: 1/2 + 1/2^(L+1) of the full matrix instead of all of it.
-
-All the pieces are views of the (B, T, heads, head_dim) projections: the kernel takes strided inputs.
-Used by `Attention` for fp32 causal self-attention with gradients on CPU, without a mask or dropout,
-for sequences of 256 to 512 that split evenly (`levels_for`); everything else goes to
-`scaled_dot_product_attention`. Measured (fwd + bwd, 2,048 tokens, 6 heads, 2 KV heads, 2 threads):
-T = 256 20.3 -> 18.4 ms, T = 512 47 -> 33 ms; T = 128 slower (tiny tiles); T = 1,024 0 to 18 % less
-across four runs and T = 2,048 1 to 9 % across three, not settled, so left on the kernel; in the
-whole training step of the bench model +2 % at T = 256 and +3 % at T = 512. Forward alone gains
-nothing, so inference keeps the plain kernel.
+Measured (fwd + bwd of one layer, 2,048 tokens, 2 threads, ms, flash kernel -> this):
+6 heads / 2 KV heads of 64: T = 128 13.3 -> 10.2, T = 256 20.6 -> 14.3, T = 512 39.7 -> 23.0;
+MHA 6 x 64: T = 128 16.0 -> 14.6 (blocks of 64), T = 256 21.3 -> 18.6, T = 512 41.8 -> 28.2;
+3 heads / 1 KV head of 128 at T = 256 17.8 -> 11.8; at T = 64 the kernel was faster. The bench
+model's training step +3 % (interleaved). Used by `Attention` for fp32 causal self-attention with
+gradients on CPU, without a mask or dropout, for MIN_LEN <= T <= MAX_LEN (`rows_for`); everything else
+goes to `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-MIN_BLOCK = 64  # smallest diagonal block: smaller tiles run the kernel's products inefficiently
-MIN_LEN, MAX_LEN = 256, 512  # measured: slower at 128 (small tiles), unsettled from 1,024 (the kernel skips)
+MIN_LEN, MAX_LEN = 128, 512  # measured: the kernel wins at 64; above 512 the saved softmax grows as T^2
 
 
-def levels_for(seq_len: int) -> int:
-    """How many times to halve a sequence of `seq_len` (0: use the plain kernel)."""
+def rows_for(seq_len: int, group: int) -> int:
+    """Query rows per block for a sequence of `seq_len` with `group` query heads per KV head (0: use
+    the plain kernel). Blocks of 32, or 64 without GQA (a product needs 64 or more rows)."""
     if not MIN_LEN <= seq_len <= MAX_LEN:
         return 0
-    levels = 0
-    while seq_len % (2 ** (levels + 1)) == 0 and seq_len // 2 ** (levels + 1) >= MIN_BLOCK:
-        levels += 1
-    return levels
-
-
-def _flash(q, k, v, causal: bool):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-
-
-def _flash_backward(g, q, k, v, o, lse, causal: bool):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(g, q, k, v, o, lse, 0.0, causal)
-
-
-def _blocks(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, T, h, ...) -> the n consecutive blocks stacked as a batch: (B n, h, T / n, ...), a view."""
-    B, T = x.shape[:2]
-    return x.view(B * n, T // n, *x.shape[2:]).transpose(1, 2)
-
-
-def _half(x: torch.Tensor, n: int, i: int) -> torch.Tensor:
-    """Half i (0 first, 1 second) of each of n segments: (B n, h, T / 2n, ...), a view."""
-    B, T = x.shape[:2]
-    return x.view(B * n, 2, T // (2 * n), *x.shape[2:])[:, i].transpose(1, 2)
+    return 64 if group == 1 else 32
 
 
 class BlockCausalAttention(torch.autograd.Function):
     """q (B, H, T, hd), k and v (B, Hkv, T, hd) -> causal attention (B, H, T, hd); see the module doc."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
-        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, T, h, hd): views here
-        B, T, H, hd = qt.shape
-        nb = 2**levels
-        o, lse = _flash(_blocks(qt, nb), _blocks(kt, nb), _blocks(vt, nb), True)
-        out = o.transpose(1, 2).reshape(B, T, H, hd)
-        lse_all = lse.transpose(1, 2).reshape(B, T, H)
-        for level in range(levels):
-            n = 2**level
-            o_l, lse_l = _flash(_half(qt, n, 1), _half(kt, n, 0), _half(vt, n, 0), False)
-            out_v, lse_v = _half(out, n, 1), _half(lse_all, n, 1)
-            merged = torch.logaddexp(lse_v, lse_l)
-            out_v.mul_((lse_v - merged).exp_().unsqueeze(-1))
-            out_v.add_(o_l.mul_((lse_l - merged).exp_().unsqueeze(-1)))
-            lse_v.copy_(merged)
-        ctx.save_for_backward(qt, kt, vt, out, lse_all)
-        ctx.levels = levels
-        return out.transpose(1, 2)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+        B, H, T, hd = q.shape
+        Hk = k.shape[1]
+        G, BH = H // Hk, B * Hk
+        scale = 1 / math.sqrt(hd)
+        q5 = q.view(B, Hk, G, T, hd)
+        kk, vv = k.reshape(BH, T, hd), v.reshape(BH, T, hd)
+        out = q.new_empty(B, T, Hk, G, hd)  # the layout the output projection reads as (B, T, H hd)
+        out5 = out.permute(0, 2, 3, 1, 4)  # (B, Hk, G, T, hd), a view
+        saved = []
+        for a in range(0, T, rows):
+            b = min(a + rows, T)
+            n = b - a
+            qs = (q5[:, :, :, a:b] * scale).reshape(BH, G * n, hd)  # the block's queries scaled, a group's heads stacked
+            s = torch.bmm(qs, kk[:, :b].transpose(1, 2))  # (BH, G n, b): keys up to the block's end
+            upper = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)  # keys a query may not see
+            s.view(BH, G, n, b)[..., a:].masked_fill_(upper, float("-inf"))
+            p = torch.softmax(s, -1)
+            del s
+            out5[:, :, :, a:b] = torch.bmm(p, vv[:, :b]).view(B, Hk, G, n, hd)
+            saved += [qs, p]
+        ctx.save_for_backward(kk, vv, *saved)
+        ctx.shape, ctx.rows, ctx.scale = (B, H, Hk, T, hd), rows, scale
+        return out.view(B, T, H, hd).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qt, kt, vt, out, lse = ctx.saved_tensors
-        nb = 2**ctx.levels
-        g = grad.transpose(1, 2).contiguous()  # (B, T, H, hd)
-        B, T, H, hd = qt.shape
-        pieces = _flash_backward(*(_blocks(x, nb) for x in (g, qt, kt, vt, out, lse)), True)
-        dq, dk, dv = (d.transpose(1, 2).reshape(B, T, d.shape[1], hd) for d in pieces)
-        for level in range(ctx.levels):
-            n = 2**level
-            gq, gk, gv = _flash_backward(_half(g, n, 1), _half(qt, n, 1), _half(kt, n, 0), _half(vt, n, 0),
-                                         _half(out, n, 1), _half(lse, n, 1), False)
-            _half(dq, n, 1).add_(gq)
-            _half(dk, n, 0).add_(gk)
-            _half(dv, n, 0).add_(gv)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+        kk, vv, *saved = ctx.saved_tensors
+        B, H, Hk, T, hd = ctx.shape
+        G, BH = H // Hk, B * Hk
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        g5 = grad.reshape(B, Hk, G, T, hd)
+        dq = grad.new_empty(B, T, Hk, G, hd) if need_q else None
+        dk = grad.new_zeros(BH, T, hd) if need_k else None
+        dv = grad.new_zeros(BH, T, hd) if need_v else None
+        for i, a in enumerate(range(0, T, ctx.rows)):
+            b = min(a + ctx.rows, T)
+            n = b - a
+            qs, p = saved[2 * i], saved[2 * i + 1]
+            gs = g5[:, :, :, a:b].reshape(BH, G * n, hd)
+            if dv is not None:
+                dv[:, :b] += torch.bmm(p.transpose(1, 2), gs)  # (baddbmm_ into the slice ran as one addmm_ per batch)
+            ds = torch.bmm(gs, vv[:, :b].transpose(1, 2))  # dP, then dS in place
+            torch.ops.aten._softmax_backward_data.out(ds, p, -1, p.dtype, grad_input=ds)
+            if dq is not None:
+                dq.permute(0, 2, 3, 1, 4)[:, :, :, a:b] = torch.bmm(ds, kk[:, :b]).mul_(ctx.scale).view(B, Hk, G, n, hd)
+            if dk is not None:
+                dk[:, :b] += torch.bmm(ds.transpose(1, 2), qs)  # qs carries the scale
+        return (None if dq is None else dq.view(B, T, H, hd).transpose(1, 2),
+                None if dk is None else dk.view(B, Hk, T, hd),
+                None if dv is None else dv.view(B, Hk, T, hd), None)
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
     """Causal attention equal to `F.scaled_dot_product_attention(q, k, v, is_causal=True,
-    enable_gqa=True)` (up to rounding), for CPU tensors whose length splits into 2^levels blocks."""
-    return BlockCausalAttention.apply(q, k, v, levels)
+    enable_gqa=True)` (up to rounding), computed in blocks of `rows` queries (see the module doc)."""
+    return BlockCausalAttention.apply(q, k, v, rows)
