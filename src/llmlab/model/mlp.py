@@ -1,5 +1,14 @@
 """Feed-forward blocks. SwiGLU is gated (gate_proj, up_proj, down_proj, as in Llama); the other
-activations use up_proj -> activation -> down_proj."""
+activations use up_proj -> activation -> down_proj.
+
+CPU training runs the gated block as one autograd function (`GatedMLPFunction`): the same products on
+oneDNN as `Linear`, with the element-wise work on buffers it owns. Autograd's form allocates five fresh
+(tokens x d_ff) tensors a layer (silu, the product, and three in backward) and saves silu(gate) for
+backward; this one allocates two (h, and silu(gate) recomputed in backward, then turned into the up
+gradient in place), writes the gate gradient into the down product's input gradient, and saves one
+(tokens x d_ff) tensor less. On this CPU a fresh 8 MB tensor costs ~1.5 ms of page faults in a training
+step, more than the pass over it: the bench model's MLP fwd+bwd 83 -> 79 ms, its step +1.1-1.4 %
+(interleaved, bench/README.md). Same values as autograd's form (tested)."""
 
 from __future__ import annotations
 
@@ -8,7 +17,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.config import ModelConfig
-from llmlab.model.linear import Linear, decode_mm
+from llmlab.model import linear as products  # its oneDNN switch read at call time (tests and benches turn it off)
+from llmlab.model.linear import Linear, decode_mm, plain
+
+
+class GatedMLPFunction(torch.autograd.Function):
+    """down(silu(x gate^T) * (x up^T)) for fp32 CPU tensors, products on oneDNN (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        gate, up = products._product(x2, w_gate), products._product(x2, w_up)
+        h = F.silu(gate).mul_(up)
+        ctx.save_for_backward(x2, gate, up, h, w_gate, w_up, w_down)
+        return products._product(h, w_down).view(*x.shape[:-1], w_down.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, gate, up, h, w_gate, w_up, w_down = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        d_down = g2.t() @ h if need_down else None
+        dh = products._product(g2, w_down.t())  # a fresh buffer: it becomes the gate's gradient in place
+        d_up_out = F.silu(gate).mul_(dh)  # dL/d(up output) = dh * silu(gate)
+        d_gate_out = torch.ops.aten.silu_backward.grad_input(dh.mul_(up), gate, grad_input=dh)
+        dx = None
+        if need_x:
+            dx = products._product(d_gate_out, w_gate.t()).add_(products._product(d_up_out, w_up.t()))
+            dx = dx.view(*grad.shape[:-1], x2.shape[-1])
+        d_gate = d_gate_out.t() @ x2 if need_gate else None
+        d_up = d_up_out.t() @ x2 if need_up else None
+        return dx, d_gate, d_up, d_down
 
 
 class GatedMLP(nn.Module):
@@ -23,7 +62,15 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.one_function(x):
+            return GatedMLPFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         return self.down_proj(self.hidden(x))
+
+    def one_function(self, x: torch.Tensor) -> bool:
+        """CPU training of fp32 plain projections (not LoRA-wrapped or hooked: PEFT replaces the modules)
+        whose products go to oneDNN, outside torch.compile (which fuses the element-wise work itself)."""
+        return (products._onednn(x, self.gate_proj.weight) and plain(self.gate_proj, self.up_proj, self.down_proj)
+                and not torch.compiler.is_compiling())
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x), the input of down_proj."""
