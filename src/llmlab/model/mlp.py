@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.config import ModelConfig
-from llmlab.model import linear as products  # its oneDNN switch read at call time (tests and benches turn it off)
+from llmlab.model import linear as products
 from llmlab.model.linear import Linear, decode_mm, plain
 
 
 class GatedMLPFunction(torch.autograd.Function):
-    """down(silu(x gate^T) * (x up^T)) for fp32 CPU tensors, products on oneDNN (see the module doc)."""
+    """down(silu(x gate^T) * (x up^T)) for fp32 CPU tensors, products on oneDNN (see the module doc;
+    `products` is read at call time: tests and benches turn its oneDNN switch off)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
