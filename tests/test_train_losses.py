@@ -286,8 +286,9 @@ def test_token_logprobs_in_chunks_equal_the_full_logits_and_hold_one_chunk(tempe
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_default_chunk_follows_the_device_budget(device, monkeypatch):
-    """With no chunk_rows the fused loss chunks by CHUNK_BYTES of fp32 logits on the CPU and by
-    CUDA_CHUNK_BYTES on CUDA (larger chunks measured faster there)."""
+    """With no chunk_rows the fused loss chunks by CHUNK_BYTES of fp32 logits on the CPU, in at most
+    CPU_MAX_CHUNK_ROWS rows (smaller chunks measured faster there), and by CUDA_CHUNK_BYTES on CUDA (larger
+    chunks measured faster there)."""
     from llmlab.train import losses
 
     monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 64 * 8)  # 8 rows of vocab 64
@@ -302,6 +303,9 @@ def test_default_chunk_follows_the_device_budget(device, monkeypatch):
     got = losses.linear_cross_entropy(x, w, None, t)
     assert seen == [16 if device == "cuda" else 8]
     torch.testing.assert_close(got, F.cross_entropy(x @ w.t(), t, reduction="sum"), rtol=1e-4, atol=1e-3)
+    monkeypatch.setattr(losses, "CPU_MAX_CHUNK_ROWS", 5)
+    losses.linear_cross_entropy(x, w, None, t)
+    assert seen[-1] == (16 if device == "cuda" else 5)
 
 
 def test_cuda_chunk_budget_follows_the_card_memory(monkeypatch):
