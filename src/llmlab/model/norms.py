@@ -24,10 +24,12 @@ class _RMSNormFunction(torch.autograd.Function):
     """fp32 RMSNorm on CPU with a hand-written backward. `F.rms_norm` runs there as its decomposition
     (pow, mean, add, rsqrt, two products) and autograd differentiates each piece, ~16 passes over the
     activations and a saved x and x * r. This form makes 3 passes forward (one fused norm reduction,
-    x * r, * weight) and 5 backward, and saves only x_hat = x * r and r:
-    dx = r * (g w - x_hat * mean(g w x_hat)), dweight = sum over rows of g * x_hat.
+    x * r, * weight) and 6 backward into one fresh buffer (g x_hat, its row sums by weight and its
+    column sums, then g w - x_hat mean(g w x_hat) and * r written over it), and saves only
+    x_hat = x * r and r: dx = r * (g w - x_hat * mean(g w x_hat)), dweight = sum over rows of g * x_hat.
     Measured on the bench model (2,048 rows of 384, fwd + bwd): 8.3 -> 4.2 ms a norm, the training step
-    +2.2 to 2.7 %. Equal to `F.rms_norm` up to float rounding (~1e-6)."""
+    +2.2 to 2.7 %; backward with one fresh buffer instead of four (a fresh 3 MB tensor costs ~0.25 ms of
+    page faults in a step) +1 % more (interleaved). Equal to `F.rms_norm` up to float rounding (~1e-6)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,14 +43,13 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_hat, weight, r = ctx.saved_tensors
-        gx = gw = None
+        D = x_hat.shape[-1]
+        g_xhat = g * x_hat  # the one fresh activation-sized buffer: it becomes gx
+        gw = g_xhat.reshape(-1, D).sum(0) if ctx.needs_input_grad[1] else None
+        gx = None
         if ctx.needs_input_grad[0]:
-            g_w = g * weight
-            dot = torch.linalg.vecdot(g_w, x_hat).unsqueeze_(-1)  # sum over the row of g w x_hat
-            gx = torch.addcmul(g_w, x_hat, dot, value=-1.0 / x_hat.shape[-1]).mul_(r)
-        if ctx.needs_input_grad[1]:
-            D = x_hat.shape[-1]  # reduce over rows: the (D, rows) views reduce along their last dim
-            gw = torch.linalg.vecdot(g.reshape(-1, D).t(), x_hat.reshape(-1, D).t())
+            dot = (g_xhat @ weight).unsqueeze_(-1)  # sum over the row of g w x_hat
+            gx = torch.mul(g, weight, out=g_xhat).addcmul_(x_hat, dot, value=-1.0 / D).mul_(r)
         return gx, gw, None
 
 
