@@ -7,8 +7,16 @@ oneDNN as `Linear`, with the element-wise work on buffers it owns. Autograd's fo
 backward; this one allocates two (h, and silu(gate) recomputed in backward, then turned into the up
 gradient in place), writes the gate gradient into the down product's input gradient, and saves one
 (tokens x d_ff) tensor less. On this CPU a fresh 8 MB tensor costs ~1.5 ms of page faults in a training
-step, more than the pass over it: the bench model's MLP fwd+bwd 83 -> 79 ms, its step +1.1-1.4 %
-(interleaved, bench/README.md). Same values as autograd's form (tested)."""
+step, more than the pass over it: the bench model's MLP fwd+bwd 83 -> 79 ms, its step +1.1-3.3 %
+(interleaved, bench/README.md).
+
+Its weight gradients run on oneDNN too. MKL takes g^T @ x with the transposed operand as it is (the
+`Linear` layers' weight gradients stay there); oneDNN reorders both operands of that form and was slower.
+Given one operand made contiguous in transposed form, oneDNN's product is faster: gate and up share one
+transposed copy of the block's input (x^T, 3 MB for the bench model) and give their gradients transposed
+(gate-shaped products 180 -> 197 GFLOP/s), the down projection transposes its output gradient (176 vs
+157). The step +1.1 % more (interleaved, two runs). Same values as autograd's form up to float rounding
+(tested)."""
 
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ class GatedMLPFunction(torch.autograd.Function):
         x2, gate, up, h, w_gate, w_up, w_down = ctx.saved_tensors
         need_x, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
         g2 = grad.reshape(-1, grad.shape[-1])
-        d_down = g2.t() @ h if need_down else None
+        d_down = products._product(g2.t().contiguous(), h.t()) if need_down else None
         dh = products._product(g2, w_down.t())  # a fresh buffer: it becomes the gate's gradient in place
         d_up_out = F.silu(gate).mul_(dh)  # dL/d(up output) = dh * silu(gate)
         d_gate_out = torch.ops.aten.silu_backward.grad_input(dh.mul_(up), gate, grad_input=dh)
@@ -46,8 +54,9 @@ class GatedMLPFunction(torch.autograd.Function):
         if need_x:
             dx = products._product(d_gate_out, w_gate.t()).add_(products._product(d_up_out, w_up.t()))
             dx = dx.view(*grad.shape[:-1], x2.shape[-1])
-        d_gate = d_gate_out.t() @ x2 if need_gate else None
-        d_up = d_up_out.t() @ x2 if need_up else None
+        x_t = x2.t().contiguous() if need_gate or need_up else None  # shared by the two weight gradients
+        d_gate = products._product(x_t, d_gate_out.t()).t() if need_gate else None
+        d_up = products._product(x_t, d_up_out.t()).t() if need_up else None
         return dx, d_gate, d_up, d_down
 
 
