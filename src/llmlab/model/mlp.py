@@ -46,7 +46,7 @@ class GatedMLPFunction(torch.autograd.Function):
         x2, gate, up, h, w_gate, w_up, w_down = ctx.saved_tensors
         need_x, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
         g2 = grad.reshape(-1, grad.shape[-1])
-        d_down = products._product(g2.t().contiguous(), h.t()) if need_down else None
+        d_down = products._product(products.transposed(g2), h.t()) if need_down else None
         dh = products._product(g2, w_down.t())  # a fresh buffer: it becomes the gate's gradient in place
         d_up_out = F.silu(gate).mul_(dh)  # dL/d(up output) = dh * silu(gate)
         d_gate_out = torch.ops.aten.silu_backward.grad_input(dh.mul_(up), gate, grad_input=dh)
@@ -54,9 +54,10 @@ class GatedMLPFunction(torch.autograd.Function):
         if need_x:
             dx = products._product(d_gate_out, w_gate.t()).add_(products._product(d_up_out, w_up.t()))
             dx = dx.view(*grad.shape[:-1], x2.shape[-1])
-        x_t = x2.t().contiguous() if need_gate or need_up else None  # shared by the two weight gradients
-        d_gate = products._product(x_t, d_gate_out.t()).t() if need_gate else None
-        d_up = products._product(x_t, d_up_out.t()).t() if need_up else None
+        x_t = products.transposed(x2) if need_gate or need_up else None  # shared by the two weight gradients
+        # (in, out) products, transposed to the weights' layout here (autograd would copy them anyway)
+        d_gate = products.transposed(products._product(x_t, d_gate_out.t())) if need_gate else None
+        d_up = products.transposed(products._product(x_t, d_up_out.t())) if need_up else None
         return dx, d_gate, d_up, d_down
 
 
