@@ -190,3 +190,11 @@ def test_onednn_is_ready_wherever_mkldnn_is_available(monkeypatch):
         assert onednn_ready() is True
     finally:
         onednn_ready.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(70, 64), (5, 96), (33, 40)])
+def test_transposed_is_a_contiguous_transpose(shape):
+    x = torch.randn(shape)
+    for src in (x, torch.randn(shape[1], shape[0]).t()):  # contiguous, and a strided view (plain copy)
+        y = linear_mod.transposed(src)
+        assert y.is_contiguous() and torch.equal(y, src.t())
