@@ -32,6 +32,15 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def model_grads(model, ids):
+    """(loss, every parameter's gradient) of a scalar over the model's logits on `ids`: for comparing two
+    paths of the same model."""
+    model.zero_grad()
+    loss = model(ids).logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import model_grads, tiny_config
 
 from llmlab.model import build_model
 from llmlab.model.causal_blocks import block_causal_attention, rows_for
@@ -50,13 +50,6 @@ def test_only_needed_gradients():
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
 
 
-def _grads(model, ids):
-    model.zero_grad()
-    loss = model(ids).logsumexp(-1).mean()
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 def _uses_blocks(model, ids, grad: bool = True) -> bool:
     """Whether a forward of `model` on `ids` ran the blocked attention (seen in the autograd graph, or
     by a counting wrapper without gradients)."""
@@ -84,11 +77,11 @@ def _blocked_model(batch: int):
 
 def test_model_training_uses_it_and_matches_plain_attention():
     model, ids = _blocked_model(2)
-    loss, grads = _grads(model, ids)
+    loss, grads = model_grads(model, ids)
     plain = model.attention_mask
-    model.attention_mask = lambda *a, **kw: dataclasses.replace(plain(*a, **kw), blocks=0)
+    model.attention_mask = lambda *a, **kw: dataclasses.replace(plain(*a, **kw), block_rows=0)
     assert not _uses_blocks(model, ids)
-    loss_ref, grads_ref = _grads(model, ids)
+    loss_ref, grads_ref = model_grads(model, ids)
     torch.testing.assert_close(loss, loss_ref)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -107,14 +100,14 @@ def test_not_used_without_gradients_with_dropout_or_at_other_lengths():
 
 def test_gradient_checkpointing_recomputes_it_exactly():
     model, ids = _blocked_model(1)
-    loss, grads = _grads(model, ids)
+    loss, grads = model_grads(model, ids)
     model.gradient_checkpointing = True
     import llmlab.model.attention as attention
 
     calls, real = [], attention.block_causal_attention
     attention.block_causal_attention = lambda *a: calls.append(1) or real(*a)
     try:
-        loss_ckpt, grads_ckpt = _grads(model, ids)
+        loss_ckpt, grads_ckpt = model_grads(model, ids)
     finally:
         attention.block_causal_attention = real
     assert len(calls) == 2 * len(model.layers)  # the blocked attention ran again in backward (recomputed)

@@ -4,7 +4,7 @@ with F.linear's values and gradients, and F.linear wherever oneDNN does not appl
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import model_grads, tiny_config
 
 import llmlab.model.linear as linear_mod
 from llmlab.model import build_model
@@ -72,16 +72,9 @@ def test_model_training_step_matches_the_mkl_path(monkeypatch):
     torch.manual_seed(0)
     model = build_model(tiny_config(init_std=0.3)).train()
     ids = torch.randint(0, 128, (2, 16))
-
-    def grads():
-        model.zero_grad()
-        loss = model(ids).logsumexp(-1).mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    loss, g = grads()
+    loss, g = model_grads(model, ids)
     monkeypatch.setattr(linear_mod, "_onednn", lambda *a, **kw: False)
-    loss_ref, g_ref = grads()
+    loss_ref, g_ref = model_grads(model, ids)
     torch.testing.assert_close(loss, loss_ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,7 @@ gradients, one (tokens x d_ff) tensor fewer saved, and used exactly where it app
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import model_grads, tiny_config
 
 import llmlab.model.linear as linear_mod
 from llmlab.model import build_model
@@ -90,17 +90,10 @@ def test_model_training_uses_it_and_matches_autograds_form(monkeypatch):
     model = build_model(tiny_config(init_std=0.3)).train()
     ids = torch.randint(0, 128, (2, 16))
     assert _uses_it(model, ids)
-
-    def grads():
-        model.zero_grad()
-        loss = model(ids).logsumexp(-1).mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    loss, g = grads()
+    loss, g = model_grads(model, ids)
     monkeypatch.setattr(GatedMLP, "one_function", lambda self, x: False)
     assert not _uses_it(model, ids)
-    loss_ref, g_ref = grads()
+    loss_ref, g_ref = model_grads(model, ids)
     torch.testing.assert_close(loss, loss_ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -27,7 +27,7 @@ class MaskSpec:
 
     mask: torch.Tensor | None  # bool (B|1, 1, Tq, Tk) or float (B|1, H|1, Tq, Tk)
     is_causal: bool
-    blocks: int = 0  # plain causal on CPU: query rows per block for `block_causal_attention` when training (0: none)
+    block_rows: int = 0  # plain causal on CPU: query rows per block for `block_causal_attention` in training (0: none)
 
 
 class AttentionMask:
@@ -44,8 +44,8 @@ class AttentionMask:
         k_len = past + q_len
         if not self.always_explicit:
             if key_padding is None and past == 0:
-                blocks = rows_for(q_len, self.group) if torch.device(device).type == "cpu" else 0
-                return MaskSpec(None, is_causal=q_len > 1, blocks=blocks)
+                rows = rows_for(q_len, self.group) if torch.device(device).type == "cpu" else 0
+                return MaskSpec(None, is_causal=q_len > 1, block_rows=rows)
             if q_len == 1:  # one new query sees every filled slot: padding is the only mask
                 if key_padding is None:
                     return MaskSpec(None, is_causal=False)
@@ -127,8 +127,8 @@ class Attention(nn.Module):
         q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
-        if mask.blocks and q.requires_grad and q.dtype == torch.float32 and not (self.training and self.dropout):
-            y = block_causal_attention(q, k, v, mask.blocks)  # CPU training: batched products, masked part skipped
+        if mask.block_rows and q.requires_grad and q.dtype == torch.float32 and not (self.training and self.dropout):
+            y = block_causal_attention(q, k, v, mask.block_rows)  # CPU training: batched products, masked part skipped
         else:
             attn_mask = mask.mask
             if attn_mask is not None and attn_mask.dtype != torch.bool:
